@@ -1,0 +1,115 @@
+"""Static calibration: run the float graph in the mirror over token windows, observe, pick ranges.
+
+Observers see each point's *root* tensors (the outputs of computing ops) as the mirror produces
+them, window after window; nothing else is kept, so memory is one window's activations plus a
+fixed-size histogram per point.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+
+import numpy as np
+import onnx_ir as ir
+import torch
+
+from calib.mirror import Mirror
+from calib.observers import METHODS, Observer
+from onnxq.encodings import const_encoding, weight_encoding
+from onnxq.errors import OnnxqError
+from onnxq.ir import const_array
+from onnxq.plan import Point, QuantPlan
+from onnxq.qtypes import Encoding, from_range
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class PointStats:
+    """Calibration outcome of one activation point."""
+
+    lo: float
+    hi: float
+    observed_lo: float
+    observed_hi: float
+    clipped: float
+
+
+def method_for(point: Point, method: str) -> str:
+    """``auto``: min/max at 16 bits (the step is tiny anyway), MSE-optimal clipping below."""
+    if method != "auto":
+        return method
+    return "minmax" if point.bits >= 16 else "mse"
+
+
+def calibrate(
+    model: ir.Model,
+    plan: QuantPlan,
+    windows: Iterable[np.ndarray],
+    *,
+    method: str = "auto",
+    weight_method: str = "mse",
+    progress: Callable[[int], None] | None = None,
+) -> tuple[dict[str, Encoding], dict[str, PointStats]]:
+    """Encodings for every point of ``plan`` from ``windows`` (arrays of token ids ``[S]``)."""
+    if method not in (*METHODS, "auto"):
+        raise OnnxqError(f"unknown calibration method {method!r}", f"use one of: auto, {', '.join(METHODS)}")
+    mirror = Mirror(model)
+    observers: dict[str, Observer] = {}
+    by_root: dict[str, list[Observer]] = {}
+    for point in plan.act_points():
+        obs = Observer(histogram=method_for(point, method) != "minmax")
+        observers[point.name] = obs
+        for root in point.roots:
+            by_root.setdefault(root, []).append(obs)
+
+    def tap(name: str, value: torch.Tensor) -> None:
+        for obs in by_root.get(name, ()):
+            obs.update(value)
+
+    feed = mirror.input_names[0]
+    seen = 0
+    with torch.inference_mode():
+        for window in windows:
+            mirror.run({feed: torch.as_tensor(np.asarray(window, dtype=np.int64)).reshape(1, -1)}, tap=tap)
+            seen += 1
+            if progress is not None:
+                progress(1)
+    if seen == 0:
+        raise OnnxqError("no calibration windows", "pass calibration text with --calib")
+
+    graph = model.graph
+    encodings: dict[str, Encoding] = {}
+    stats: dict[str, PointStats] = {}
+    for point in plan.points.values():
+        const_values = [a for a in (const_array(graph.initializers.get(c)) for c in point.consts) if a is not None]
+        if point.kind == "weight":
+            encodings[point.name] = weight_encoding(const_values[0], point.spec, weight_method)
+            continue
+        if point.kind == "const":
+            encodings[point.name] = const_encoding(point.spec, *const_values)
+            continue
+        obs = observers[point.name]
+        if obs.nonfinite:
+            raise OnnxqError(
+                f"{obs.nonfinite} NaN/inf values reached {point.name!r} during calibration",
+                "check the float model on the calibration text (onnxq eval) before quantizing",
+            )
+        if obs.count == 0 and not const_values:
+            log.warning("point %s saw no values during calibration; using [0, 1]", point.name)
+        rs = obs.stats(
+            method_for(point, method),
+            point.spec.qmax - point.spec.qmin,
+            symmetric=point.spec.symmetric,
+            signed=point.spec.qtype.signed,
+        )
+        lo, hi = rs.lo, rs.hi
+        for arr in const_values:
+            lo, hi = min(lo, float(arr.min())), max(hi, float(arr.max()))
+        if obs.count == 0 and not const_values:
+            lo, hi = 0.0, 1.0
+        encodings[point.name] = from_range(point.spec, lo, hi)
+        stats[point.name] = PointStats(lo, hi, obs.lo if obs.count else lo, obs.hi if obs.count else hi, rs.clipped)
+    return encodings, stats

@@ -1,0 +1,661 @@
+"""The torch mirror: an ONNX interpreter in torch, so the graph itself is what we calibrate and train.
+
+There is no second model definition to keep in sync: an op table maps ONNX op types to functions
+that use the spec's parameter names, and :class:`Mirror` walks the nodes in order, keeping values
+by name and freeing each one after its last use. *Taps* see every value as it is produced; a tap
+may return a replacement, which is how observers (calibration) and fake quantizers (learning) hook
+in without touching the graph.
+
+QuantizeLinear/DequantizeLinear follow ONNX Runtime exactly (division by the scale, round half to
+even, saturation), so a QDQ model run here gives ORT's numbers (tests hold it to that).
+
+Debugging: ``ONNXQ_MIRROR_DEBUG=1`` logs every node with its output ranges;
+``Mirror.run(..., stop_at=N)`` returns all live values after node N.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import onnx_ir as ir
+import torch
+
+log = logging.getLogger(__name__)
+
+Tap = Callable[[str, torch.Tensor], "torch.Tensor | None"]
+OpFn = Callable[..., Any]
+OPS: dict[str, OpFn] = {}
+
+#: ONNX TensorProto data type codes -> torch dtypes (int4/uint16 values travel as wider ints)
+_DTYPES: dict[int, torch.dtype] = {
+    1: torch.float32,
+    2: torch.uint8,
+    3: torch.int8,
+    4: torch.int32,
+    5: torch.int16,
+    6: torch.int32,
+    7: torch.int64,
+    9: torch.bool,
+    10: torch.float16,
+    11: torch.float64,
+    12: torch.int64,
+    13: torch.int64,
+    16: torch.bfloat16,
+    21: torch.int32,
+    22: torch.int8,
+}
+#: integer ranges of the quantized types, by ONNX data type code
+QRANGE: dict[int, tuple[int, int]] = {
+    2: (0, 255),
+    3: (-128, 127),
+    4: (0, 65535),
+    5: (-32768, 32767),
+    21: (0, 15),
+    22: (-8, 7),
+}
+
+
+def op(*names: str) -> Callable[[OpFn], OpFn]:
+    """Register a function for one or more op types."""
+
+    def register(fn: OpFn) -> OpFn:
+        for name in names:
+            OPS[name] = fn
+        return fn
+
+    return register
+
+
+def to_torch(array: np.ndarray) -> torch.Tensor:
+    """numpy -> torch, widening the types torch lacks (int4, uint16/32)."""
+    kind = str(array.dtype)
+    if kind in ("int4", "int2"):
+        array = array.astype(np.int8)
+    elif kind in ("uint4", "uint2"):
+        array = array.astype(np.uint8)
+    elif array.dtype in (np.uint16, np.uint32):
+        array = array.astype(np.int64)
+    elif array.dtype == np.float64:
+        array = array.astype(np.float32)
+    array = np.ascontiguousarray(array)
+    if not array.flags.writeable:
+        array = array.copy()
+    return torch.from_numpy(array)
+
+
+# --------------------------------------------------------------------------- elementwise
+def _binary(fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]) -> OpFn:
+    def run(A: torch.Tensor, B: torch.Tensor) -> torch.Tensor:
+        return fn(A, B)
+
+    return run
+
+
+OPS["Add"] = _binary(torch.add)
+OPS["Sub"] = _binary(torch.sub)
+OPS["Mul"] = _binary(torch.mul)
+OPS["Equal"] = _binary(torch.eq)
+OPS["Less"] = _binary(torch.lt)
+OPS["LessOrEqual"] = _binary(torch.le)
+OPS["Greater"] = _binary(torch.gt)
+OPS["GreaterOrEqual"] = _binary(torch.ge)
+OPS["And"] = _binary(torch.logical_and)
+OPS["Or"] = _binary(torch.logical_or)
+OPS["MatMul"] = _binary(torch.matmul)
+
+
+@op("Div")
+def _div(A: torch.Tensor, B: torch.Tensor) -> torch.Tensor:
+    if not A.is_floating_point() and not B.is_floating_point():
+        return torch.div(A, B, rounding_mode="trunc")
+    return A / B
+
+
+@op("Pow")
+def _pow(X: torch.Tensor, Y: torch.Tensor) -> torch.Tensor:
+    if Y.numel() == 1 and float(Y) == 2.0:
+        return X * X
+    return torch.pow(X, Y)
+
+
+def _unary(fn: Callable[[torch.Tensor], torch.Tensor]) -> OpFn:
+    def run(X: torch.Tensor) -> torch.Tensor:
+        return fn(X)
+
+    return run
+
+
+for _name, _fn in {
+    "Sqrt": torch.sqrt,
+    "Reciprocal": torch.reciprocal,
+    "Neg": torch.neg,
+    "Exp": torch.exp,
+    "Log": torch.log,
+    "Abs": torch.abs,
+    "Tanh": torch.tanh,
+    "Sigmoid": torch.sigmoid,
+    "Relu": torch.relu,
+    "Erf": torch.erf,
+    "Cos": torch.cos,
+    "Sin": torch.sin,
+    "Not": torch.logical_not,
+    "Floor": torch.floor,
+    "Ceil": torch.ceil,
+    "IsNaN": torch.isnan,
+}.items():
+    OPS[_name] = _unary(_fn)
+
+
+@op("Identity")
+def _identity(input: torch.Tensor) -> torch.Tensor:
+    return input
+
+
+@op("Max")
+def _max(*data: torch.Tensor) -> torch.Tensor:
+    out = data[0]
+    for d in data[1:]:
+        out = torch.maximum(out, d)
+    return out
+
+
+@op("Min")
+def _min(*data: torch.Tensor) -> torch.Tensor:
+    out = data[0]
+    for d in data[1:]:
+        out = torch.minimum(out, d)
+    return out
+
+
+@op("Where")
+def _where(condition: torch.Tensor, X: torch.Tensor, Y: torch.Tensor) -> torch.Tensor:
+    return torch.where(condition.bool(), X, Y)
+
+
+@op("Cast")
+def _cast(input: torch.Tensor, *, to: int, saturate: int = 1) -> torch.Tensor:  # noqa: ARG001
+    return input.to(_DTYPES[to])
+
+
+@op("Softmax")
+def _softmax(input: torch.Tensor, *, axis: int = -1) -> torch.Tensor:
+    return torch.softmax(input, dim=axis)
+
+
+@op("LogSoftmax")
+def _log_softmax(input: torch.Tensor, *, axis: int = -1) -> torch.Tensor:
+    return torch.log_softmax(input, dim=axis)
+
+
+@op("Gemm")
+def _gemm(
+    A: torch.Tensor,
+    B: torch.Tensor,
+    C: torch.Tensor | None = None,
+    *,
+    alpha: float = 1.0,
+    beta: float = 1.0,
+    transA: int = 0,
+    transB: int = 0,
+) -> torch.Tensor:
+    a = A.T if transA else A
+    b = B.T if transB else B
+    y = alpha * (a @ b)
+    return y if C is None else y + beta * C
+
+
+# --------------------------------------------------------------------------- reductions / norms
+def _axes(axes: torch.Tensor | Iterable[int] | None) -> list[int] | None:
+    if axes is None:
+        return None
+    if isinstance(axes, torch.Tensor):
+        return [int(a) for a in axes.flatten().tolist()]
+    return [int(a) for a in axes]
+
+
+def _reduce(fn: Callable[..., torch.Tensor]) -> OpFn:
+    def run(
+        data: torch.Tensor,
+        axes: torch.Tensor | None = None,
+        *,
+        keepdims: int = 1,
+        noop_with_empty_axes: int = 0,
+        **attrs: Any,
+    ) -> torch.Tensor:
+        dims = _axes(axes if axes is not None else attrs.get("axes"))
+        if not dims:
+            if noop_with_empty_axes:
+                return data
+            dims = list(range(data.dim()))
+        return fn(data, dim=dims, keepdim=bool(keepdims))
+
+    return run
+
+
+OPS["ReduceMean"] = _reduce(torch.mean)
+OPS["ReduceSum"] = _reduce(torch.sum)
+OPS["ReduceMax"] = _reduce(lambda x, dim, keepdim: torch.amax(x, dim=dim, keepdim=keepdim))
+OPS["ReduceMin"] = _reduce(lambda x, dim, keepdim: torch.amin(x, dim=dim, keepdim=keepdim))
+
+
+@op("RMSNormalization")
+def _rms_norm(
+    X: torch.Tensor, scale: torch.Tensor, *, axis: int = -1, epsilon: float = 1e-5, stash_type: int = 1
+) -> torch.Tensor:
+    del stash_type
+    dims = list(range(axis % X.dim(), X.dim()))
+    # ORT's order of operations: x / sqrt(mean(x²) + eps) * scale
+    return X / torch.sqrt((X * X).mean(dim=dims, keepdim=True) + epsilon) * scale
+
+
+@op("SimplifiedLayerNormalization")
+def _simplified_ln(
+    X: torch.Tensor, scale: torch.Tensor, *, axis: int = -1, epsilon: float = 1e-5, stash_type: int = 1
+) -> torch.Tensor:
+    return _rms_norm(X, scale, axis=axis, epsilon=epsilon, stash_type=stash_type)
+
+
+@op("LayerNormalization")
+def _layer_norm(
+    X: torch.Tensor,
+    Scale: torch.Tensor,
+    B: torch.Tensor | None = None,
+    *,
+    axis: int = -1,
+    epsilon: float = 1e-5,
+    stash_type: int = 1,
+) -> torch.Tensor:
+    del stash_type
+    shape = X.shape[axis % X.dim() :]
+    return torch.nn.functional.layer_norm(X, shape, Scale, B, epsilon)
+
+
+@op("LpNormalization")
+def _lp_norm(input: torch.Tensor, *, axis: int = -1, p: int = 2) -> torch.Tensor:
+    return input / torch.linalg.vector_norm(input, ord=p, dim=axis, keepdim=True)
+
+
+# --------------------------------------------------------------------------- data movement
+@op("Reshape")
+def _reshape(data: torch.Tensor, shape: torch.Tensor, *, allowzero: int = 0) -> torch.Tensor:
+    dims = [int(d) for d in shape.tolist()]
+    if not allowzero:
+        dims = [data.shape[i] if d == 0 else d for i, d in enumerate(dims)]
+    return data.reshape(dims)
+
+
+@op("Transpose")
+def _transpose(data: torch.Tensor, *, perm: list[int] | None = None) -> torch.Tensor:
+    if perm is None:
+        perm = list(reversed(range(data.dim())))
+    return data.permute(*perm)
+
+
+@op("Concat")
+def _concat(*inputs: torch.Tensor, axis: int) -> torch.Tensor:
+    return torch.cat(inputs, dim=axis)
+
+
+@op("Split")
+def _split(
+    input: torch.Tensor,
+    split: torch.Tensor | None = None,
+    *,
+    axis: int = 0,
+    num_outputs: int | None = None,
+) -> tuple[torch.Tensor, ...]:
+    if split is not None:
+        return torch.split(input, [int(s) for s in split.tolist()], dim=axis)
+    assert num_outputs is not None
+    size = math.ceil(input.shape[axis] / num_outputs)
+    return torch.split(input, size, dim=axis)
+
+
+@op("Slice")
+def _slice(
+    data: torch.Tensor,
+    starts: torch.Tensor,
+    ends: torch.Tensor,
+    axes: torch.Tensor | None = None,
+    steps: torch.Tensor | None = None,
+) -> torch.Tensor:
+    starts_l, ends_l = starts.tolist(), ends.tolist()
+    axes_l = axes.tolist() if axes is not None else list(range(len(starts_l)))
+    steps_l = steps.tolist() if steps is not None else [1] * len(starts_l)
+    index: list[Any] = [slice(None)] * data.dim()
+    flips = []
+    for start0, end0, axis0, step in zip(starts_l, ends_l, axes_l, steps_l, strict=True):
+        axis = int(axis0) % data.dim()
+        size = data.shape[axis]
+        first = start0 + size if start0 < 0 else start0
+        last = end0 + size if end0 < 0 else end0
+        if step > 0:
+            index[axis] = slice(max(0, min(size, first)), max(0, min(size, last)), step)
+        else:
+            lo, hi = max(-1, min(size - 1, first)), max(-1, min(size - 1, last))
+            index[axis] = torch.arange(lo, hi, step, device=data.device)
+            flips.append(axis)
+    if flips:  # rare: negative steps, done one axis at a time with index_select
+        out = data
+        for axis, sel in enumerate(index):
+            if isinstance(sel, torch.Tensor):
+                out = out.index_select(axis, sel)
+            elif sel != slice(None):
+                out = out[(slice(None),) * axis + (sel,)]
+        return out
+    return data[tuple(index)]
+
+
+@op("Unsqueeze")
+def _unsqueeze(data: torch.Tensor, axes: torch.Tensor) -> torch.Tensor:
+    dims = sorted(int(a) % (data.dim() + len(axes.flatten())) for a in axes.flatten().tolist())
+    out = data
+    for d in dims:
+        out = out.unsqueeze(d)
+    return out
+
+
+@op("Squeeze")
+def _squeeze(data: torch.Tensor, axes: torch.Tensor | None = None) -> torch.Tensor:
+    if axes is None:
+        return data.squeeze()
+    dims = sorted((int(a) % data.dim() for a in axes.flatten().tolist()), reverse=True)
+    out = data
+    for d in dims:
+        out = out.squeeze(d)
+    return out
+
+
+@op("Flatten")
+def _flatten(input: torch.Tensor, *, axis: int = 1) -> torch.Tensor:
+    axis %= max(input.dim(), 1)
+    return input.reshape(math.prod(input.shape[:axis]), -1)
+
+
+@op("Expand")
+def _expand(input: torch.Tensor, shape: torch.Tensor) -> torch.Tensor:
+    target = torch.broadcast_shapes(tuple(input.shape), tuple(int(s) for s in shape.tolist()))
+    return input.expand(target)
+
+
+@op("Gather")
+def _gather(data: torch.Tensor, indices: torch.Tensor, *, axis: int = 0) -> torch.Tensor:
+    axis %= data.dim()
+    idx = indices.long()
+    idx = torch.where(idx < 0, idx + data.shape[axis], idx)
+    flat = data.index_select(axis, idx.reshape(-1))
+    return flat.reshape((*data.shape[:axis], *idx.shape, *data.shape[axis + 1 :]))
+
+
+@op("Shape")
+def _shape(data: torch.Tensor, *, start: int = 0, end: int | None = None) -> torch.Tensor:
+    dims = list(data.shape)[start:end]
+    return torch.tensor(dims, dtype=torch.int64)
+
+
+@op("Size")
+def _size(data: torch.Tensor) -> torch.Tensor:
+    return torch.tensor(data.numel(), dtype=torch.int64)
+
+
+@op("Range")
+def _range(start: torch.Tensor, limit: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
+    return torch.arange(start.item(), limit.item(), delta.item(), dtype=start.dtype)
+
+
+@op("ConstantOfShape")
+def _constant_of_shape(input: torch.Tensor, *, value: np.ndarray | None = None) -> torch.Tensor:
+    fill = to_torch(np.asarray(value)).reshape(()) if value is not None else torch.tensor(0.0)
+    return torch.full([int(s) for s in input.tolist()], fill.item(), dtype=fill.dtype)
+
+
+@op("Trilu")
+def _trilu(input: torch.Tensor, k: torch.Tensor | None = None, *, upper: int = 1) -> torch.Tensor:
+    diag = int(k) if k is not None else 0
+    return torch.triu(input, diag) if upper else torch.tril(input, diag)
+
+
+@op("CumSum")
+def _cumsum(x: torch.Tensor, axis: torch.Tensor, *, exclusive: int = 0, reverse: int = 0) -> torch.Tensor:
+    dim = int(axis)
+    y = x.flip(dim) if reverse else x
+    out = torch.cumsum(y, dim)
+    if exclusive:
+        out = out - y
+    return out.flip(dim) if reverse else out
+
+
+# --------------------------------------------------------------------------- quantization
+def _per_axis(param: torch.Tensor, x: torch.Tensor, axis: int, block_size: int) -> torch.Tensor:
+    """Broadcast a per-tensor, per-axis or per-block parameter against ``x``."""
+    if param.dim() == 0 or (param.numel() == 1 and block_size == 0):
+        return param.reshape(())
+    axis %= x.dim()
+    if block_size:
+        return param.repeat_interleave(block_size, dim=axis).narrow(axis, 0, x.shape[axis])
+    shape = [1] * x.dim()
+    shape[axis] = -1
+    return param.reshape(shape)
+
+
+@op("QuantizeLinear")
+def quantize_linear(
+    x: torch.Tensor,
+    y_scale: torch.Tensor,
+    y_zero_point: torch.Tensor | None = None,
+    *,
+    axis: int = 1,
+    block_size: int = 0,
+    saturate: int = 1,
+    output_dtype: int = 0,
+    precision: int = 0,
+    qtype: int = 2,
+) -> torch.Tensor:
+    """Integer values (carried as float) exactly as ONNX Runtime computes them."""
+    del saturate, precision
+    code = output_dtype or qtype
+    lo, hi = QRANGE[code]
+    scale = _per_axis(y_scale.to(x.dtype), x, axis, block_size)
+    zp = 0.0 if y_zero_point is None else _per_axis(y_zero_point.to(x.dtype), x, axis, block_size)
+    return torch.clamp(torch.round(x / scale) + zp, lo, hi)
+
+
+@op("DequantizeLinear")
+def dequantize_linear(
+    x: torch.Tensor,
+    x_scale: torch.Tensor,
+    x_zero_point: torch.Tensor | None = None,
+    *,
+    axis: int = 1,
+    block_size: int = 0,
+    output_dtype: int = 0,
+) -> torch.Tensor:
+    del output_dtype
+    scale = _per_axis(x_scale.float(), x, axis, block_size)
+    xf = x.to(torch.float32)
+    if x_zero_point is None:
+        return xf * scale
+    zp = _per_axis(x_zero_point.to(torch.float32), x, axis, block_size)
+    return (xf - zp) * scale
+
+
+# --------------------------------------------------------------------------- the interpreter
+@dataclass(frozen=True)
+class Step:
+    """One node, resolved for execution."""
+
+    name: str
+    op_type: str
+    fn: OpFn
+    inputs: tuple[str | None, ...]
+    outputs: tuple[str, ...]
+    attrs: Mapping[str, Any]
+
+
+def _attr_value(attr: ir.Attr) -> Any:
+    value = attr.value
+    if isinstance(value, ir.TensorProtocol):
+        return value.numpy()
+    if isinstance(value, (tuple, list)):
+        return list(value)
+    return value
+
+
+class Mirror(torch.nn.Module):
+    """An ONNX graph as a torch module.
+
+    Args:
+        model: the ONNX model (float or QDQ).
+        params: initializer names to expose as trainable ``torch.nn.Parameter`` s (rotated weights,
+            learned scales); every other constant is a plain tensor.
+        dtype: float type of the constants (float64 proves rewrites exact beyond float32 noise).
+    """
+
+    def __init__(self, model: ir.Model, params: Iterable[str] = (), dtype: torch.dtype = torch.float32) -> None:
+        super().__init__()
+        graph = model.graph
+        wanted = set(params)
+        self.consts: dict[str, torch.Tensor] = {}
+        self.trainable = torch.nn.ParameterDict()
+        self._param_keys: dict[str, str] = {}
+        for name, value in graph.initializers.items():
+            if value.const_value is None:
+                continue
+            tensor = to_torch(value.const_value.numpy())
+            if tensor.is_floating_point():
+                tensor = tensor.to(dtype)
+            if name in wanted:
+                key = f"p{len(self._param_keys)}"
+                self._param_keys[name] = key
+                self.trainable[key] = torch.nn.Parameter(tensor.clone())
+            else:
+                self.consts[name] = tensor
+        self.input_names = [v.name for v in graph.inputs if v.name not in self.consts]
+        self.output_names = [v.name for v in graph.outputs]
+        steps = []
+        for node in graph:
+            if node.op_type == "Constant":
+                attr = next(iter(node.attributes.values()))
+                const = to_torch(np.asarray(_attr_value(attr)))
+                self.consts[node.outputs[0].name] = const.to(dtype) if const.is_floating_point() else const
+                continue
+            fn = OPS.get(node.op_type)
+            if fn is None:
+                raise NotImplementedError(f"mirror has no op {node.domain or 'ai.onnx'}::{node.op_type}")
+            attrs = {k: _attr_value(a) for k, a in node.attributes.items()}
+            if node.op_type == "QuantizeLinear" and len(node.inputs) > 2 and node.inputs[2] is not None:
+                zp = node.inputs[2]
+                attrs["qtype"] = int(zp.dtype) if zp.dtype is not None else 2
+            steps.append(
+                Step(
+                    node.name or f"{node.op_type}_{len(steps)}",
+                    node.op_type,
+                    fn,
+                    tuple(v.name if v is not None else None for v in node.inputs),
+                    tuple(v.name for v in node.outputs),
+                    attrs,
+                )
+            )
+        self.steps = steps
+        last_use: dict[str, int] = {}
+        for i, step in enumerate(steps):
+            for name in step.inputs:
+                if name is not None:
+                    last_use[name] = i
+        for name in self.output_names:
+            last_use[name] = len(steps)
+        self.last_use = last_use
+        self.debug = os.environ.get("ONNXQ_MIRROR_DEBUG") == "1"
+
+    def const(self, name: str) -> torch.Tensor:
+        """The current value of a constant (trainable or not)."""
+        key = self._param_keys.get(name)
+        return self.trainable[key] if key is not None else self.consts[name]
+
+    def set_const(self, name: str, value: torch.Tensor) -> None:
+        """Replace a non-trainable constant (used to plug in rotated weights)."""
+        self.consts[name] = value
+
+    def param(self, name: str) -> torch.nn.Parameter:
+        """The trainable parameter that stands for initializer ``name``."""
+        return self.trainable[self._param_keys[name]]
+
+    def run(
+        self,
+        feeds: Mapping[str, torch.Tensor | np.ndarray],
+        *,
+        tap: Tap | None = None,
+        keep: Iterable[str] = (),
+        stop_at: int | None = None,
+        start: Mapping[str, torch.Tensor] | None = None,
+    ) -> dict[str, torch.Tensor]:
+        """Execute the graph; returns graph outputs plus the values named in ``keep``.
+
+        Args:
+            feeds: graph inputs by name.
+            tap: called as ``tap(name, value)`` for every value produced; a returned tensor
+                replaces the value for all consumers.
+            keep: names of intermediate values to return.
+            stop_at: index of the last node to run; all live values are returned.
+            start: values to seed (with ``feeds``) when running only part of the graph.
+        """
+        env: dict[str, torch.Tensor] = {}
+        for name, value in feeds.items():
+            env[name] = value if isinstance(value, torch.Tensor) else to_torch(np.asarray(value))
+        if start:
+            env.update(start)
+        keep_set = set(keep)
+        for i, step in enumerate(self.steps):
+            if all(o in env for o in step.outputs):
+                continue  # seeded by `start`
+            args = []
+            for name in step.inputs:
+                if name is None:
+                    args.append(None)
+                    continue
+                if name in env:
+                    args.append(env[name])
+                else:
+                    args.append(self.const(name))
+            while args and args[-1] is None:
+                args.pop()
+            result = step.fn(*args, **step.attrs)
+            outs = result if isinstance(result, (tuple, list)) else (result,)
+            for name, produced in zip(step.outputs, outs, strict=False):
+                replaced = tap(name, produced) if tap is not None else None
+                value = produced if replaced is None else replaced
+                env[name] = value
+                if self.debug:
+                    self._log(i, step, value)
+            if stop_at is not None and i >= stop_at:
+                return env
+            for name in step.inputs:
+                done = name is not None and self.last_use.get(name) == i
+                if done and name not in keep_set and name in env and name not in feeds:
+                    del env[name]
+        return {k: v for k, v in env.items() if k in keep_set or k in self.output_names}
+
+    def forward(self, **feeds: torch.Tensor) -> dict[str, torch.Tensor]:
+        return self.run(feeds)
+
+    @staticmethod
+    def _log(i: int, step: Step, value: torch.Tensor) -> None:
+        if value.is_floating_point() and value.numel():
+            log.info(
+                "#%d %s %s -> %s %s [%.4g, %.4g]",
+                i,
+                step.op_type,
+                step.name,
+                step.outputs,
+                tuple(value.shape),
+                float(value.min()),
+                float(value.max()),
+            )
+        else:
+            log.info("#%d %s %s -> %s %s", i, step.op_type, step.name, step.outputs, tuple(value.shape))

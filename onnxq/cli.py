@@ -1,0 +1,443 @@
+"""The ``onnxq`` command line: export, quantize, eval, validate.
+
+Everything here is presentation (argument parsing, progress bars, the summary table, ``--json``);
+the work is done by the library functions it calls, which are the same ones the Python API exposes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+import time
+import warnings
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+from onnxq import __version__
+from onnxq.errors import OnnxqError
+
+log = logging.getLogger("onnxq")
+
+EXAMPLES = """\
+examples:
+  onnxq export -o smollm2/model.onnx                 # the embedded SmolLM2-135M, 512 tokens
+  onnxq quantize smollm2/model.onnx -o smollm2-w8a16 --preset w8a16
+  onnxq eval smollm2-w8a16/model.qdq.onnx --ppl wikitext2 --windows 40
+  onnxq validate smollm2-w8a16/model.qdq.onnx --context smollm2-w8a16/htp
+"""
+
+
+# --------------------------------------------------------------------------- presentation helpers
+class _Progress:
+    """tqdm bars on stderr, or nothing with --quiet / --json."""
+
+    def __init__(self, enabled: bool) -> None:
+        self.enabled = enabled
+        self.bars: list[Any] = []
+
+    def __call__(self, label: str, total: int) -> Callable[[int], None]:
+        if not self.enabled:
+            return lambda _n: None
+        from tqdm import tqdm
+
+        bar = tqdm(total=total, desc=label, unit="win", leave=False, file=sys.stderr, dynamic_ncols=True)
+        self.bars.append(bar)
+        return bar.update
+
+    def close(self) -> None:
+        for bar in self.bars:
+            bar.close()
+
+
+def _emit(args: argparse.Namespace, data: dict[str, Any], lines: Sequence[str]) -> None:
+    if args.json:
+        print(json.dumps(data, indent=1, default=str))
+    elif not args.quiet:
+        print("\n".join(lines))
+
+
+def _mb(path: Path) -> str:
+    size = path.stat().st_size if path.exists() else 0
+    return f"{size / 2**20:.1f} MB" if size >= 2**20 else f"{size / 1024:.0f} kB"
+
+
+def _rows(pairs: Sequence[tuple[str, str]]) -> list[str]:
+    width = max(len(k) for k, _ in pairs)
+    return [f"  {k:<{width}}  {v}" for k, v in pairs]
+
+
+# --------------------------------------------------------------------------- commands
+def cmd_export(args: argparse.Namespace) -> int:
+    from onnxq.export import export
+
+    result = export(args.model, args.output, seq_len=args.seq_len, mask_value=args.mask_value, overwrite=args.overwrite)
+    data = {
+        "output": str(result.path),
+        "files": [str(f) for f in result.files],
+        "seq_len": result.seq_len,
+        "max_abs_diff_vs_transformers": result.max_abs_diff,
+        "seconds": round(result.seconds, 1),
+        "nodes": result.nodes,
+        "op_counts": result.op_counts,
+    }
+    lines = [f"onnxq export: {args.model or 'SmolLM2-135M-Instruct (default)'} -> {result.path}"]
+    lines += _rows(
+        [
+            ("graph", f"{result.nodes} nodes, input_ids [1, {result.seq_len}] -> logits, opset 21"),
+            ("exactness", f"max |onnx - transformers| = {result.max_abs_diff:.2g} (float32)"),
+            ("files", ", ".join(f"{f.name} ({_mb(f)})" for f in result.files)),
+            ("time", f"{result.seconds:.0f} s"),
+        ]
+    )
+    _emit(args, data, lines)
+    return 0
+
+
+def cmd_quantize(args: argparse.Namespace) -> int:
+    from onnxq.pipeline import quantize
+
+    output = Path(args.output) if args.output else Path(args.model).with_name(f"{Path(args.model).stem}-{args.preset}")
+    progress = _Progress(not (args.quiet or args.json))
+    try:
+        result = quantize(
+            args.model,
+            output,
+            preset=args.preset,
+            calib=args.calib,
+            windows=args.windows,
+            method=args.method,
+            weight_method=args.weight_method,
+            precision_map=args.precision_map,
+            seq_len=args.seq_len,
+            mask_value=args.mask_value,
+            rotate=args.rotate,
+            seed=args.seed,
+            online_hadamard=[w.strip() for w in args.online_hadamard.split(",") if w.strip()],
+            tokenizer=args.tokenizer,
+            overwrite=args.overwrite,
+            progress=progress,
+        )
+    finally:
+        progress.close()
+    s = result.summary
+    counts = s["counts"]
+    files = [output / f for f in s["files"]]
+    lines = [
+        f"onnxq quantize: {args.model} -> {output}/  (preset {s['preset']}, {s['seconds']:.0f} s, "
+        f"peak RSS {s['peak_rss_mb']} MB)"
+    ]
+    lines += _rows(
+        [
+            ("structure", s["structure"] or "not recognised (op-type roles)"),
+            ("rewrites", "; ".join(r for r in s["rewrites"] if "nothing" not in r) or "none needed"),
+            (
+                "rotation",
+                f"{s['rotation']['offline']}"
+                + (f" + online {','.join(s['rotation']['online'])}" if s["rotation"]["online"] else ""),
+            ),
+            (
+                "activations",
+                f"{counts['activation points']} points: {counts['int16 activations']} int16, "
+                f"{counts['int8 activations']} int8, {counts['converts']} converts",
+            ),
+            ("weights", f"{counts['weights int8']} int8, {counts['weights int4']} int4 (per-channel, symmetric)"),
+            (
+                "calibration",
+                f"{s['calibration']['data']}, {s['calibration']['windows']} windows x {s['seq_len']}, "
+                f"{s['calibration']['method']}, {s['calibration']['seconds']:.0f} s",
+            ),
+            ("files", ", ".join(f"{f.name} ({_mb(f)})" for f in files)),
+        ]
+    )
+    _emit(args, s, lines)
+    return 0
+
+
+def _tokenizer_or_none(model: str, explicit: str | None) -> Any:
+    from onnxq.sources import tokenizer_for
+
+    try:
+        return tokenizer_for(model, explicit)
+    except OnnxqError:
+        if explicit:
+            raise
+        return None
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from calib.data import windows
+    from onnxq.evaluate import perplexity
+    from onnxq.sources import tokenizer_for
+
+    seq_len = args.seq_len or _model_seq_len(args.model)  # also checks the model exists
+    tok = tokenizer_for(args.model, args.tokenizer)
+    progress = _Progress(not (args.quiet or args.json))
+    results = []
+    try:
+        for dataset in args.ppl:
+            w = windows(tok, dataset, seq_len, args.windows)
+            tick = progress(f"{dataset} ({args.ep})", len(w))
+            results.append(perplexity(args.model, w.ids, ep=args.ep, dataset=dataset, progress=tick))
+    finally:
+        progress.close()
+    data = {
+        "model": args.model,
+        "ep": args.ep,
+        "results": [
+            {
+                "dataset": r.dataset,
+                "ppl": r.ppl,
+                "windows": r.windows,
+                "seq_len": r.seq_len,
+                "tokens": r.tokens,
+                "seconds": round(r.seconds, 1),
+            }
+            for r in results
+        ],
+    }
+    lines = [f"onnxq eval: {args.model} on {args.ep}"]
+    lines += _rows(
+        [
+            (r.dataset, f"perplexity {r.ppl:.3f}  ({r.windows} windows x {r.seq_len}, {r.seconds:.0f} s)")
+            for r in results
+        ]
+    )
+    _emit(args, data, lines)
+    return 0
+
+
+def _model_seq_len(model: str) -> int:
+    import onnx
+
+    from onnxq import ir as oir
+
+    if not Path(model).is_file():
+        oir.load(model)  # raises the documented error
+    try:
+        proto = onnx.load(model, load_external_data=False)
+    except Exception:
+        oir.load(model)  # raises "is not an ONNX model"
+        raise
+    dims = [d.dim_value if d.HasField("dim_value") else None for d in proto.graph.input[0].type.tensor_type.shape.dim]
+    if len(dims) == 2 and dims[1]:
+        return int(dims[1])
+    raise OnnxqError(f"{model} has no static sequence length", "pass --seq-len N")
+
+
+def cmd_validate(args: argparse.Namespace) -> int:
+    import numpy as np
+
+    from calib.data import windows
+    from onnxq.qnn import validate
+
+    model = args.model
+    seq_len = _model_seq_len(model)
+    tok = _tokenizer_or_none(model, args.tokenizer)
+    if tok is not None:
+        ids = windows(tok, args.data, seq_len, args.windows).ids
+        source = f"{args.data}, first {args.windows} windows"
+    else:
+        vocab = _vocab_size(model)
+        ids = np.random.default_rng(0).integers(0, vocab, size=(args.windows, seq_len))
+        source = f"{args.windows} windows of random tokens (no tokenizer found)"
+    report = validate(
+        model,
+        ids,
+        htp_arch=None if args.soc_model else args.htp_arch,
+        soc_model=args.soc_model,
+        context_dir=Path(args.context) if args.context else None,
+    )
+    data = dict(report.__dict__)
+    data["tokens"] = source
+    steps = f"{report.error_in_steps:.1f} output steps" if report.error_in_steps is not None else "n/a"
+    lines = [f"onnxq validate: {model} on the QNN HTP backend (CPU fallback disabled)"]
+    lines += _rows(
+        [
+            (
+                "nodes",
+                f"{report.nodes_on_qnn} of {report.nodes_total} on QNNExecutionProvider "
+                f"({100 * report.share_on_qnn:.0f} %)",
+            ),
+            ("tokens", source),
+            (
+                "HTP vs CPU",
+                f"max |Δlogits| {report.max_abs_error:.4g} = {steps}, mean {report.mean_abs_error:.3g}, "
+                f"top-1 agreement {100 * report.top1_agreement:.1f} %",
+            ),
+            ("HTP time", f"{report.seconds_htp:.1f} s for {report.windows} windows"),
+        ]
+    )
+    if report.context_model:
+        lines += _rows(
+            [
+                (
+                    "context",
+                    f"{report.context_model} written, reloaded and run "
+                    f"(max |Δ| vs first run {report.context_max_abs_error:.3g})",
+                )
+            ]
+        )
+    _emit(args, data, lines)
+    return 0
+
+
+def _vocab_size(model: str) -> int:
+    import onnx
+
+    proto = onnx.load(model, load_external_data=False)
+    for dim in reversed(proto.graph.output[0].type.tensor_type.shape.dim):
+        if dim.HasField("dim_value"):
+            return int(dim.dim_value)
+    return 32000
+
+
+# --------------------------------------------------------------------------- parser
+def build_parser() -> argparse.ArgumentParser:
+    from onnxq.presets import PRESETS
+
+    parser = argparse.ArgumentParser(
+        prog="onnxq",
+        description="Fully static, integer-only quantization of ONNX language models for Qualcomm's HTP NPU.",
+        epilog=EXAMPLES,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--version", action="version", version=f"onnxq {__version__}")
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("-v", "--verbose", action="count", default=0, help="more log output (-vv: debug)")
+    common.add_argument("-q", "--quiet", action="store_true", help="only errors; no progress bars")
+    common.add_argument("--json", action="store_true", help="print the result as JSON on stdout")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    p = sub.add_parser(
+        "export",
+        parents=[common],
+        help="export a Hugging Face causal LM to static ONNX",
+        description="Export MODEL (Hub id, local folder, .gguf file; default: the embedded "
+        "SmolLM2-135M-Instruct) to a static-shape scoring graph: input_ids [1, S] -> logits.",
+    )
+    p.add_argument("model", nargs="?", help="Hub id, HF folder or .gguf file (default: embedded SmolLM2-135M)")
+    p.add_argument("-o", "--output", required=True, help="output .onnx path; tokenizer files go next to it")
+    p.add_argument("--seq-len", type=int, default=512, help="static sequence length S (default 512)")
+    p.add_argument(
+        "--mask-value",
+        type=float,
+        default=-100.0,
+        help="additive causal-mask value (default -100; finite so the Softmax input quantizes)",
+    )
+    p.add_argument("--overwrite", action="store_true", help="replace an existing output")
+    p.set_defaults(func=cmd_export)
+
+    p = sub.add_parser(
+        "quantize",
+        parents=[common],
+        help="quantize a float ONNX model to static QDQ",
+        description="Insert QuantizeLinear/DequantizeLinear with fixed scales, following the HTP's "
+        "rules. Writes model.qdq.onnx, precision_map.json, encodings.json, summary.json.",
+    )
+    p.add_argument("model", help="float ONNX model (from onnxq export, optimum or torch.onnx)")
+    p.add_argument("-o", "--output", help="output folder (default: <model>-<preset> next to the model)")
+    p.add_argument(
+        "--preset",
+        default="w8a16",
+        help=f"weight/activation bits: {', '.join(PRESETS)} (default w8a16); "
+        "a8 keeps norms, residual and softmax at 16 bits",
+    )
+    p.add_argument("--calib", default="c4", help="calibration text: c4, wikitext2-valid, or a .txt/.jsonl path")
+    p.add_argument("--windows", type=int, default=16, help="calibration windows (default 16)")
+    p.add_argument(
+        "--method",
+        default="auto",
+        choices=["auto", "minmax", "percentile", "mse"],
+        help="activation range estimator (auto: minmax at 16 bits, mse below)",
+    )
+    p.add_argument(
+        "--weight-method", default="mse", choices=["mse", "minmax"], help="per-channel weight clipping (default mse)"
+    )
+    p.add_argument(
+        "--rotate",
+        default="hadamard",
+        choices=["hadamard", "random", "none"],
+        help="rotations merged into the weights: R1 (residual) and R2 (per head); default hadamard",
+    )
+    p.add_argument(
+        "--online-hadamard",
+        default="",
+        metavar="r3,r4",
+        help="run-time rotations to insert: r4 before down_proj, r3 on Q/K (constant MatMuls)",
+    )
+    p.add_argument("--seed", type=int, default=0, help="seed of the random sign flips / matrices (default 0)")
+    p.add_argument("--precision-map", help="precision_map.json to apply (edited from a previous run)")
+    p.add_argument("--seq-len", type=int, help="fix the sequence length of a dynamic-shape model")
+    p.add_argument("--mask-value", type=float, help="replace -inf/-3.4e38 masks with this value")
+    p.add_argument("--tokenizer", help="tokenizer (Hub id/folder/.gguf) if none sits next to the model")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
+    p.set_defaults(func=cmd_quantize)
+
+    p = sub.add_parser(
+        "eval",
+        parents=[common],
+        help="perplexity on ONNX Runtime CPU or the QNN HTP",
+        description="Perplexity over non-overlapping windows (the convention of shared/data/README.md).",
+    )
+    p.add_argument("model", help="ONNX model (float or QDQ)")
+    p.add_argument("--ppl", nargs="+", default=["wikitext2"], help="datasets: wikitext2, c4, or text files")
+    p.add_argument("--windows", type=int, default=40, help="number of windows (default 40)")
+    p.add_argument("--seq-len", type=int, help="window length (default: the model's)")
+    p.add_argument("--ep", default="cpu", choices=["cpu", "qnn"], help="execution provider (default cpu)")
+    p.add_argument("--tokenizer", help="tokenizer if none sits next to the model")
+    p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser(
+        "validate",
+        parents=[common],
+        help="run on the QNN HTP backend and compare with CPU",
+        description="Run the QDQ model on the QNN EP's HTP backend with CPU fallback disabled, "
+        "compare logits with ONNX Runtime CPU, optionally write the HTP context binary.",
+    )
+    p.add_argument("model", help="QDQ ONNX model")
+    p.add_argument("--windows", type=int, default=2, help="windows to compare (default 2)")
+    p.add_argument("--data", default="wikitext2", help="text for the windows (default wikitext2)")
+    p.add_argument("--context", help="folder for the EPContext model and HTP context binary")
+    p.add_argument("--htp-arch", default="75", help="HTP architecture (default 75)")
+    p.add_argument("--soc-model", help="Snapdragon SoC model id (instead of --htp-arch)")
+    p.add_argument("--tokenizer", help="tokenizer if none sits next to the model")
+    p.set_defaults(func=cmd_validate)
+    return parser
+
+
+def _configure_logging(verbose: int, quiet: bool) -> None:
+    level = logging.WARNING if quiet else logging.INFO if verbose == 0 else logging.DEBUG
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    logging.getLogger("onnxq").setLevel(level if verbose else logging.WARNING)
+    for name in ("rewrites", "calib"):
+        logging.getLogger(name).setLevel(level if verbose else logging.WARNING)
+    for noisy in ("onnxscript", "onnx_ir", "transformers", "torch"):
+        logging.getLogger(noisy).setLevel(logging.ERROR if verbose < 2 else logging.DEBUG)
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    if verbose < 2:
+        warnings.filterwarnings("ignore")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    _configure_logging(args.verbose, args.quiet)
+    start = time.perf_counter()
+    try:
+        code = int(args.func(args))
+    except OnnxqError as exc:
+        print(f"onnxq {args.command}: error: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        print(f"onnxq {args.command}: interrupted", file=sys.stderr)
+        return 130
+    log.debug("done in %.1f s", time.perf_counter() - start)
+    return code
+
+
+if __name__ == "__main__":
+    sys.exit(main())

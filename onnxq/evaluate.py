@@ -1,0 +1,96 @@
+"""Perplexity of an ONNX scoring graph on ONNX Runtime (CPU) or the QNN EP (HTP).
+
+Windows are scored independently: each predicts its tokens 1..S-1 from the ones before it, and
+perplexity is exp of the mean negative log-likelihood over all windows (the convention of
+``shared/data/README.md``), so every configuration is compared on the same tokens.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from onnxq.errors import OnnxqError
+
+
+@dataclass
+class PerplexityResult:
+    dataset: str
+    windows: int
+    seq_len: int
+    tokens: int
+    nll: float
+    seconds: float
+    ep: str
+    per_window: list[float] = field(default_factory=list)
+
+    @property
+    def ppl(self) -> float:
+        return math.exp(self.nll) if self.nll < 700 else math.inf
+
+
+def token_nll(logits: np.ndarray, ids: np.ndarray) -> np.ndarray:
+    """Negative log-likelihood of ``ids[1:]`` under ``logits[:-1]`` (float64, stable)."""
+    logits = np.asarray(logits, dtype=np.float64).reshape(-1, logits.shape[-1])[:-1]
+    target = np.asarray(ids).reshape(-1)[1:]
+    peak = logits.max(axis=-1, keepdims=True)
+    logz = np.log(np.exp(logits - peak).sum(axis=-1)) + peak[:, 0]
+    return logz - logits[np.arange(len(target)), target]
+
+
+def make_session(model: str | Path, ep: str = "cpu", **qnn_options: str) -> object:
+    """An ORT session on ``cpu`` or ``qnn`` (HTP backend, CPU fallback disabled)."""
+    from onnxq import qnn
+
+    if ep == "cpu":
+        return qnn.cpu_session(model)
+    if ep == "qnn":
+        return qnn.session(model, **qnn_options)
+    raise OnnxqError(f"unknown execution provider {ep!r}", "use --ep cpu or --ep qnn")
+
+
+def perplexity(
+    model: str | Path,
+    windows: np.ndarray,
+    *,
+    ep: str = "cpu",
+    dataset: str = "",
+    session: object | None = None,
+    progress: Callable[[int], None] | None = None,
+) -> PerplexityResult:
+    """Perplexity of ``model`` over ``windows`` (``[n, S]`` token ids)."""
+    sess = session or make_session(model, ep)
+    inputs = sess.get_inputs()  # type: ignore[attr-defined]
+    if len(inputs) != 1:
+        names = ", ".join(i.name for i in inputs)
+        raise OnnxqError(
+            f"{model} takes inputs {names}; eval feeds input_ids only",
+            "quantize it first (onnxq quantize folds mask/position inputs) or export with onnxq export",
+        )
+    expected = inputs[0].shape
+    seq_len = windows.shape[1]
+    if len(expected) == 2 and isinstance(expected[1], int) and expected[1] != seq_len:
+        raise OnnxqError(f"{model} takes {expected[1]} tokens, the windows have {seq_len}", "pass --seq-len to match")
+    total = 0.0
+    count = 0
+    per_window = []
+    start = time.perf_counter()
+    for window in windows:
+        ids = np.asarray(window, dtype=np.int64).reshape(1, -1)
+        logits = sess.run(None, {inputs[0].name: ids})[0]  # type: ignore[attr-defined]
+        nll = token_nll(logits, ids)
+        if not np.all(np.isfinite(nll)):
+            raise OnnxqError(f"{model} produced NaN/inf logits", "check the model with `onnxq validate`")
+        total += float(nll.sum())
+        count += nll.size
+        per_window.append(float(nll.mean()))
+        if progress is not None:
+            progress(1)
+    return PerplexityResult(
+        dataset, len(windows), seq_len, count, total / count, time.perf_counter() - start, ep, per_window
+    )

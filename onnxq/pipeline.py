@@ -1,0 +1,275 @@
+"""``onnxq quantize``: float ONNX in, QDQ ONNX with fixed scales out.
+
+export → canonical rewrites → structure → plan → calibrate → emit → save. Each step is a function
+of the previous step's output; the input file is never touched.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import onnx_ir as ir
+
+from onnxq import ir as oir
+from onnxq import presets as presets_mod
+from onnxq import recipes
+from onnxq.errors import OnnxqError
+from onnxq.files import atomic_dir, check_new_output
+from onnxq.metrics import peak_rss_mb
+from onnxq.plan import QuantPlan, build_plan, read_precision_map
+from onnxq.qdq import emit_qdq
+from onnxq.qtypes import Encoding
+from rewrites import canonical
+from rewrites.base import RewriteResult, apply
+from rewrites.gqa import group_query_attention
+from rewrites.hadamard import random_orthogonal
+from rewrites.rotate import fold_norm_weights, hadamard_rotations, online_hadamard, rotate_heads, rotate_residual
+from rewrites.structure import Structure, StructureError, discover, generic_roles, tensor_roles
+
+log = logging.getLogger(__name__)
+
+DEFAULT_CALIB = "c4"
+DEFAULT_WINDOWS = 16
+SIDE_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "chat_template.jinja",
+    "config.json",
+)
+
+Progress = Callable[[str, int], Callable[[int], None]]
+
+
+@dataclass
+class QuantizeResult:
+    """What :func:`quantize` wrote and measured."""
+
+    output: Path
+    files: list[Path]
+    summary: dict[str, Any]
+    plan: QuantPlan
+    encodings: dict[str, Encoding] = field(repr=False, default_factory=dict)
+
+
+@dataclass
+class Prepared:
+    """A float model brought to canonical form, with what the rewrites found."""
+
+    model: ir.Model
+    seq_len: int
+    structure: Structure | None
+    roles: dict[str, Any]
+    rewrites: list[RewriteResult]
+    notes: list[str]
+
+
+def prepare(
+    model: ir.Model,
+    *,
+    seq_len: int | None = None,
+    mask_value: float | None = None,
+    rotate: str = "hadamard",
+    online: Sequence[str] = (),
+    seed: int = 0,
+    where: str = "model",
+) -> Prepared:
+    """Canonicalize a float model for quantization, find its structure, merge rotations.
+
+    ``rotate``: ``hadamard`` (R1 + R2, randomized Hadamard), ``random`` (random orthogonal) or
+    ``none``; ``online``: run-time rotations to insert (``r3``, ``r4``).
+    """
+    model = oir.require_opset(model, where)
+    ids = next((v for v in model.graph.inputs if v.name == "input_ids"), None)
+    if ids is None:
+        raise OnnxqError(f"{where} has no 'input_ids' input", "pass a decoder LM exported with onnxq export or optimum")
+    dims = list(ids.shape) if ids.shape is not None else []
+    static_len = dims[1] if len(dims) == 2 and isinstance(dims[1], int) else None
+    if seq_len is None:
+        seq_len = static_len
+    if seq_len is None:
+        oir.require_static(model, where)  # raises the documented dynamic-shape error
+        raise AssertionError("unreachable")
+    model_type = model.metadata_props.get("onnxq.model_type")
+    recipe = recipes.for_model_type(model_type)
+    if mask_value is None:
+        stored = model.metadata_props.get("onnxq.mask_value")
+        mask_value = float(stored) if stored else recipe.mask_value
+    steps = [
+        lambda m: canonical.specialize_inputs(m, seq_len),
+        canonical.fold_constants,
+        lambda m: canonical.finite_mask(m, mask_value),
+        canonical.untie_weights,
+        canonical.fuse_rms_norm,
+    ]
+    model, results = apply(model, steps)
+    oir.require_static(model, where)
+    oir.ensure_names(model)
+    notes = []
+    if rotate not in ("hadamard", "random", "none"):
+        raise OnnxqError(f"unknown rotation {rotate!r}", "use --rotate hadamard, random or none")
+    try:
+        structure: Structure | None = discover(model)
+    except StructureError as exc:
+        if rotate != "none" or online:
+            raise
+        roles = generic_roles(model)
+        notes.append(f"{exc.problem}; using op-type roles")
+        log.warning("%s; quantizing with op-type roles", exc.problem)
+        return Prepared(model, seq_len, None, roles, results, notes)
+    assert structure is not None
+    gqa = group_query_attention(model, structure)
+    results.append(gqa)
+    if gqa.modified:
+        structure = discover(model)
+    notes.append(f"found {structure.describe()}")
+    if rotate != "none":
+        results.append(fold_norm_weights(model, structure))
+        structure = discover(model)
+        if rotate == "hadamard":
+            r1, r2, built = hadamard_rotations(structure, seed)
+        else:
+            r1 = random_orthogonal(structure.hidden_size, seed)
+            r2 = [
+                random_orthogonal(structure.layers[0].attn.head_dim, seed + 1 + i) for i in range(len(structure.layers))
+            ]
+            built = ["R1, R2: random orthogonal"]
+        notes += built
+        results.append(rotate_residual(model, structure, r1))
+        results.append(rotate_heads(model, structure, r2))
+    if online:
+        results.append(online_hadamard(model, structure, list(online), seed))
+        structure = discover(model)
+    roles = tensor_roles(model, structure)
+    return Prepared(model, seq_len, structure, roles, results, notes)
+
+
+def quantize(
+    model_path: str | Path,
+    output: str | Path,
+    *,
+    preset: str = "w8a16",
+    calib: str = DEFAULT_CALIB,
+    windows: int = DEFAULT_WINDOWS,
+    method: str = "auto",
+    weight_method: str = "mse",
+    precision_map: str | Path | None = None,
+    seq_len: int | None = None,
+    mask_value: float | None = None,
+    rotate: str = "hadamard",
+    online_hadamard: Sequence[str] = (),
+    seed: int = 0,
+    tokenizer: str | None = None,
+    overwrite: bool = False,
+    progress: Progress | None = None,
+) -> QuantizeResult:
+    """Quantize the float ONNX model at ``model_path`` into the folder ``output``.
+
+    Writes ``model.qdq.onnx``, ``precision_map.json`` (editable, accepted back with
+    ``precision_map=``), ``encodings.json`` and ``summary.json``, plus the tokenizer files.
+    """
+    from calib import data
+    from calib.calibrate import calibrate
+    from onnxq.sources import tokenizer_for
+
+    start = time.perf_counter()
+    model_path = Path(model_path)
+    output = Path(output)
+    chosen = presets_mod.get(preset)
+    if windows < 1:
+        raise OnnxqError(f"--windows {windows} is not a positive count", "pass e.g. --windows 16")
+    check_new_output(output, overwrite=overwrite, inputs=[model_path])
+    overrides = read_precision_map(precision_map) if precision_map else None
+    float_model = oir.load(model_path)
+    prepared = prepare(
+        float_model,
+        seq_len=seq_len,
+        mask_value=mask_value,
+        rotate=rotate,
+        online=online_hadamard,
+        seed=seed,
+        where=str(model_path),
+    )
+    model = prepared.model
+    recipe = recipes.for_model_type(model.metadata_props.get("onnxq.model_type"))
+    plan = build_plan(model, chosen, recipe, prepared.roles, prepared.structure, overrides)
+    tok = tokenizer_for(model_path, tokenizer)
+    calib_windows = data.windows(tok, calib, prepared.seq_len, windows)
+    tick = progress("calibrating", len(calib_windows)) if progress else None
+    t_cal = time.perf_counter()
+    encodings, stats = calibrate(
+        model, plan, calib_windows.ids, method=method, weight_method=weight_method, progress=tick
+    )
+    t_cal = time.perf_counter() - t_cal
+    emit_qdq(model, plan, encodings)
+    model.metadata_props.update({"onnxq.seq_len": str(prepared.seq_len), "onnxq.calib": str(calib)})
+    summary = _summary(
+        model_path,
+        chosen.name,
+        plan,
+        prepared,
+        calib,
+        len(calib_windows),
+        method,
+        stats,
+        time.perf_counter() - start,
+        t_cal,
+        {"offline": rotate, "online": list(online_hadamard), "seed": seed},
+    )
+    with atomic_dir(output, overwrite=overwrite) as tmp:
+        files = oir.save(model, tmp / "model.qdq.onnx")
+        (tmp / "precision_map.json").write_text(json.dumps(plan.precision_map(), indent=1) + "\n", encoding="utf-8")
+        enc_json = {name: enc.to_json() for name, enc in encodings.items() if plan.points[name].kind != "weight"}
+        (tmp / "encodings.json").write_text(json.dumps(enc_json, indent=1) + "\n", encoding="utf-8")
+        for name in SIDE_FILES:
+            src = model_path.parent / name
+            if src.exists():
+                shutil.copyfile(src, tmp / name)
+        summary["files"] = sorted([p.name for p in tmp.iterdir()] + ["summary.json"])
+        summary["seconds"] = round(time.perf_counter() - start, 2)
+        summary["peak_rss_mb"] = peak_rss_mb()
+        (tmp / "summary.json").write_text(json.dumps(summary, indent=1) + "\n", encoding="utf-8")
+    del files
+    return QuantizeResult(output, [output / f for f in summary["files"]], summary, plan, encodings)
+
+
+def _summary(
+    model_path: Path,
+    preset: str,
+    plan: QuantPlan,
+    prepared: Prepared,
+    calib: str,
+    windows: int,
+    method: str,
+    stats: dict[str, Any],
+    seconds: float,
+    calib_seconds: float,
+    rotation: dict[str, Any],
+) -> dict[str, Any]:
+    dtypes: dict[str, int] = {}
+    for p in plan.points.values():
+        key = f"{p.kind}:{p.spec.qtype.value}"
+        dtypes[key] = dtypes.get(key, 0) + 1
+    clipped = sorted(((s.clipped, name) for name, s in stats.items()), reverse=True)[:10]
+    return {
+        "onnxq": "summary/1",
+        "input": str(model_path),
+        "preset": preset,
+        "seq_len": prepared.seq_len,
+        "rotation": rotation,
+        "structure": prepared.structure.describe() if prepared.structure else None,
+        "rewrites": [r.summary() for r in prepared.rewrites],
+        "notes": prepared.notes,
+        "calibration": {"data": calib, "windows": windows, "method": method, "seconds": round(calib_seconds, 2)},
+        "counts": plan.counts(),
+        "dtypes": dtypes,
+        "most_clipped": [{"point": n, "fraction": round(c, 6)} for c, n in clipped if c > 0],
+        "quantize_seconds_before_save": round(seconds, 2),
+    }

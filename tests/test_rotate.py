@@ -1,0 +1,106 @@
+"""Rotations merged into the graph: exact in float, reported with counts, refused when wrong."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import onnx_ir as ir
+import pytest
+import torch
+
+from calib.mirror import Mirror
+from onnxq.errors import OnnxqError
+from onnxq.pipeline import prepare
+from onnxq.qnn import cpu_session
+from rewrites.hadamard import BASE_ORDERS, hadamard_order, rotation
+from rewrites.rotate import rotate_heads, rotate_residual
+from rewrites.structure import discover
+from tests.conftest import export_tiny
+
+SHAPES = {
+    "gqa": {},  # hidden 64 = 2^6, 4 heads over 2 KV heads
+    "mha96": {"hidden": 96, "heads": 6, "kv_heads": 6, "intermediate": 160},  # 96 = 8 x 12
+    "mqa3": {"hidden": 48, "heads": 3, "kv_heads": 1, "layers": 3, "tied": False},  # 48 = 4 x 12, MQA
+    "odd50": {"hidden": 50, "heads": 5, "kv_heads": 5, "intermediate": 80},  # 50 = 2 x 25: no Hadamard, random
+}
+
+
+def _rotated(path: Path, **kw: object) -> ir.Model:
+    return prepare(ir.load(path), rotate="hadamard", **kw).model  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("name", sorted(SHAPES))
+def test_rotated_float_model_matches_the_original(
+    tiny_dir: Path, tmp_path: Path, name: str, eval_ids: np.ndarray
+) -> None:
+    path = export_tiny(tiny_dir, name, **SHAPES[name])
+    rotated = _rotated(path)
+    ir.save(rotated, tmp_path / "rotated.onnx")
+    want = cpu_session(path).run(None, {"input_ids": eval_ids[:1]})[0]
+    got = cpu_session(tmp_path / "rotated.onnx").run(None, {"input_ids": eval_ids[:1]})[0]
+    assert np.abs(got - want).max() < 1e-4  # float32 on ORT; measured ~4e-6
+    with torch.no_grad():  # computed in float64, only the float32 storage of the weights remains
+        ref64 = Mirror(ir.load(path), dtype=torch.float64).run({"input_ids": eval_ids[:1]})["logits"]
+        rot64 = Mirror(rotated, dtype=torch.float64).run({"input_ids": eval_ids[:1]})["logits"]
+    assert float((ref64 - rot64).abs().max()) < 1e-5  # measured 5.7e-7
+
+
+def test_online_hadamard_is_exact(tiny_model: Path, tmp_path: Path, eval_ids: np.ndarray) -> None:
+    rotated = _rotated(tiny_model, online=("r3", "r4"))
+    assert sum(1 for n in rotated.graph if n.metadata_props.get("onnxq.online_rotation")) == 2 * (2 + 1)
+    ir.save(rotated, tmp_path / "online.onnx")
+    want = cpu_session(tiny_model).run(None, {"input_ids": eval_ids[:1]})[0]
+    got = cpu_session(tmp_path / "online.onnx").run(None, {"input_ids": eval_ids[:1]})[0]
+    assert np.abs(got - want).max() < 1e-4
+
+
+def test_rewrites_report_counts(tiny_model: Path) -> None:
+    prepared = prepare(ir.load(tiny_model), rotate="hadamard")
+    summary = {r.name: r.counts for r in prepared.rewrites}
+    assert summary["fold RMSNorm weights"] == {"RMSNorm weights folded": 5, "MatMuls updated": 11}
+    assert summary["R1"] == {"MatMuls reading the stream": 11, "MatMuls writing it": 4, "embedding tables": 1}
+    assert summary["R2"] == {"layers": 2}
+
+
+def test_rotation_spreads_an_outlier_channel() -> None:
+    r, kind = rotation(576, seed=3)
+    assert kind == "hadamard"
+    x = np.zeros(576)
+    x[7] = 100.0
+    assert np.abs(x @ r).max() == pytest.approx(100.0 / 24.0)  # 1/sqrt(576) of it in every channel
+
+
+@pytest.mark.parametrize("order", [*BASE_ORDERS, 64, 576, 1536])
+def test_hadamard_orders(order: int) -> None:
+    h = hadamard_order(order)
+    assert h is not None
+    assert np.array_equal(h @ h.T, order * np.eye(order, dtype=np.int64))
+
+
+def test_wrong_size_rotation_is_refused(tiny_model: Path) -> None:
+    model = prepare(ir.load(tiny_model), rotate="none").model
+    from rewrites.rotate import fold_norm_weights
+
+    fold_norm_weights(model, discover(model))
+    with pytest.raises(OnnxqError, match="R1 is 32x32, the model needs 64x64"):
+        rotate_residual(model, discover(model), np.eye(32))
+    with pytest.raises(OnnxqError, match="not orthogonal"):
+        rotate_heads(model, discover(model), np.ones((16, 16)))
+
+
+def test_r1_needs_folded_norms(tiny_model: Path) -> None:
+    model = prepare(ir.load(tiny_model), rotate="none").model
+    with pytest.raises(OnnxqError, match="RMSNorm weights folded"):
+        rotate_residual(model, discover(model), np.eye(64))
+
+
+def test_rotated_w4a8_runs_on_the_htp(tiny_model: Path, tmp_path: Path, eval_ids: np.ndarray) -> None:
+    from onnxq.pipeline import quantize
+    from onnxq.qnn import validate
+
+    out = tmp_path / "w4a8"
+    quantize(tiny_model, out, preset="w4a8", calib="wikitext2-valid", windows=2, online_hadamard=("r3", "r4"))
+    report = validate(out / "model.qdq.onnx", eval_ids[:1])
+    assert report.nodes_on_qnn == report.nodes_total
+    assert report.top1_agreement > 0.9

@@ -1,0 +1,240 @@
+"""Benchmark onnxq against ONNX Runtime's static quantizer on SmolLM2-135M, in one run.
+
+Every row uses the same exported graph, the same calibration windows (C4, first N of 512 tokens)
+and the same evaluation windows (WikiText-2 test, first 40 of 512 tokens). Each quantization runs
+in its own process so that its wall time and peak RSS are its own. Results go to
+``tools/results/bench.json`` and the table in ``BENCHMARKS.md``.
+
+    python tools/bench.py                      # everything (about 30 minutes on 2 cores)
+    python tools/bench.py --rows fp32,onnxq-w8a16 --eval-windows 8   # a quick look
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parent.parent
+RESULTS = ROOT / "tools" / "results" / "bench.json"
+TABLE = ROOT / "BENCHMARKS.md"
+
+#: row name -> (tool, preset, extra quantize options)
+ROWS: dict[str, tuple[str, str, dict[str, Any]]] = {
+    "fp32": ("float", "", {}),
+    "ort-w8a16": ("ort", "w8a16", {}),
+    "ort-w8a8": ("ort", "w8a8", {}),
+    "ort-w4a16": ("ort", "w4a16", {}),
+    "onnxq-w8a16-norot": ("onnxq", "w8a16", {"rotate": "none"}),
+    "onnxq-w8a8-norot": ("onnxq", "w8a8", {"rotate": "none"}),
+    "onnxq-w4a8-norot": ("onnxq", "w4a8", {"rotate": "none"}),
+    "onnxq-w8a16": ("onnxq", "w8a16", {}),
+    "onnxq-w8a8": ("onnxq", "w8a8", {}),
+    "onnxq-w4a16": ("onnxq", "w4a16", {}),
+    "onnxq-w4a8": ("onnxq", "w4a8", {}),
+    "onnxq-w4a8-r3r4": ("onnxq", "w4a8", {"online_hadamard": ["r3", "r4"]}),
+}
+VALIDATE = ("onnxq-w8a16", "onnxq-w4a8")
+
+
+def _run(cmd: list[str]) -> dict[str, Any]:
+    """Run a step in a fresh process and parse the JSON it prints last."""
+    proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
+    if proc.returncode != 0:
+        raise RuntimeError(f"{' '.join(cmd[:4])} failed:\n{proc.stderr[-3000:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def step_quantize_onnxq(model: Path, out: Path, preset: str, calib: str, windows: int, extra: dict) -> dict:
+    code = (
+        "import json, sys; from onnxq.pipeline import quantize; "
+        f"r = quantize({str(model)!r}, {str(out)!r}, preset={preset!r}, calib={calib!r}, windows={windows}, "
+        f"overwrite=True, **{extra!r}); "
+        "print(json.dumps({'seconds': r.summary['seconds'], 'peak_rss_mb': r.summary['peak_rss_mb'], "
+        "'counts': r.summary['counts']}))"
+    )
+    return _run([sys.executable, "-c", code])
+
+
+def step_eval(model: Path, windows_file: Path, ep: str = "cpu") -> dict:
+    code = (
+        "import json, numpy as np; from onnxq.evaluate import perplexity; from onnxq.metrics import peak_rss_mb; "
+        f"r = perplexity({str(model)!r}, np.load({str(windows_file)!r}), ep={ep!r}); "
+        "print(json.dumps({'ppl': r.ppl, 'nll': r.nll, 'seconds': round(r.seconds, 1), 'tokens': r.tokens, "
+        "'peak_rss_mb': peak_rss_mb()}))"
+    )
+    return _run([sys.executable, "-c", code])
+
+
+def step_validate(model: Path, windows_file: Path, context: Path) -> dict:
+    code = (
+        "import json, numpy as np; from pathlib import Path; from onnxq.qnn import validate; "
+        f"r = validate({str(model)!r}, np.load({str(windows_file)!r})[:2], context_dir=Path({str(context)!r})); "
+        "print(json.dumps({k: v for k, v in r.__dict__.items() if k != 'extra'}))"
+    )
+    return _run([sys.executable, "-c", code])
+
+
+def prepare_inputs(work: Path, model: Path | None, seq_len: int, calib_windows: int, eval_windows: int) -> dict:
+    """Export the model (once) and write the token windows every row shares."""
+    from calib.data import windows
+    from onnxq.export import export
+    from onnxq.sources import tokenizer_for
+
+    if model is None:
+        model = work / "smollm2" / "model.onnx"
+        if not model.exists():
+            result = export(None, model, seq_len=seq_len, overwrite=True)
+            export_info = {"seconds": round(result.seconds, 1), "max_abs_diff": result.max_abs_diff}
+        else:
+            export_info = {"reused": True}
+    else:
+        export_info = {"given": str(model)}
+    tok = tokenizer_for(model)
+    cal = windows(tok, "c4", seq_len, calib_windows)
+    ev = windows(tok, "wikitext2", seq_len, eval_windows)
+    np.save(work / "calib.npy", cal.ids)
+    np.save(work / "eval.npy", ev.ids)
+    return {"model": model, "export": export_info}
+
+
+def run(args: argparse.Namespace) -> dict[str, Any]:
+    work = Path(args.work)
+    work.mkdir(parents=True, exist_ok=True)
+    inputs = prepare_inputs(
+        work, Path(args.model) if args.model else None, args.seq_len, args.calib_windows, args.eval_windows
+    )
+    model: Path = inputs["model"]
+    wanted = args.rows.split(",") if args.rows else list(ROWS)
+    rows: dict[str, Any] = {}
+    for name in wanted:
+        tool, preset, extra = ROWS[name]
+        print(f"[bench] {name} ...", file=sys.stderr, flush=True)
+        row: dict[str, Any] = {"tool": tool, "preset": preset, "options": extra}
+        target = model
+        if tool == "onnxq":
+            out = work / name
+            row["quantize"] = step_quantize_onnxq(model, out, preset, "c4", args.calib_windows, extra)
+            target = out / "model.qdq.onnx"
+        elif tool == "ort":
+            target = work / name / "model.qdq.onnx"
+            row["quantize"] = _run(
+                [
+                    sys.executable,
+                    str(ROOT / "tools" / "ort_baseline.py"),
+                    str(model),
+                    str(target),
+                    "--preset",
+                    preset,
+                    "--windows",
+                    str(work / "calib.npy"),
+                ]
+            )
+        row["eval"] = step_eval(target, work / "eval.npy")
+        if name in VALIDATE and not args.no_validate:
+            row["validate"] = step_validate(target, work / "eval.npy", work / name / "htp")
+        rows[name] = row
+        print(f"[bench] {name}: ppl {row['eval']['ppl']:.3f}", file=sys.stderr, flush=True)
+    return {
+        "model": "SmolLM2-135M-Instruct (Q4_1 GGUF -> float32)",
+        "seq_len": args.seq_len,
+        "calibration": {"data": "c4 (shared/data/c4/c4_validation_1k.jsonl)", "windows": args.calib_windows},
+        "evaluation": {"data": "wikitext2 test (first windows)", "windows": args.eval_windows},
+        "export": inputs["export"],
+        "machine": {"cpus": _cpus(), "platform": platform.platform(), "python": platform.python_version()},
+        "date": time.strftime("%Y-%m-%d"),
+        "rows": rows,
+    }
+
+
+def _cpus() -> int:
+    import os
+
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 0
+
+
+def table(results: dict[str, Any]) -> str:
+    """The Markdown table of BENCHMARKS.md."""
+    rows = results["rows"]
+    fp = rows.get("fp32", {}).get("eval", {}).get("ppl")
+    lines = [
+        "| row | tool | preset | rotation | WikiText-2 PPL | × FP32 | quantize time | quantize peak RSS |",
+        "|---|---|---|---|---:|---:|---:|---:|",
+    ]
+    for name, row in rows.items():
+        ppl = row["eval"]["ppl"]
+        ratio = f"{ppl / fp:.3f}" if fp else ""
+        q = row.get("quantize", {})
+        secs = f"{q['seconds']:.0f} s" if "seconds" in q else ""
+        rss = f"{q['peak_rss_mb'] / 1024:.2f} GB" if q.get("peak_rss_mb") else ""
+        ppl_s = f"{ppl:,.2f}" if ppl < 1e5 else f"{ppl:.3g}"
+        opts = row.get("options", {})
+        rot = "" if row["tool"] != "onnxq" else opts.get("rotate", "hadamard")
+        if opts.get("online_hadamard"):
+            rot += " + online " + ",".join(opts["online_hadamard"])
+        lines.append(
+            f"| {name} | {row['tool']} | {row['preset'] or 'float'} | {rot} | {ppl_s} | {ratio} | {secs} | {rss} |"
+        )
+    return "\n".join(lines)
+
+
+def write(results: dict[str, Any]) -> None:
+    RESULTS.parent.mkdir(parents=True, exist_ok=True)
+    RESULTS.write_text(json.dumps(results, indent=1) + "\n", encoding="utf-8")
+    val = ""
+    for name, row in results["rows"].items():
+        v = row.get("validate")
+        if v:
+            val += (
+                f"- `{name}` on the QNN HTP backend (CPU fallback disabled): {v['nodes_on_qnn']} of "
+                f"{v['nodes_total']} nodes on QNN; logits vs ONNX Runtime CPU on {v['windows']} windows: max "
+                f"|Δ| {v['max_abs_error']:.3g} ({v['error_in_steps']:.0f} output steps), mean "
+                f"{v['mean_abs_error']:.3g}, top-1 agreement {100 * v['top1_agreement']:.1f} %; context binary "
+                f"written and reloaded: {v['context_reloaded']}.\n"
+            )
+    text = f"""# Benchmarks
+
+{results["model"]}, static shapes [1, {results["seq_len"]}]. Calibration: {results["calibration"]["data"]},
+first {results["calibration"]["windows"]} windows. Evaluation: {results["evaluation"]["data"]}, first
+{results["evaluation"]["windows"]} windows of {results["seq_len"]} tokens, ONNX Runtime CPU. Every row in one run
+of `python tools/bench.py` ({results["date"]}, {results["machine"]["cpus"]} CPUs); raw numbers in
+`tools/results/bench.json`.
+
+{table(results)}
+
+ORT rows: `onnxruntime.quantization` with `get_qnn_qdq_config` (MinMax, per-tensor weights, its defaults)
+on the same exported graph and the same calibration windows. onnxq `a8` presets keep the residual
+stream, norms and softmax at 16 bits and put every MatMul input at 8 bits (see README).
+
+{val}"""
+    TABLE.write_text(text, encoding="utf-8")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", help="float ONNX model (default: export the embedded SmolLM2-135M)")
+    parser.add_argument("--work", default=str(ROOT / "runs" / "bench"), help="scratch folder")
+    parser.add_argument("--rows", help=f"comma-separated subset of: {', '.join(ROWS)}")
+    parser.add_argument("--seq-len", type=int, default=512)
+    parser.add_argument("--calib-windows", type=int, default=16)
+    parser.add_argument("--eval-windows", type=int, default=40)
+    parser.add_argument("--no-validate", action="store_true")
+    parser.add_argument("--dry", action="store_true", help="print the results, do not write files")
+    args = parser.parse_args()
+    results = run(args)
+    if args.dry:
+        print(json.dumps(results, indent=1))
+    else:
+        write(results)
+        print(table(results))
+
+
+if __name__ == "__main__":
+    main()
