@@ -37,30 +37,40 @@ class PointStats:
     clipped: float
 
 
-def method_for(point: Point, method: str) -> str:
-    """``auto``: min/max at 16 bits (the step is tiny anyway), MSE-optimal clipping below."""
+#: roles a rotation makes near-Gaussian (the ``aware`` initialisation treats them so)
+ROTATED_ROLES = frozenset({"attn_in", "mlp_in", "head_in", "attn_out"})
+
+
+def method_for(point: Point, method: str, rotated: bool = True) -> str:
+    """``auto``: min/max at 16 bits (the step is tiny anyway), MSE-optimal clipping below.
+
+    ``aware`` (Quant.npu's initialisation): mean ± k·std for tensors a rotation made near-Gaussian,
+    min/max for the unrotated, heavy-tailed rest.
+    """
+    if method == "aware":
+        return "aware" if rotated and point.role.kind in ROTATED_ROLES and point.bits < 16 else "minmax"
     if method != "auto":
         return method
     return "minmax" if point.bits >= 16 else "mse"
 
 
-def calibrate(
+def observe(
     model: ir.Model,
     plan: QuantPlan,
     windows: Iterable[np.ndarray],
     *,
-    method: str = "auto",
-    weight_method: str = "mse",
+    histogram: Callable[[Point], bool] | bool = True,
     progress: Callable[[int], None] | None = None,
-) -> tuple[dict[str, Encoding], dict[str, PointStats]]:
-    """Encodings for every point of ``plan`` from ``windows`` (arrays of token ids ``[S]``)."""
-    if method not in (*METHODS, "auto"):
-        raise OnnxqError(f"unknown calibration method {method!r}", f"use one of: auto, {', '.join(METHODS)}")
+) -> dict[str, Observer]:
+    """Run the float model over ``windows``, one observer per activation point (fixed memory).
+
+    ``histogram`` says which points keep a histogram (needed by ``mse`` and ``percentile``).
+    """
     mirror = Mirror(model)
     observers: dict[str, Observer] = {}
     by_root: dict[str, list[Observer]] = {}
     for point in plan.act_points():
-        obs = Observer(histogram=method_for(point, method) != "minmax")
+        obs = Observer(histogram=histogram(point) if callable(histogram) else histogram)
         observers[point.name] = obs
         for root in point.roots:
             by_root.setdefault(root, []).append(obs)
@@ -79,11 +89,33 @@ def calibrate(
                 progress(1)
     if seen == 0:
         raise OnnxqError("no calibration windows", "pass calibration text with --calib")
+    return observers
 
+
+def encode(
+    model: ir.Model,
+    plan: QuantPlan,
+    observers: dict[str, Observer],
+    *,
+    method: str = "auto",
+    weight_method: str = "mse",
+    rotated: bool = True,
+    previous: dict[str, Encoding] | None = None,
+) -> tuple[dict[str, Encoding], dict[str, PointStats]]:
+    """Encodings for every point of ``plan`` from observers (a plan that changed only widths reuses them).
+
+    ``previous`` encodings are kept for weights and constants whose spec did not change.
+    """
+    if method not in (*METHODS, "auto"):
+        raise OnnxqError(f"unknown calibration method {method!r}", f"use one of: auto, {', '.join(METHODS)}")
     graph = model.graph
     encodings: dict[str, Encoding] = {}
     stats: dict[str, PointStats] = {}
     for point in plan.points.values():
+        old = (previous or {}).get(point.name)
+        if point.kind in ("weight", "const") and old is not None and old.spec == point.spec:
+            encodings[point.name] = old
+            continue
         const_values = [a for a in (const_array(graph.initializers.get(c)) for c in point.consts) if a is not None]
         if point.kind == "weight":
             encodings[point.name] = weight_encoding(const_values[0], point.spec, weight_method)
@@ -100,7 +132,7 @@ def calibrate(
         if obs.count == 0 and not const_values:
             log.warning("point %s saw no values during calibration; using [0, 1]", point.name)
         rs = obs.stats(
-            method_for(point, method),
+            method_for(point, method, rotated),
             point.spec.qmax - point.spec.qmin,
             symmetric=point.spec.symmetric,
             signed=point.spec.qtype.signed,
@@ -113,3 +145,26 @@ def calibrate(
         encodings[point.name] = from_range(point.spec, lo, hi)
         stats[point.name] = PointStats(lo, hi, obs.lo if obs.count else lo, obs.hi if obs.count else hi, rs.clipped)
     return encodings, stats
+
+
+def calibrate(
+    model: ir.Model,
+    plan: QuantPlan,
+    windows: Iterable[np.ndarray],
+    *,
+    method: str = "auto",
+    weight_method: str = "mse",
+    rotated: bool = True,
+    progress: Callable[[int], None] | None = None,
+) -> tuple[dict[str, Encoding], dict[str, PointStats]]:
+    """Observe ``windows`` (token ids ``[S]`` each) and derive every point's encoding."""
+    if method not in (*METHODS, "auto"):
+        raise OnnxqError(f"unknown calibration method {method!r}", f"use one of: auto, {', '.join(METHODS)}")
+    observers = observe(
+        model,
+        plan,
+        windows,
+        histogram=lambda p: method_for(p, method, rotated) in ("mse", "percentile"),
+        progress=progress,
+    )
+    return encode(model, plan, observers, method=method, weight_method=weight_method, rotated=rotated)

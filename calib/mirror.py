@@ -641,6 +641,53 @@ class Mirror(torch.nn.Module):
                     del env[name]
         return {k: v for k, v in env.items() if k in keep_set or k in self.output_names}
 
+    def run_steps(
+        self,
+        first: int,
+        last: int,
+        env: Mapping[str, torch.Tensor],
+        *,
+        tap: Tap | None = None,
+        want: str,
+    ) -> torch.Tensor:
+        """Run nodes ``first..last`` (inclusive) on ``env`` and return value ``want``.
+
+        Used to run one decoder layer on cached inputs; nothing is freed, the range is small.
+        """
+        values = dict(env)
+        for step in self.steps[first : last + 1]:
+            args = [None if n is None else values[n] if n in values else self.const(n) for n in step.inputs]
+            while args and args[-1] is None:
+                args.pop()
+            result = step.fn(*args, **step.attrs)
+            outs = result if isinstance(result, (tuple, list)) else (result,)
+            for name, produced in zip(step.outputs, outs, strict=False):
+                replaced = tap(name, produced) if tap is not None else None
+                values[name] = produced if replaced is None else replaced
+        return values[want]
+
+    def step_index(self) -> dict[str, int]:
+        """Node output name -> index of the step that produces it."""
+        return {name: i for i, step in enumerate(self.steps) for name in step.outputs}
+
+    def external_inputs(self, first: int, last: int) -> set[str]:
+        """Values read by nodes ``first..last`` that are neither produced there nor constants."""
+        produced: set[str] = set()
+        needed: set[str] = set()
+        for step in self.steps[first : last + 1]:
+            needed |= {
+                n
+                for n in step.inputs
+                if n is not None and n not in produced and n not in self.consts and n not in self._param_keys
+            }
+            produced |= set(step.outputs)
+        return needed
+
+    def to_device(self, device: str | torch.device) -> Mirror:
+        """Move constants and parameters (``Module.to`` does not see the plain constants dict)."""
+        self.consts = {k: v.to(device) for k, v in self.consts.items()}
+        return self.to(device)
+
     def forward(self, **feeds: torch.Tensor) -> dict[str, torch.Tensor]:
         return self.run(feeds)
 

@@ -16,7 +16,9 @@ import numpy as np
 import torch
 
 BINS = 2048
-METHODS = ("minmax", "percentile", "mse")
+METHODS = ("minmax", "percentile", "mse", "aware")
+#: ACIQ's optimal clipping for a Gaussian, in standard deviations, by bit width (Banner et al.)
+GAUSSIAN_CLIP = {2: 1.71, 3: 2.15, 4: 2.55, 5: 2.93, 6: 3.28, 7: 3.61, 8: 3.92}
 
 
 @dataclass
@@ -37,6 +39,8 @@ class Observer:
         self.lo = math.inf
         self.hi = -math.inf
         self.count = 0
+        self.sum = 0.0
+        self.sumsq = 0.0
         self.nonfinite = 0
         self.hist: torch.Tensor | None = None
         self.start = 0.0
@@ -56,6 +60,9 @@ class Observer:
         lo, hi = float(x.min()), float(x.max())
         self.lo, self.hi = min(self.lo, lo), max(self.hi, hi)
         self.count += x.numel()
+        xd = x.double()
+        self.sum += float(xd.sum())
+        self.sumsq += float((xd * xd).sum())
         if self.histogram:
             self._hist_update(x, lo, hi)
 
@@ -107,12 +114,24 @@ class Observer:
             lo, hi = self._percentile(percentile)
         elif method == "mse":
             lo, hi = self._mse(qmax_levels, symmetric=symmetric and signed)
+        elif method == "aware":
+            lo, hi = self._gaussian(qmax_levels)
         else:
             raise ValueError(method)
         if symmetric and signed:
             amax = max(abs(lo), abs(hi))
             lo, hi = -amax, amax
         return RangeStats(lo, hi, self.clipped_fraction(lo, hi))
+
+    def _gaussian(self, levels: int) -> tuple[float, float]:
+        """Quant.npu's rotation-aware start: mean ± k·std, k by bit width; the min/max beyond 8 bits."""
+        bits = round(math.log2(levels + 1))
+        k = GAUSSIAN_CLIP.get(bits)
+        if k is None:
+            return self.lo, self.hi
+        mean = self.sum / self.count
+        std = math.sqrt(max(self.sumsq / self.count - mean * mean, 0.0))
+        return max(self.lo, mean - k * std), min(self.hi, mean + k * std)
 
     def _centers(self) -> tuple[np.ndarray, np.ndarray]:
         assert self.hist is not None

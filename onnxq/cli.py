@@ -101,6 +101,18 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     from onnxq.pipeline import quantize
 
     output = Path(args.output) if args.output else Path(args.model).with_name(f"{Path(args.model).stem}-{args.preset}")
+    learn = None
+    if args.learn:
+        from calib.learn import LearnConfig
+
+        learn = LearnConfig(
+            steps=args.steps,
+            lr=args.lr,
+            samples=min(args.samples, args.windows),
+            learn_rotation=not args.no_learn_rotation,
+            seed=args.seed,
+            device=args.device,
+        )
     progress = _Progress(not (args.quiet or args.json))
     try:
         result = quantize(
@@ -117,6 +129,7 @@ def cmd_quantize(args: argparse.Namespace) -> int:
             rotate=args.rotate,
             seed=args.seed,
             online_hadamard=[w.strip() for w in args.online_hadamard.split(",") if w.strip()],
+            learn=learn,
             tokenizer=args.tokenizer,
             overwrite=args.overwrite,
             progress=progress,
@@ -371,6 +384,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--seed", type=int, default=0, help="seed of the random sign flips / matrices (default 0)")
     p.add_argument("--precision-map", help="precision_map.json to apply (edited from a previous run)")
+    g = p.add_argument_group("learning (Quant.npu: learned ranges, weight clipping and R2, two stages)")
+    g.add_argument("--learn", action="store_true", help="learn scales and rotations against the float model")
+    g.add_argument("--steps", type=int, default=30, help="learning steps per decoder layer (default 30)")
+    g.add_argument("--lr", type=float, default=5e-3, help="learning rate of ranges and clipping (default 5e-3)")
+    g.add_argument("--samples", type=int, default=8, help="calibration windows used for learning (default 8)")
+    g.add_argument("--no-learn-rotation", action="store_true", help="keep the Hadamard R2 fixed")
+    g.add_argument("--device", default="cpu", help="torch device for learning: cpu or cuda (default cpu)")
     p.add_argument("--seq-len", type=int, help="fix the sequence length of a dynamic-shape model")
     p.add_argument("--mask-value", type=float, help="replace -inf/-3.4e38 masks with this value")
     p.add_argument("--tokenizer", help="tokenizer (Hub id/folder/.gguf) if none sits next to the model")

@@ -11,9 +11,9 @@ import logging
 import shutil
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import onnx_ir as ir
 
@@ -26,6 +26,9 @@ from onnxq.metrics import peak_rss_mb
 from onnxq.plan import QuantPlan, build_plan, read_precision_map
 from onnxq.qdq import emit_qdq
 from onnxq.qtypes import Encoding
+
+if TYPE_CHECKING:
+    from calib.learn import LearnConfig
 from rewrites import canonical
 from rewrites.base import RewriteResult, apply
 from rewrites.gqa import group_query_attention
@@ -166,6 +169,11 @@ def quantize(
     rotate: str = "hadamard",
     online_hadamard: Sequence[str] = (),
     seed: int = 0,
+    learn: LearnConfig | None = None,
+    budget: float | None = None,
+    budget_by: str = "count",
+    selector: str = "fisher",
+    sensitivity_windows: int = 4,
     tokenizer: str | None = None,
     overwrite: bool = False,
     progress: Progress | None = None,
@@ -176,7 +184,7 @@ def quantize(
     ``precision_map=``), ``encodings.json`` and ``summary.json``, plus the tokenizer files.
     """
     from calib import data
-    from calib.calibrate import calibrate
+    from calib.calibrate import encode, method_for, observe
     from onnxq.sources import tokenizer_for
 
     start = time.perf_counter()
@@ -204,10 +212,66 @@ def quantize(
     calib_windows = data.windows(tok, calib, prepared.seq_len, windows)
     tick = progress("calibrating", len(calib_windows)) if progress else None
     t_cal = time.perf_counter()
-    encodings, stats = calibrate(
-        model, plan, calib_windows.ids, method=method, weight_method=weight_method, progress=tick
+    rotated = rotate != "none"
+    observers = observe(
+        model,
+        plan,
+        calib_windows.ids,
+        histogram=lambda p: method_for(p, method, rotated) in ("mse", "percentile") or p.bits < 16,
+        progress=tick,
     )
+    encodings, stats = encode(model, plan, observers, method=method, weight_method=weight_method, rotated=rotated)
+    mixed: dict[str, Any] | None = None
+    if budget is not None:
+        plan, choice = choose_precision(
+            model,
+            plan,
+            encodings,
+            calib_windows.ids[:sensitivity_windows],
+            budget=budget,
+            by=budget_by,
+            selector=selector,
+            seed=seed,
+            overrides=overrides,
+            recipe=recipe,
+            prepared=prepared,
+            progress=progress,
+        )
+        encodings, stats = encode(
+            model, plan, observers, method=method, weight_method=weight_method, rotated=rotated, previous=encodings
+        )
+        mixed = {
+            "selector": choice.selector,
+            "budget": choice.budget,
+            "by": choice.by,
+            "promoted": list(choice.promoted),
+            "scores": {k: float(f"{v:.4g}") for k, v in sorted(choice.scores.items(), key=lambda kv: -kv[1])},
+        }
     t_cal = time.perf_counter() - t_cal
+    learned: dict[str, Any] | None = None
+    if learn is not None:
+        if prepared.structure is None:
+            raise OnnxqError(
+                "--learn needs the transformer structure, which was not recognised", "quantize without --learn"
+            )
+        from calib.learn import learn as run_learning
+
+        ticks = progress("learning (layers)", len(prepared.structure.layers)) if progress else None
+        result = run_learning(
+            model,
+            prepared.structure,
+            plan,
+            encodings,
+            calib_windows.ids[: learn.samples],
+            calib_windows.ids,
+            config=learn,
+            method=method,
+            online="r4" in online_hadamard,
+            progress=ticks,
+            checkpoint=output.parent / f".{output.name}.learn" / "checkpoint.pt",
+        )
+        encodings = result.encodings
+        learned = {"config": asdict(learn), "seconds": round(result.seconds, 1), "layers": result.history}
     emit_qdq(model, plan, encodings)
     model.metadata_props.update({"onnxq.seq_len": str(prepared.seq_len), "onnxq.calib": str(calib)})
     summary = _summary(
@@ -223,6 +287,8 @@ def quantize(
         t_cal,
         {"offline": rotate, "online": list(online_hadamard), "seed": seed},
     )
+    summary["learning"] = learned
+    summary["mixed_precision"] = mixed
     with atomic_dir(output, overwrite=overwrite) as tmp:
         files = oir.save(model, tmp / "model.qdq.onnx")
         (tmp / "precision_map.json").write_text(json.dumps(plan.precision_map(), indent=1) + "\n", encoding="utf-8")
@@ -237,6 +303,8 @@ def quantize(
         summary["peak_rss_mb"] = peak_rss_mb()
         (tmp / "summary.json").write_text(json.dumps(summary, indent=1) + "\n", encoding="utf-8")
     del files
+    if learn is not None:
+        shutil.rmtree(output.parent / f".{output.name}.learn", ignore_errors=True)
     return QuantizeResult(output, [output / f for f in summary["files"]], summary, plan, encodings)
 
 
@@ -273,3 +341,45 @@ def _summary(
         "most_clipped": [{"point": n, "fraction": round(c, 6)} for c, n in clipped if c > 0],
         "quantize_seconds_before_save": round(seconds, 2),
     }
+
+
+def choose_precision(
+    model: ir.Model,
+    plan: QuantPlan,
+    encodings: dict[str, Encoding],
+    windows: Any,
+    *,
+    budget: float,
+    by: str,
+    selector: str,
+    seed: int,
+    overrides: dict[str, int] | None,
+    recipe: recipes.Recipe,
+    prepared: Prepared,
+    progress: Progress | None = None,
+) -> tuple[QuantPlan, Any]:
+    """Score the 8-bit MatMul inputs, promote the best within ``budget``, and re-plan."""
+    from calib.qsim import QuantSim
+    from calib.sensitivity import measured_gain, relative_and_fisher
+    from onnxq import mixed
+
+    if selector not in mixed.SELECTORS:
+        raise OnnxqError(f"unknown selector {selector!r}", f"use one of: {', '.join(mixed.SELECTORS)}")
+    cands = mixed.candidates(plan, model)
+    scores: dict[str, float] = {}
+    if cands and selector != "random":
+        sim = QuantSim(model, plan, encodings)
+        tick = progress("sensitivity", len(windows)) if progress else None
+        both = relative_and_fisher(sim, cands, windows, progress=tick)
+        scores = {n: (rel if selector == "relative" else fis) for n, (rel, fis) in both.items()}
+        if selector == "measured":
+            top = sorted(cands, key=lambda p: -scores[p.name])[: max(8, int(len(cands) * budget * 2) + 1)]
+            tick = progress("measuring", len(top)) if progress else None
+            gains = measured_gain(sim, top, windows, progress=tick)
+            scores = {n: gains.get(n, 0.0) for n in scores}
+    choice = mixed.choose(cands, scores, mixed.macs(model, plan), budget, by=by, selector=selector, seed=seed)
+    promoted = dict.fromkeys(choice.promoted, 16)
+    reasons = dict.fromkeys(choice.promoted, f"promoted ({selector})")
+    merged = {**(overrides or {}), **promoted}
+    new_plan = build_plan(model, plan.preset, recipe, prepared.roles, prepared.structure, merged, reasons)
+    return new_plan, choice

@@ -191,6 +191,7 @@ def build_plan(
     roles: Mapping[str, Role],
     structure: Structure | None = None,
     overrides: Mapping[str, int] | None = None,
+    reasons: Mapping[str, str] | None = None,
 ) -> QuantPlan:
     """Plan the quantization of a canonical float model (see :mod:`rewrites.canonical`).
 
@@ -314,7 +315,7 @@ def build_plan(
                     f"set the width its FCs read in {name + '.fc_in'!r} instead",
                 )
             if wanted != bits:
-                bits, why = wanted, "user"
+                bits, why = wanted, (reasons or {}).get(name, "user")
         spec = QuantSpec(QType.for_bits(bits, signed=sym), symmetric=sym)
         if sym and why == "preset":
             why = "preset (symmetric: 2nd MatMul input)"
@@ -324,7 +325,9 @@ def build_plan(
 
     point_of = {t: p.name for p in points.values() for t in (*p.tensors, *p.consts)}
     converts: list[Convert] = []
-    fc_in_bits = _plan_fc_inputs(graph, points, point_of, roles, preset, recipe, overrides, pinned, converts)
+    fc_in_bits = _plan_fc_inputs(
+        graph, points, point_of, roles, preset, recipe, overrides, dict(reasons or {}), converts
+    )
     _follow_fc_widths(graph, points, point_of, fc_in_bits, pinned)
 
     for wname, (node, axis) in weights.items():
@@ -334,7 +337,7 @@ def build_plan(
         if wname in overrides:
             wanted = overrides.pop(wname)
             if wanted != bits:
-                bits, why = wanted, "user"
+                bits, why = wanted, (reasons or {}).get(wname, "user")
         limit = HTP_PER_CHANNEL_LIMIT if bits == 8 and fc_in_bits[node.name] == 8 else None
         spec = QuantSpec(QType.for_bits(bits, signed=True), symmetric=True, axis=axis, limit=limit)
         points[wname] = Point(wname, "weight", spec, Role("weight", role.layer), consts=(wname,), why=why)
@@ -364,7 +367,7 @@ def _plan_fc_inputs(
     preset: Preset,
     recipe: Recipe,
     overrides: dict[str, int],
-    pinned: set[str],
+    reasons: dict[str, str],
     converts: list[Convert],
 ) -> dict[str, int]:
     """The width each FC reads its input at; norm outputs (fixed at 16 bits) get convert points."""
@@ -385,14 +388,13 @@ def _plan_fc_inputs(
             if name in overrides:
                 wanted = overrides.pop(name)
                 if wanted != bits:
-                    bits, why = wanted, "user"
+                    bits, why = wanted, reasons.get(name, "user")
             spec = QuantSpec(QType.for_bits(bits, signed=False))
             points[name] = Point(name, "convert", spec, role, roots=source.roots, why=why, source=src.name)
         conv = points[name]
         fc_bits[node.name] = conv.bits
         if conv.bits != source.bits:
             converts.append(Convert(name, src.name, node.name, 0))
-    del pinned
     return fc_bits
 
 

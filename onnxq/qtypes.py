@@ -146,7 +146,7 @@ class Encoding:
         """Integers as ONNX QuantizeLinear gives them (float division, round half to even)."""
         scale, zp = self._broadcast(x)
         q = np.rint(x.astype(np.float32) / scale) + zp
-        return np.clip(q, self.spec.qtype.qmin, self.spec.qtype.qmax)
+        return np.clip(q, self.spec.qmin, self.spec.qmax)
 
     def dequantize(self, q: np.ndarray) -> np.ndarray:
         scale, zp = self._broadcast(q)

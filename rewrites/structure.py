@@ -599,6 +599,16 @@ ROLE_KINDS = (
 )
 
 
+def _compute_source(value: ir.Value | None) -> ir.Value | None:
+    """Walk back through data movement to the value a computing op produced."""
+    while value is not None:
+        producer = value.producer()
+        if producer is None or producer.op_type not in DATA_MOVEMENT or producer.op_type == "Concat":
+            return value
+        value = producer.inputs[0]
+    return None
+
+
 def tensor_roles(model: ir.Model, structure: Structure) -> dict[str, Role]:
     """Label the float output of every node with its :class:`Role`."""
     g = _Graph(model)
@@ -635,6 +645,11 @@ def tensor_roles(model: ir.Model, structure: Structure) -> dict[str, Role]:
         ):
             mark_value(g.nodes[lin.node].outputs[0].name, kind, i)
             mark_value(lin.value, kind, i)
+        qk_node = g.nodes[a.qk]
+        for slot, kind in ((0, "q_rope"), (1, "k_rope")):  # what QKᵀ reads, before its data movement
+            source = _compute_source(qk_node.inputs[slot])
+            if source is not None:
+                mark_value(source.name, kind, i)
         mark(forward_region(g, a.q.value, {a.qk}), "rope", i)
         mark(forward_region(g, a.k.value, {a.qk}), "rope", i)
         mark(forward_region(g, a.v.value, {a.av}), "v", i)
