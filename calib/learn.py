@@ -33,6 +33,7 @@ import numpy as np
 import onnx_ir as ir
 import torch
 
+from calib.layers import layer_ranges
 from calib.observers import Observer
 from calib.qsim import QuantSim
 from onnxq.errors import OnnxqError
@@ -90,35 +91,6 @@ def stage1_points(plan: QuantPlan, online: bool) -> list[Point]:
     ]
 
 
-def _layer_ranges(sim: QuantSim, structure: Structure) -> list[tuple[int, int, str, str]]:
-    """(first step, last step, input value, output value) of every decoder layer in the mirror."""
-    index = sim.mirror.step_index()
-    ranges = []
-    previous_end = -1
-    for layer in structure.layers:
-        start_value = layer.attn_norm.input
-        end_value = _output_of(sim, layer.mlp_residual)
-        first, last = previous_end + 1, index[end_value]
-        if layer.index == 0:
-            first = min(i for i, s in enumerate(sim.mirror.steps) if start_value in s.inputs)
-        external = sim.mirror.external_inputs(first, last)
-        if external != {start_value}:
-            raise OnnxqError(
-                f"layer {layer.index} reads {sorted(external - {start_value})[:3]} from outside itself",
-                "learn with a graph from onnxq export (constants folded)",
-            )
-        ranges.append((first, last, start_value, end_value))
-        previous_end = last
-    return ranges
-
-
-def _output_of(sim: QuantSim, node_name: str) -> str:
-    for step in sim.mirror.steps:
-        if step.name == node_name:
-            return step.outputs[0]
-    raise OnnxqError(f"node {node_name} not found in the mirror", "report this as a bug")
-
-
 def _token_mse(y: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     """Mean over tokens of ||y - t||² / ||t||²: every token counts, massive-activation ones too."""
     err = ((y - target) ** 2).sum(-1)
@@ -134,7 +106,7 @@ class Learner:
         self.structure = structure
         self.config = config
         self.stage1 = stage1_points(sim.plan, online)
-        self.ranges = _layer_ranges(sim, structure)
+        self.ranges = layer_ranges(sim.mirror, structure)
         self.rot: dict[int, torch.nn.Parameter] = {}
         if config.learn_rotation:
             for layer in structure.layers:

@@ -308,6 +308,80 @@ def _vocab_size(model: str) -> int:
     return 32000
 
 
+def cmd_diff(args: argparse.Namespace) -> int:
+    import math
+
+    import numpy as np
+
+    from calib.data import windows
+    from onnxq.diff import diff
+
+    seq_len = _model_seq_len(args.qdq)
+    tok = _tokenizer_or_none(args.qdq, args.tokenizer)
+    if tok is not None:
+        ids = windows(tok, args.data, seq_len, args.windows).ids
+    else:
+        ids = np.random.default_rng(0).integers(0, _vocab_size(args.qdq), size=(args.windows, seq_len))
+    report = diff(args.float_model, args.qdq, ids, ep=args.ep)
+    rows = report.layers()
+    data = {
+        "layers": rows,
+        "first_jump": report.first_jump,
+        "most_clipped": report.most_clipped,
+        "notes": report.notes,
+        "ep": report.ep,
+        "windows": report.windows,
+    }
+    kinds = ["attn_in", "q", "k", "v", "attn_out", "o_out", "resid_attn", "mlp_in", "down_in", "down_out", "resid_mlp"]
+    lines = [f"onnxq diff: {args.qdq} against {args.float_model} ({report.windows} windows, SQNR in dB)"]
+    header = (
+        "layer " + " ".join(f"{k:>10}" for k in kinds) + "  local_err" + ("  htp_steps" if args.ep == "qnn" else "")
+    )
+    lines.append(header)
+    for row in rows:
+        if row["layer"] is None:
+            continue
+        cells = " ".join(f"{row.get(k, math.nan):>10.1f}" for k in kinds)
+        line = f"{row['layer']:>5} {cells}  {row.get('local_rel_error', math.nan):>9.4f}"
+        if args.ep == "qnn":
+            line += f"  {row.get('htp_steps', math.nan):>9.0f}"
+        lines.append(line)
+    final = next((r for r in rows if r["layer"] is None), {})
+    lines.append(
+        f"final: head_in {final.get('head_in', math.nan):.1f} dB, logits {final.get('logits', math.nan):.1f} dB"
+    )
+    if report.first_jump:
+        j = report.first_jump
+        lines.append(
+            f"first jump: layer {j['layer']} adds {j['local_rel_error']:.3g} relative error on its own "
+            f"(typical layer {j['typical']:.3g})"
+        )
+    else:
+        lines.append("first jump: none (every layer adds a similar error)")
+    for c in report.most_clipped:
+        lines.append(
+            f"clips most: layer {c['layer']} {c['kind']} ({c['tensor']}): {100 * c['clipped']:.3f} % of values"
+        )
+    lines += [f"note: {n}" for n in report.notes]
+    _emit(args, data, lines)
+    return 0
+
+
+def cmd_check(args: argparse.Namespace) -> int:
+    from onnxq import ir as oir
+    from onnxq.check import run_checks
+
+    model = oir.load(args.model)
+    findings = run_checks(model, Path(args.encodings) if args.encodings else None)
+    data = {"model": args.model, "findings": [f.__dict__ for f in findings]}
+    lines = [f.line() for f in findings] or [f"onnxq check: {args.model}: no findings"]
+    if args.json:
+        print(json.dumps(data, indent=1))
+    else:
+        print("\n".join(lines))
+    return 1 if findings else 0
+
+
 # --------------------------------------------------------------------------- parser
 def build_parser() -> argparse.ArgumentParser:
     from onnxq.presets import PRESETS
@@ -426,6 +500,32 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--soc-model", help="Snapdragon SoC model id (instead of --htp-arch)")
     p.add_argument("--tokenizer", help="tokenizer if none sits next to the model")
     p.set_defaults(func=cmd_validate)
+
+    p = sub.add_parser(
+        "check",
+        parents=[common],
+        help="static checks of a QDQ model before the device",
+        description="One line per finding, naming the tensor and the fix. Exit code 0: clean, 1: findings.",
+    )
+    p.add_argument("model", help="QDQ ONNX model")
+    p.add_argument("--encodings", help="encodings file to check against the graph (onnxq or AIMET JSON)")
+    p.set_defaults(func=cmd_check)
+
+    p = sub.add_parser(
+        "diff",
+        parents=[common],
+        help="per-layer error: float vs QDQ on CPU (and on the HTP)",
+        description="Run the float model, the QDQ model on ONNX Runtime CPU and, with --ep qnn, on the QNN HTP "
+        "backend on the same tokens; print SQNR per layer and point, the layer where the error jumps, and the "
+        "tensors that clip most.",
+    )
+    p.add_argument("float_model", help="the float ONNX model the QDQ model was made from")
+    p.add_argument("qdq", help="QDQ ONNX model")
+    p.add_argument("--ep", default="cpu", choices=["cpu", "qnn"], help="also run on the HTP with --ep qnn")
+    p.add_argument("--windows", type=int, default=1, help="windows of text (default 1)")
+    p.add_argument("--data", default="wikitext2", help="text for the windows (default wikitext2)")
+    p.add_argument("--tokenizer", help="tokenizer if none sits next to the QDQ model")
+    p.set_defaults(func=cmd_diff)
     return parser
 
 

@@ -273,7 +273,16 @@ def quantize(
         encodings = result.encodings
         learned = {"config": asdict(learn), "seconds": round(result.seconds, 1), "layers": result.history}
     emit_qdq(model, plan, encodings)
-    model.metadata_props.update({"onnxq.seq_len": str(prepared.seq_len), "onnxq.calib": str(calib)})
+    model.metadata_props.update(
+        {
+            "onnxq.seq_len": str(prepared.seq_len),
+            "onnxq.calib": str(calib),
+            "onnxq.rotate": rotate,
+            "onnxq.online": ",".join(online_hadamard),
+            "onnxq.seed": str(seed),
+            "onnxq.learned_rotation": "true" if learn is not None and learn.learn_rotation else "false",
+        }
+    )
     summary = _summary(
         model_path,
         chosen.name,
@@ -292,7 +301,7 @@ def quantize(
     with atomic_dir(output, overwrite=overwrite) as tmp:
         files = oir.save(model, tmp / "model.qdq.onnx")
         (tmp / "precision_map.json").write_text(json.dumps(plan.precision_map(), indent=1) + "\n", encoding="utf-8")
-        enc_json = {name: enc.to_json() for name, enc in encodings.items() if plan.points[name].kind != "weight"}
+        enc_json = encodings_json(plan, encodings)
         (tmp / "encodings.json").write_text(json.dumps(enc_json, indent=1) + "\n", encoding="utf-8")
         for name in SIDE_FILES:
             src = model_path.parent / name
@@ -383,3 +392,16 @@ def choose_precision(
     merged = {**(overrides or {}), **promoted}
     new_plan = build_plan(model, plan.preset, recipe, prepared.roles, prepared.structure, merged, reasons)
     return new_plan, choice
+
+
+def encodings_json(plan: QuantPlan, encodings: dict[str, Encoding]) -> dict[str, Any]:
+    """onnxq's encodings file: every point's numbers and the tensors that carry them (weights: spec only)."""
+    points: dict[str, Any] = {}
+    for name, point in plan.points.items():
+        enc = encodings[name]
+        entry = enc.spec.to_json() if point.kind == "weight" else enc.to_json()
+        entry.update({"kind": point.kind, "tensors": list(point.tensors) + list(point.consts)})
+        if point.source:
+            entry["source"] = point.source
+        points[name] = entry
+    return {"version": "onnxq/1", "preset": plan.preset.name, "points": points}
