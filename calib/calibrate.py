@@ -15,6 +15,7 @@ import numpy as np
 import onnx_ir as ir
 import torch
 
+from calib.gptq import HessianObserver
 from calib.mirror import Mirror
 from calib.observers import METHODS, Observer
 from onnxq.encodings import const_encoding, weight_encoding
@@ -60,11 +61,13 @@ def observe(
     windows: Iterable[np.ndarray],
     *,
     histogram: Callable[[Point], bool] | bool = True,
+    hessians: dict[str, HessianObserver] | None = None,
     progress: Callable[[int], None] | None = None,
 ) -> dict[str, Observer]:
     """Run the float model over ``windows``, one observer per activation point (fixed memory).
 
-    ``histogram`` says which points keep a histogram (needed by ``mse`` and ``percentile``).
+    ``histogram`` says which points keep a histogram (needed by ``mse`` and ``percentile``);
+    ``hessians`` (tensor name -> observer) also gathers ``xᵀx`` of those tensors for GPTQ.
     """
     mirror = Mirror(model)
     observers: dict[str, Observer] = {}
@@ -75,9 +78,13 @@ def observe(
         for root in point.roots:
             by_root.setdefault(root, []).append(obs)
 
+    hess = hessians or {}
+
     def tap(name: str, value: torch.Tensor) -> None:
         for obs in by_root.get(name, ()):
             obs.update(value)
+        if name in hess:
+            hess[name].update(value)
 
     feed = mirror.input_names[0]
     seen = 0

@@ -181,6 +181,14 @@ class Learner:
         self.sim.mirror.run_steps(first, last, {inp: x}, tap=tap, want=out)
         return torch.stack(losses).mean()
 
+    def _eval(self, index: int, xs: list[torch.Tensor], ys: list[torch.Tensor]) -> float:
+        """The stage-1 objective on two of the windows: what learning a layer must lower."""
+        with torch.no_grad():
+            losses = [
+                _token_mse(self.run_layer(index, x, quantized=True), y).item() for x, y in zip(xs, ys, strict=True)
+            ]
+        return float(np.mean(losses))
+
     def parameters_of(self, index: int) -> tuple[list[torch.nn.Parameter], list[torch.nn.Parameter]]:
         quant: list[torch.nn.Parameter] = []
         for p in self.stage1:
@@ -221,7 +229,9 @@ class Learner:
             t0 = time.perf_counter()
             with torch.no_grad():
                 y_fp = [self.run_layer(i, x, quantized=False) for x in x_fp]
+            start = self._eval(i, x_q[:2], y_fp[:2])
             quant, rot = self.parameters_of(i)
+            saved = [p.detach().clone() for p in quant + rot]
             groups = [{"params": quant, "lr": cfg.lr}]
             if rot:
                 groups.append({"params": rot, "lr": cfg.rotation_lr})
@@ -237,17 +247,16 @@ class Learner:
                 loss.backward()
                 opt.step()
                 if step == cfg.warmup:
-                    first_loss = float(loss)
-                last_loss = float(loss)
+                    first_loss = loss.item()
+                last_loss = loss.item()
+            end = self._eval(i, x_q[:2], y_fp[:2])
+            reverted = end > start
+            if reverted:  # selective: a layer that learning made worse keeps its initial state
+                with torch.no_grad():
+                    for p, v in zip(quant + rot, saved, strict=True):
+                        p.copy_(v)
+                end = self._eval(i, x_q[:2], y_fp[:2])
             with torch.no_grad():
-                before = float(
-                    np.mean(
-                        [
-                            _token_mse(self.run_layer(i, x, quantized=True), y).item()
-                            for x, y in zip(x_q[:2], y_fp[:2], strict=True)
-                        ]
-                    )
-                )
                 x_q = [self.run_layer(i, x, quantized=True) for x in x_q]
             x_fp = y_fp
             self.history.append(
@@ -255,11 +264,13 @@ class Learner:
                     "layer": i,
                     "loss_first": first_loss,
                     "loss_last": last_loss,
-                    "eval": before,
+                    "eval_before": start,
+                    "eval": end,
+                    "reverted": reverted,
                     "seconds": round(time.perf_counter() - t0, 2),
                 }
             )
-            log.info("layer %d: loss %.4g -> %.4g (%.1f s)", i, first_loss, last_loss, time.perf_counter() - t0)
+            log.info("layer %d: error %.4g -> %.4g (%.1f s)", i, start, end, time.perf_counter() - t0)
             if checkpoint is not None:
                 checkpoint.parent.mkdir(parents=True, exist_ok=True)
                 torch.save(

@@ -442,7 +442,10 @@ def build_parser() -> argparse.ArgumentParser:
         help="activation range estimator (auto: minmax at 16 bits, mse below)",
     )
     p.add_argument(
-        "--weight-method", default="mse", choices=["mse", "minmax"], help="per-channel weight clipping (default mse)"
+        "--weight-method",
+        default="mse",
+        choices=["mse", "minmax", "gptq"],
+        help="weights: mse (clip search, round to nearest), minmax, or gptq (mse scales, GPTQ rounding)",
     )
     p.add_argument(
         "--rotate",

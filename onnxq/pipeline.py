@@ -213,14 +213,18 @@ def quantize(
     tick = progress("calibrating", len(calib_windows)) if progress else None
     t_cal = time.perf_counter()
     rotated = rotate != "none"
+    use_gptq = weight_method == "gptq"
+    hessians = gptq_inputs(model, plan) if use_gptq else None
     observers = observe(
         model,
         plan,
         calib_windows.ids,
         histogram=lambda p: method_for(p, method, rotated) in ("mse", "percentile") or p.bits < 16,
+        hessians=hessians,
         progress=tick,
     )
-    encodings, stats = encode(model, plan, observers, method=method, weight_method=weight_method, rotated=rotated)
+    scale_method = "mse" if use_gptq else weight_method
+    encodings, stats = encode(model, plan, observers, method=method, weight_method=scale_method, rotated=rotated)
     mixed: dict[str, Any] | None = None
     if budget is not None:
         plan, choice = choose_precision(
@@ -238,7 +242,7 @@ def quantize(
             progress=progress,
         )
         encodings, stats = encode(
-            model, plan, observers, method=method, weight_method=weight_method, rotated=rotated, previous=encodings
+            model, plan, observers, method=method, weight_method=scale_method, rotated=rotated, previous=encodings
         )
         mixed = {
             "selector": choice.selector,
@@ -272,6 +276,9 @@ def quantize(
         )
         encodings = result.encodings
         learned = {"config": asdict(learn), "seconds": round(result.seconds, 1), "layers": result.history}
+    if use_gptq:
+        assert hessians is not None
+        apply_gptq(model, plan, encodings, hessians)
     emit_qdq(model, plan, encodings)
     model.metadata_props.update(
         {
@@ -405,3 +412,38 @@ def encodings_json(plan: QuantPlan, encodings: dict[str, Encoding]) -> dict[str,
             entry["source"] = point.source
         points[name] = entry
     return {"version": "onnxq/1", "preset": plan.preset.name, "points": points}
+
+
+def gptq_inputs(model: ir.Model, plan: QuantPlan) -> dict[str, Any]:
+    """A Hessian observer for the input of every linear with a planned per-channel weight."""
+    from calib.gptq import HessianObserver
+
+    inputs: dict[str, Any] = {}
+    for node in model.graph:
+        if node.op_type != "MatMul" or node.metadata_props.get("onnxq.online_rotation"):
+            continue
+        weight = node.inputs[1]
+        point = plan.points.get(weight.name) if weight is not None else None
+        if point is not None and point.kind == "weight" and point.spec.axis == 1:
+            inputs.setdefault(node.inputs[0].name, HessianObserver())
+    return inputs
+
+
+def apply_gptq(model: ir.Model, plan: QuantPlan, encodings: dict[str, Encoding], hessians: dict[str, Any]) -> int:
+    """Replace each planned weight by its GPTQ rounding (on its encoding's grid); returns how many."""
+    from calib.gptq import gptq
+
+    done = 0
+    for node in model.graph:
+        if node.op_type != "MatMul" or node.metadata_props.get("onnxq.online_rotation"):
+            continue
+        weight = node.inputs[1]
+        point = plan.points.get(weight.name) if weight is not None else None
+        obs = hessians.get(node.inputs[0].name)
+        if point is None or point.kind != "weight" or obs is None or obs.h is None:
+            continue
+        values = gptq(weight.const_value.numpy(), encodings[point.name], obs.hessian())
+        weight.const_value = ir.tensor(values, name=weight.name)
+        done += 1
+    log.info("GPTQ rounded %d weights", done)
+    return done

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import json
 from pathlib import Path
 
 import numpy as np
@@ -15,7 +16,6 @@ from calib.data import windows
 from calib.learn import LearnConfig, cayley, learn
 from calib.qsim import QuantSim
 from onnxq import presets, recipes
-from onnxq.evaluate import perplexity
 from onnxq.pipeline import prepare, quantize
 from onnxq.plan import build_plan
 from onnxq.qdq import emit_qdq
@@ -45,15 +45,16 @@ def test_cayley_is_orthogonal() -> None:
     assert torch.allclose(cayley(torch.zeros(5, 5, dtype=torch.float64)), torch.eye(5, dtype=torch.float64))
 
 
-def test_learning_beats_static_calibration(
-    tiny_model: Path, learned_w4a8: Path, tmp_path: Path, ppl_windows: np.ndarray
-) -> None:
-    static = tmp_path / "static"
-    quantize(tiny_model, static, preset="w4a8", calib="wikitext2-valid", windows=16)
-    fp = perplexity(tiny_model, ppl_windows).ppl
-    gap_static = perplexity(static / "model.qdq.onnx", ppl_windows).ppl - fp
-    gap_learned = perplexity(learned_w4a8 / "model.qdq.onnx", ppl_windows).ppl - fp
-    assert gap_learned < 0.6 * gap_static  # measured 5.8 vs 20.7 on this random model
+def test_learning_lowers_the_layer_error(learned_w4a8: Path) -> None:
+    """Stage 1 must lower what it optimises: each layer's output error against the float model.
+
+    (Perplexity on a random 2-layer model is too flat to rank methods; the SmolLM2 bench does that.)
+    """
+    layers = json.loads((learned_w4a8 / "summary.json").read_text())["learning"]["layers"]
+    before = np.array([layer["eval_before"] for layer in layers])
+    after = np.array([layer["eval"] for layer in layers])
+    assert np.all(after <= before)  # a layer learning made worse is reverted
+    assert after.sum() < 0.95 * before.sum()  # measured 0.170 vs 0.190 (-10 %) at seed 0, 30 steps
 
 
 def test_written_back_model_equals_the_mirror(tiny_model: Path, tiny_dir: Path, ppl_windows: np.ndarray) -> None:
