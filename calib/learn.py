@@ -71,6 +71,7 @@ class LearnResult:
     encodings: dict[str, Encoding]
     history: list[dict[str, float]] = field(default_factory=list)
     seconds: float = 0.0
+    rotations: list[np.ndarray] | None = None  # the learned R2 per layer, merged into the model
 
 
 def cayley(a: torch.Tensor) -> torch.Tensor:
@@ -358,6 +359,7 @@ def learn(
 def write_back(model: ir.Model, structure: Structure, learner: Learner, seconds: float) -> LearnResult:
     """Merge learned rotations into ``model`` (in place) and collect every point's encoding."""
     sim = learner.sim
+    rotations = None
     if learner.rot:
         rotations = [cayley(learner.rot[i].detach().cpu()).numpy() for i in range(len(structure.layers))]
         rotate_heads(model, structure, rotations)
@@ -377,4 +379,4 @@ def write_back(model: ir.Model, structure: Structure, learner: Learner, seconds:
 
             arrays = [model.graph.initializers[c].const_value.numpy() for c in point.consts]
             encodings[point.name] = const_encoding(point.spec, *arrays)
-    return LearnResult(model, encodings, learner.history, seconds)
+    return LearnResult(model, encodings, learner.history, seconds, rotations)

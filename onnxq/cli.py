@@ -130,6 +130,10 @@ def cmd_quantize(args: argparse.Namespace) -> int:
             seed=args.seed,
             online_hadamard=[w.strip() for w in args.online_hadamard.split(",") if w.strip()],
             learn=learn,
+            budget=args.budget,
+            budget_by=args.budget_by,
+            selector=args.selector,
+            sensitivity_windows=args.sensitivity_windows,
             tokenizer=args.tokenizer,
             overwrite=args.overwrite,
             progress=progress,
@@ -163,11 +167,32 @@ def cmd_quantize(args: argparse.Namespace) -> int:
                 f"{s['calibration']['data']}, {s['calibration']['windows']} windows x {s['seq_len']}, "
                 f"{s['calibration']['method']}, {s['calibration']['seconds']:.0f} s",
             ),
+            ("mixed precision", _mixed_line(s.get("mixed_precision"))),
+            ("learning", _learn_line(s.get("learning"))),
             ("files", ", ".join(f"{f.name} ({_mb(f)})" for f in files)),
         ]
     )
     _emit(args, s, lines)
     return 0
+
+
+def _mixed_line(mixed: dict[str, Any] | None) -> str:
+    if not mixed:
+        return "off (--budget to promote the most sensitive 8-bit inputs)"
+    n = len(mixed["promoted"])
+    return f"{n} of {len(mixed['scores']) or '?'} candidates promoted to 16 bits ({mixed['selector']}, budget " + (
+        f"{mixed['budget']:g} by {mixed['by']})"
+    )
+
+
+def _learn_line(learned: dict[str, Any] | None) -> str:
+    if not learned:
+        return "off (--learn to learn ranges, clipping and R2)"
+    layers = learned.get("layers", [])
+    before = sum(layer["eval_before"] for layer in layers)
+    after = sum(layer["eval"] for layer in layers)
+    change = f", layer error {before:.3g} -> {after:.3g}" if layers else ""
+    return f"{len(layers)} layers, {learned['seconds']:.0f} s{change}"
 
 
 def _tokenizer_or_none(model: str, explicit: str | None) -> Any:
@@ -461,6 +486,16 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--seed", type=int, default=0, help="seed of the random sign flips / matrices (default 0)")
     p.add_argument("--precision-map", help="precision_map.json to apply (edited from a previous run)")
+    g = p.add_argument_group("mixed precision (sensitivity-guided promotion of 8-bit MatMul inputs to 16 bits)")
+    g.add_argument("--budget", type=float, help="fraction of 8-bit MatMul inputs to promote, e.g. 0.1 (default: none)")
+    g.add_argument("--budget-by", default="count", choices=["count", "macs"], help="budget unit (default count)")
+    g.add_argument(
+        "--selector",
+        default="fisher",
+        choices=["fisher", "measured", "relative", "random"],
+        help="how candidates are ranked (default fisher: gradient-weighted quantization error)",
+    )
+    g.add_argument("--sensitivity-windows", type=int, default=4, help="windows scored for sensitivity (default 4)")
     g = p.add_argument_group("learning (Quant.npu: learned ranges, weight clipping and R2, two stages)")
     g.add_argument("--learn", action="store_true", help="learn scales and rotations against the float model")
     g.add_argument("--steps", type=int, default=30, help="learning steps per decoder layer (default 30)")

@@ -278,6 +278,11 @@ def quantize(
         learned = {"config": asdict(learn), "seconds": round(result.seconds, 1), "layers": result.history}
     if use_gptq:
         assert hessians is not None
+        if learn is not None and result.rotations is not None and prepared.structure is not None:
+            for layer, r in zip(prepared.structure.layers, result.rotations, strict=True):
+                obs = hessians.get(layer.attn.o.input)  # o_proj reads the learned R2's output
+                if obs is not None and obs.h is not None:
+                    obs.rotate(r, layer.attn.num_heads)
         apply_gptq(model, plan, encodings, hessians)
     emit_qdq(model, plan, encodings)
     model.metadata_props.update(

@@ -201,7 +201,7 @@ def build_plan(
     """
     graph = model.graph
     overrides = dict(overrides or {})
-    pinned = set(overrides)
+    pinned: set[str] = set()  # points whose width the map changes (an unchanged entry may follow its FC)
     uf = _UnionFind()
     order: dict[str, int] = {}
     roots: set[str] = set()
@@ -316,6 +316,7 @@ def build_plan(
                 )
             if wanted != bits:
                 bits, why = wanted, (reasons or {}).get(name, "user")
+                pinned.add(name)
         spec = QuantSpec(QType.for_bits(bits, signed=sym), symmetric=sym)
         if sym and why == "preset":
             why = "preset (symmetric: 2nd MatMul input)"

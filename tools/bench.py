@@ -26,22 +26,32 @@ ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "tools" / "results" / "bench.json"
 TABLE = ROOT / "BENCHMARKS.md"
 
-#: row name -> (tool, preset, extra quantize options)
+#: row name -> (tool, preset, extra quantize options); ``learn`` holds LearnConfig fields
 ROWS: dict[str, tuple[str, str, dict[str, Any]]] = {
     "fp32": ("float", "", {}),
     "ort-w8a16": ("ort", "w8a16", {}),
     "ort-w8a8": ("ort", "w8a8", {}),
     "ort-w4a16": ("ort", "w4a16", {}),
-    "onnxq-w8a16-norot": ("onnxq", "w8a16", {"rotate": "none"}),
-    "onnxq-w8a8-norot": ("onnxq", "w8a8", {"rotate": "none"}),
+    "ort-w4a8": ("ort", "w4a8", {}),
+    # the ablation, Quant.npu style: min/max -> + rotation -> + aware init -> + learning (-> + learned R2)
+    "onnxq-w4a8-minmax-norot": ("onnxq", "w4a8", {"rotate": "none", "method": "minmax", "weight_method": "minmax"}),
+    "onnxq-w4a8-minmax": ("onnxq", "w4a8", {"method": "minmax", "weight_method": "minmax"}),
     "onnxq-w4a8-norot": ("onnxq", "w4a8", {"rotate": "none"}),
-    "onnxq-w8a16": ("onnxq", "w8a16", {}),
-    "onnxq-w8a8": ("onnxq", "w8a8", {}),
-    "onnxq-w4a16": ("onnxq", "w4a16", {}),
     "onnxq-w4a8": ("onnxq", "w4a8", {}),
+    "onnxq-w4a8-learn-fixedrot": ("onnxq", "w4a8", {"learn": {"learn_rotation": False}}),
+    "onnxq-w4a8-learn": ("onnxq", "w4a8", {"learn": {}}),
+    "onnxq-w4a8-gptq": ("onnxq", "w4a8", {"weight_method": "gptq"}),
     "onnxq-w4a8-r3r4": ("onnxq", "w4a8", {"online_hadamard": ["r3", "r4"]}),
+    "onnxq-w8a16-norot": ("onnxq", "w8a16", {"rotate": "none"}),
+    "onnxq-w8a16": ("onnxq", "w8a16", {}),
+    "onnxq-w8a8-norot": ("onnxq", "w8a8", {"rotate": "none"}),
+    "onnxq-w8a8": ("onnxq", "w8a8", {}),
+    "onnxq-w8a8-learn": ("onnxq", "w8a8", {"learn": {}}),
+    "onnxq-w4a16-norot": ("onnxq", "w4a16", {"rotate": "none"}),
+    "onnxq-w4a16": ("onnxq", "w4a16", {}),
+    "onnxq-w4a16-gptq": ("onnxq", "w4a16", {"weight_method": "gptq"}),
 }
-VALIDATE = ("onnxq-w8a16", "onnxq-w4a8")
+VALIDATE = ("onnxq-w8a16", "onnxq-w4a8-learn")
 
 
 def _run(cmd: list[str]) -> dict[str, Any]:
@@ -53,10 +63,12 @@ def _run(cmd: list[str]) -> dict[str, Any]:
 
 
 def step_quantize_onnxq(model: Path, out: Path, preset: str, calib: str, windows: int, extra: dict) -> dict:
+    extra = dict(extra)
+    learn = extra.pop("learn", None)
     code = (
-        "import json, sys; from onnxq.pipeline import quantize; "
+        "import json, sys; from onnxq.pipeline import quantize; from calib.learn import LearnConfig; "
         f"r = quantize({str(model)!r}, {str(out)!r}, preset={preset!r}, calib={calib!r}, windows={windows}, "
-        f"overwrite=True, **{extra!r}); "
+        f"overwrite=True, learn=None if {learn!r} is None else LearnConfig(**{learn!r}), **{extra!r}); "
         "print(json.dumps({'seconds': r.summary['seconds'], 'peak_rss_mb': r.summary['peak_rss_mb'], "
         "'counts': r.summary['counts']}))"
     )
@@ -106,18 +118,35 @@ def prepare_inputs(work: Path, model: Path | None, seq_len: int, calib_windows: 
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
+    """Run the wanted rows; rows already in the results file for the same setup are kept (``--fresh`` drops them).
+
+    Results are written after every row, so an interrupted run keeps what it measured.
+    """
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
     inputs = prepare_inputs(
         work, Path(args.model) if args.model else None, args.seq_len, args.calib_windows, args.eval_windows
     )
     model: Path = inputs["model"]
+    setup = {
+        "model": "SmolLM2-135M-Instruct (Q4_1 GGUF -> float32)" if not args.model else str(args.model),
+        "seq_len": args.seq_len,
+        "calibration": {"data": "c4 (shared/data/c4/c4_validation_1k.jsonl)", "windows": args.calib_windows},
+        "evaluation": {"data": "wikitext2 test (first windows)", "windows": args.eval_windows},
+    }
+    results: dict[str, Any] = {**setup, "rows": {}}
+    if RESULTS.exists() and not args.fresh and not args.dry:
+        old = json.loads(RESULTS.read_text(encoding="utf-8"))
+        if all(old.get(k) == v for k, v in setup.items()):
+            results["rows"] = {k: v for k, v in old["rows"].items() if k in ROWS}
     wanted = args.rows.split(",") if args.rows else list(ROWS)
-    rows: dict[str, Any] = {}
+    unknown = [n for n in wanted if n not in ROWS]
+    if unknown:
+        raise SystemExit(f"bench: unknown rows {unknown}; known: {', '.join(ROWS)}")
     for name in wanted:
         tool, preset, extra = ROWS[name]
         print(f"[bench] {name} ...", file=sys.stderr, flush=True)
-        row: dict[str, Any] = {"tool": tool, "preset": preset, "options": extra}
+        row: dict[str, Any] = {"tool": tool, "preset": preset, "options": extra, "date": time.strftime("%Y-%m-%d")}
         target = model
         if tool == "onnxq":
             out = work / name
@@ -140,18 +169,17 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         row["eval"] = step_eval(target, work / "eval.npy")
         if name in VALIDATE and not args.no_validate:
             row["validate"] = step_validate(target, work / "eval.npy", work / name / "htp")
-        rows[name] = row
+        results["rows"][name] = row
         print(f"[bench] {name}: ppl {row['eval']['ppl']:.3f}", file=sys.stderr, flush=True)
-    return {
-        "model": "SmolLM2-135M-Instruct (Q4_1 GGUF -> float32)",
-        "seq_len": args.seq_len,
-        "calibration": {"data": "c4 (shared/data/c4/c4_validation_1k.jsonl)", "windows": args.calib_windows},
-        "evaluation": {"data": "wikitext2 test (first windows)", "windows": args.eval_windows},
-        "export": inputs["export"],
-        "machine": {"cpus": _cpus(), "platform": platform.platform(), "python": platform.python_version()},
-        "date": time.strftime("%Y-%m-%d"),
-        "rows": rows,
-    }
+        results.update(
+            export=inputs["export"],
+            machine={"cpus": _cpus(), "platform": platform.platform(), "python": platform.python_version()},
+            date=time.strftime("%Y-%m-%d"),
+        )
+        results["rows"] = {k: results["rows"][k] for k in ROWS if k in results["rows"]}  # table order
+        if not args.dry:
+            write(results)
+    return results
 
 
 def _cpus() -> int:
@@ -160,13 +188,32 @@ def _cpus() -> int:
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 0
 
 
+def _describe(row: dict[str, Any]) -> tuple[str, str]:
+    """(rotation, method) cells for a row."""
+    if row["tool"] != "onnxq":
+        return "", "min/max" if row["tool"] == "ort" else ""
+    opts = row.get("options", {})
+    rot = opts.get("rotate", "hadamard")
+    if opts.get("online_hadamard"):
+        rot += " + online " + ",".join(opts["online_hadamard"])
+    method = "aware init" if opts.get("method", "auto") == "auto" else opts["method"]
+    method += ", weights " + opts.get("weight_method", "mse")
+    if "learn" in opts:
+        learned = "learned ranges + clipping"
+        if opts["learn"].get("learn_rotation", True):
+            learned += " + R2"
+        method += ", " + learned
+        rot += " (learned)" if opts["learn"].get("learn_rotation", True) else ""
+    return rot, method
+
+
 def table(results: dict[str, Any]) -> str:
     """The Markdown table of BENCHMARKS.md."""
     rows = results["rows"]
     fp = rows.get("fp32", {}).get("eval", {}).get("ppl")
     lines = [
-        "| row | tool | preset | rotation | WikiText-2 PPL | × FP32 | quantize time | quantize peak RSS |",
-        "|---|---|---|---|---:|---:|---:|---:|",
+        "| row | tool | preset | rotation | calibration | WikiText-2 PPL | × FP32 | time | peak RSS |",
+        "|---|---|---|---|---|---:|---:|---:|---:|",
     ]
     for name, row in rows.items():
         ppl = row["eval"]["ppl"]
@@ -175,13 +222,9 @@ def table(results: dict[str, Any]) -> str:
         secs = f"{q['seconds']:.0f} s" if "seconds" in q else ""
         rss = f"{q['peak_rss_mb'] / 1024:.2f} GB" if q.get("peak_rss_mb") else ""
         ppl_s = f"{ppl:,.2f}" if ppl < 1e5 else f"{ppl:.3g}"
-        opts = row.get("options", {})
-        rot = "" if row["tool"] != "onnxq" else opts.get("rotate", "hadamard")
-        if opts.get("online_hadamard"):
-            rot += " + online " + ",".join(opts["online_hadamard"])
-        lines.append(
-            f"| {name} | {row['tool']} | {row['preset'] or 'float'} | {rot} | {ppl_s} | {ratio} | {secs} | {rss} |"
-        )
+        rot, method = _describe(row)
+        preset = row["preset"] or "float"
+        lines.append(f"| {name} | {row['tool']} | {preset} | {rot} | {method} | {ppl_s} | {ratio} | {secs} | {rss} |")
     return "\n".join(lines)
 
 
@@ -203,9 +246,9 @@ def write(results: dict[str, Any]) -> None:
 
 {results["model"]}, static shapes [1, {results["seq_len"]}]. Calibration: {results["calibration"]["data"]},
 first {results["calibration"]["windows"]} windows. Evaluation: {results["evaluation"]["data"]}, first
-{results["evaluation"]["windows"]} windows of {results["seq_len"]} tokens, ONNX Runtime CPU. Every row in one run
-of `python tools/bench.py` ({results["date"]}, {results["machine"]["cpus"]} CPUs); raw numbers in
-`tools/results/bench.json`.
+{results["evaluation"]["windows"]} windows of {results["seq_len"]} tokens, ONNX Runtime CPU. Every row from
+`python tools/bench.py` on the same exported graph and the same token windows ({results["machine"]["cpus"]} CPUs,
+last run {results["date"]}; each row's date and raw numbers in `tools/results/bench.json`).
 
 {table(results)}
 
@@ -226,13 +269,13 @@ def main() -> None:
     parser.add_argument("--calib-windows", type=int, default=16)
     parser.add_argument("--eval-windows", type=int, default=40)
     parser.add_argument("--no-validate", action="store_true")
+    parser.add_argument("--fresh", action="store_true", help="drop rows measured by earlier runs")
     parser.add_argument("--dry", action="store_true", help="print the results, do not write files")
     args = parser.parse_args()
     results = run(args)
     if args.dry:
         print(json.dumps(results, indent=1))
     else:
-        write(results)
         print(table(results))
 
 

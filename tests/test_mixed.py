@@ -1,0 +1,96 @@
+"""Mixed precision: the budgeted choice, the editable map, and the mixed model on the HTP."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import onnx_ir as ir
+import pytest
+
+from onnxq import mixed
+from onnxq.cli import main
+from onnxq.errors import OnnxqError
+from onnxq.pipeline import quantize
+from onnxq.qnn import validate
+
+
+def _q_dtypes(model: Path) -> dict[str, ir.DataType]:
+    """Quantized tensor name -> the integer type its QuantizeLinear produces."""
+    graph = ir.load(model).graph
+    return {n.inputs[0].name: n.inputs[2].const_value.dtype for n in graph if n.op_type == "QuantizeLinear"}
+
+
+@pytest.fixture(scope="module")
+def mixed_w8a8(tiny_model: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("mixed") / "w8a8"
+    quantize(tiny_model, out, preset="w8a8", calib="wikitext2-valid", windows=4, budget=0.25)
+    return out
+
+
+def test_budget_promotes_the_top_scored_share(mixed_w8a8: Path) -> None:
+    summary = json.loads((mixed_w8a8 / "summary.json").read_text())["mixed_precision"]
+    scores = summary["scores"]
+    promoted = summary["promoted"]
+    assert len(promoted) == int(0.25 * len(scores)) > 0
+    ranked = sorted(scores, key=lambda n: -scores[n])
+    assert set(promoted) == set(ranked[: len(promoted)])  # by count, greedy = top-k
+    pmap = json.loads((mixed_w8a8 / "precision_map.json").read_text())["points"]
+    for name in promoted:
+        assert pmap[name]["bits"] == 16 and pmap[name]["why"] == "promoted (fisher)"
+
+
+def test_choose_respects_a_macs_budget() -> None:
+    points = [type("P", (), {"name": n})() for n in "abcd"]
+    costs = {"a": 10.0, "b": 1.0, "c": 1.0, "d": 8.0}
+    scores = {"a": 5.0, "b": 2.0, "c": 1.0, "d": 0.1}
+    choice = mixed.choose(points, scores, costs, 0.2, by="macs")  # 4 of 20 MACs
+    assert choice.promoted == ("b", "c")  # best score per MAC that fits; "a" alone would cost 10
+    with pytest.raises(OnnxqError, match="not a fraction"):
+        mixed.choose(points, scores, costs, 1.5)
+
+
+def test_a_hand_edited_map_changes_the_model(tiny_model: Path, tiny_w8a8: Path, tmp_path: Path) -> None:
+    data = json.loads((tiny_w8a8 / "precision_map.json").read_text())
+    down_in = [n for n, p in data["points"].items() if p["role"] == "down_in" and p["layer"] == 1]
+    assert len(down_in) == 1 and data["points"][down_in[0]]["bits"] == 8
+    data["points"][down_in[0]]["bits"] = 16
+    edited = tmp_path / "map.json"
+    edited.write_text(json.dumps(data))
+    out = tmp_path / "edited"
+    quantize(tiny_model, out, preset="w8a8", calib="wikitext2-valid", windows=4, precision_map=edited)
+    before, after = _q_dtypes(tiny_w8a8 / "model.qdq.onnx"), _q_dtypes(out / "model.qdq.onnx")
+    changed = {t for t in after if before.get(t) != after[t]}
+    assert after[down_in[0]] == ir.DataType.UINT16 and before[down_in[0]] == ir.DataType.UINT8
+    # the FC reading it follows (one width per per-channel FC): its output changes too, nothing else
+    assert len(changed) <= 2, changed
+    written = json.loads((out / "precision_map.json").read_text())["points"][down_in[0]]
+    assert written["bits"] == 16 and written["why"] == "user"
+
+
+@pytest.mark.parametrize(
+    ("edit", "message"),
+    [
+        (lambda d: d["points"].update({"no.such.tensor": {"bits": 16}}), "names points this model does not have"),
+        (lambda d: next(p for p in d["points"].values() if p["kind"] == "act").update(bits=12), "asks for 12-bit"),
+        (lambda d: d.pop("version"), "is not an onnxq precision map"),
+    ],
+)
+def test_a_malformed_map_is_rejected_in_one_line(
+    tiny_model: Path, tiny_w8a8: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str], edit, message: str
+) -> None:
+    data = json.loads((tiny_w8a8 / "precision_map.json").read_text())
+    edit(data)
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps(data))
+    argv = ["quantize", str(tiny_model), "-o", str(tmp_path / "o"), "--preset", "w8a8", "--precision-map", str(bad)]
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and message in err[0] and not (tmp_path / "o").exists()
+
+
+def test_the_mixed_model_runs_whole_on_the_htp(mixed_w8a8: Path, eval_ids: np.ndarray) -> None:
+    report = validate(mixed_w8a8 / "model.qdq.onnx", eval_ids[:1])
+    assert report.nodes_on_qnn == report.nodes_total > 0
+    assert report.top1_agreement > 0.75  # the w8a8 bound of test_qnn; measured 0.87 for uniform w8a8
