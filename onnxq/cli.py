@@ -468,9 +468,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--weight-method",
-        default="mse",
-        choices=["mse", "minmax", "gptq"],
-        help="weights: mse (clip search, round to nearest), minmax, or gptq (mse scales, GPTQ rounding)",
+        default="auto",
+        choices=["auto", "mse", "minmax", "gptq"],
+        help="weights: mse (clip search, round to nearest), minmax, gptq (mse scales, GPTQ rounding); "
+        "auto (default): gptq for 4-bit weights, mse for 8-bit",
     )
     p.add_argument(
         "--rotate",
