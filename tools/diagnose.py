@@ -96,6 +96,8 @@ def main() -> None:
             "hadamard": layer_diff(model, work / "onnxq-w4a8" / "model.qdq.onnx", ids),
             "none": layer_diff(model, work / "onnxq-w4a8-norot" / "model.qdq.onnx", ids),
         }
+        DIAGNOSTICS.parent.mkdir(parents=True, exist_ok=True)
+        DIAGNOSTICS.write_text(json.dumps(diag, indent=1) + "\n", encoding="utf-8")  # kept if the rest stops
     if not args.skip_rss:
         diag["calibration_rss"] = {str(n): calibration_rss(model, work / f"rss-{n}", n) for n in (16, 128)}
     DIAGNOSTICS.parent.mkdir(parents=True, exist_ok=True)
