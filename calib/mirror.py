@@ -614,25 +614,11 @@ class Mirror(torch.nn.Module):
         for i, step in enumerate(self.steps):
             if all(o in env for o in step.outputs):
                 continue  # seeded by `start`
-            args = []
-            for name in step.inputs:
-                if name is None:
-                    args.append(None)
-                    continue
-                if name in env:
-                    args.append(env[name])
-                else:
-                    args.append(self.const(name))
-            while args and args[-1] is None:
-                args.pop()
-            result = step.fn(*args, **step.attrs)
-            outs = result if isinstance(result, (tuple, list)) else (result,)
-            for name, produced in zip(step.outputs, outs, strict=False):
-                replaced = tap(name, produced) if tap is not None else None
-                value = produced if replaced is None else replaced
-                env[name] = value
-                if self.debug:
-                    self._log(i, step, value)
+            self._execute(step, env, tap)
+            if self.debug:
+                for name in step.outputs:
+                    if name in env:
+                        self._log(i, step, env[name])
             if stop_at is not None and i >= stop_at:
                 return env
             for name in step.inputs:
@@ -656,15 +642,19 @@ class Mirror(torch.nn.Module):
         """
         values = dict(env)
         for step in self.steps[first : last + 1]:
-            args = [None if n is None else values[n] if n in values else self.const(n) for n in step.inputs]
-            while args and args[-1] is None:
-                args.pop()
-            result = step.fn(*args, **step.attrs)
-            outs = result if isinstance(result, (tuple, list)) else (result,)
-            for name, produced in zip(step.outputs, outs, strict=False):
-                replaced = tap(name, produced) if tap is not None else None
-                values[name] = produced if replaced is None else replaced
+            self._execute(step, values, tap)
         return values[want]
+
+    def _execute(self, step: Step, values: dict[str, torch.Tensor], tap: Tap | None) -> None:
+        """Run one node on ``values`` (constants looked up) and store its outputs there, tapped."""
+        args = [None if n is None else values[n] if n in values else self.const(n) for n in step.inputs]
+        while args and args[-1] is None:
+            args.pop()
+        result = step.fn(*args, **step.attrs)
+        outs = result if isinstance(result, (tuple, list)) else (result,)
+        for name, produced in zip(step.outputs, outs, strict=False):
+            replaced = tap(name, produced) if tap is not None else None
+            values[name] = produced if replaced is None else replaced
 
     def step_index(self) -> dict[str, int]:
         """Node output name -> index of the step that produces it."""
