@@ -7,13 +7,17 @@
 - ``measured`` refines the best candidates of ``fisher`` by the exact change of the calibration
   loss when that tensor alone is promoted to 16 bits in the quantized model.
 
+Weights (4-bit candidates for 8 bits) get the same two scores: ``relative`` on the weight itself,
+and ``fisher`` on the error the rounded weight adds to its FC's output, token by token:
+``½ Σ_t (∂L/∂y_t · x_t ΔW)²`` with ``x_t`` the (quantized) input the FC reads.
+
 The loss is the next-token NLL of the calibration text under the quantized model.
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -43,18 +47,35 @@ def _nll(logits: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
 
 
 def relative_and_fisher(
-    sim: QuantSim, candidates: Sequence[Point], windows: np.ndarray, progress: Callable[[int], None] | None = None
+    sim: QuantSim,
+    candidates: Sequence[Point],
+    windows: np.ndarray,
+    progress: Callable[[int], None] | None = None,
+    weights: Mapping[str, tuple[str, str]] | None = None,
 ) -> dict[str, tuple[float, float]]:
-    """Both scores for every candidate, with every quantizer of ``sim`` on."""
+    """Both scores for every candidate, with every quantizer of ``sim`` on.
+
+    ``weights`` maps weight points to score to the (input, output) tensors of the FC reading them.
+    """
     roots = {r: p.name for p in candidates for r in p.roots}
     names = {p.name for p in candidates}
+    edges = dict(weights or {})
+    fc_in: dict[str, list[str]] = {}
+    for w, (i, _) in edges.items():
+        fc_in.setdefault(i, []).append(w)
+    fc_out = {o: w for w, (_, o) in edges.items()}
+    inputs: dict[str, torch.Tensor] = {}
+    outputs: dict[str, torch.Tensor] = {}
     captured: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
     err_abs = dict.fromkeys(names, 0.0)
     ref_abs = dict.fromkeys(names, 0.0)
-    fisher = dict.fromkeys(names, 0.0)
+    fisher = dict.fromkeys([*names, *edges], 0.0)
 
     def tap(name: str, value: torch.Tensor) -> torch.Tensor | None:
         point = roots.get(name)
+        if name in fc_out and value.requires_grad:  # the FC output's gradient (its quantizer's STE passes it)
+            value.retain_grad()
+            outputs[fc_out[name]] = value
         out = value
         for q in sim.taps.get(name, ()):
             if q == point:  # the candidate: keep what its quantizer adds, with a handle for the gradient
@@ -67,10 +88,14 @@ def relative_and_fisher(
                 captured[q] = (out, error)
             else:
                 out = sim.act(q)(out)
+        if name in fc_in:
+            for w in fc_in[name]:
+                inputs[w] = out.detach()
         return out if sim.taps.get(name) else None
 
     with torch.no_grad():  # gradients are wanted for activations only
         sim.load_weights()
+        deltas = {w: (sim.mirror.consts[w] - sim.effective_weight(w)).float() for w in edges}
     feed = sim.mirror.input_names[0]
     for w in windows:
         ids = torch.as_tensor(np.asarray(w, dtype=np.int64)).reshape(1, -1)
@@ -82,9 +107,20 @@ def relative_and_fisher(
             if value.grad is not None:
                 per_token = (value.grad * error).reshape(-1, value.shape[-1]).sum(-1)
                 fisher[q] += 0.5 * float((per_token**2).sum())
+        for q, value in outputs.items():
+            if value.grad is not None and q in inputs:
+                with torch.no_grad():
+                    per_token = (value.grad * (inputs[q] @ deltas[q])).reshape(-1, value.shape[-1]).sum(-1)
+                fisher[q] += 0.5 * float((per_token**2).sum())
+        inputs.clear()
+        outputs.clear()
         if progress is not None:
             progress(1)
-    return {n: (err_abs[n] / max(ref_abs[n], 1e-12), fisher[n] / len(windows)) for n in names}
+    scores = {n: (err_abs[n] / max(ref_abs[n], 1e-12), fisher[n] / len(windows)) for n in names}
+    for q, delta in deltas.items():
+        base = sim.effective_weight(q).detach()
+        scores[q] = (float(delta.abs().sum() / base.abs().sum().clamp_min(1e-12)), fisher[q] / len(windows))
+    return scores
 
 
 def measured_gain(

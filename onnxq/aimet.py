@@ -7,7 +7,8 @@ point 0) has offset -128, int4 -8, int16 -32768.
 
 Formats: 0.6.1 (dicts keyed by tensor name, one entry per channel) and 1.0.0 (lists of entries
 with ``enc_type`` PER_TENSOR / PER_CHANNEL). :func:`read` turns either back into onnxq encodings,
-which is how the round trip is tested (float + encodings -> QDQ == the QDQ model).
+which is how the round trip is tested (float + encodings -> QDQ == the QDQ model, with
+:mod:`onnxq.split`).
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from typing import Any
 import numpy as np
 
 from onnxq.errors import OnnxqError
-from onnxq.plan import QuantPlan
+from onnxq.files import write_text
 from onnxq.qtypes import Encoding, QType, QuantSpec
 
 VERSIONS = ("1.0.0", "0.6.1")
@@ -42,45 +43,30 @@ def _qtype(bits: int, signed: bool) -> QType:
     return QType.for_bits(bits, signed=signed)
 
 
-def tensor_encodings(
-    plan: QuantPlan, encodings: Mapping[str, Encoding]
-) -> tuple[dict[str, Encoding], dict[str, Encoding]]:
-    """(activation, parameter) encodings keyed by the float graph's tensor names."""
-    acts: dict[str, Encoding] = {}
-    params: dict[str, Encoding] = {}
-    for point in plan.points.values():
-        if point.kind == "convert":
-            continue  # lives on an edge; QAIRT inserts converts where two encodings meet
-        enc = encodings[point.name]
-        target = params if point.kind in ("weight", "const") else acts
-        for tensor in point.tensors:
-            acts[tensor] = enc
-        for const in point.consts:
-            target[const] = enc
-    return acts, params
-
-
-def write(plan: QuantPlan, encodings: Mapping[str, Encoding], path: Path, version: str = "1.0.0") -> dict[str, Any]:
-    """Write the AIMET encodings file for ``plan`` and return its content."""
+def write_tensors(
+    activations: Mapping[str, Encoding], params: Mapping[str, Encoding], path: Path, version: str = "1.0.0"
+) -> dict[str, Any]:
+    """Write the AIMET encodings file for these tensors (see :func:`onnxq.split.split`) and return it."""
     if version not in VERSIONS:
         raise OnnxqError(f"unknown encodings version {version!r}", f"use one of: {', '.join(VERSIONS)}")
-    acts, params = tensor_encodings(plan, encodings)
-    data = _v1(acts, params) if version == "1.0.0" else _v061(acts, params)
-    path.write_text(json.dumps(data, indent=1) + "\n", encoding="utf-8")
+    data = _v1(activations, params) if version == "1.0.0" else _v061(activations, params)
+    write_text(path, json.dumps(data, indent=1) + "\n")
     return data
 
 
 def _entry_v1(name: str, enc: Encoding) -> dict[str, Any]:
     scale = np.atleast_1d(np.asarray(enc.scale, dtype=np.float64))
     per_channel = enc.spec.axis is not None and scale.size > 1
+    kind = "PER_BLOCK" if per_channel and enc.spec.block_size else "PER_CHANNEL" if per_channel else "PER_TENSOR"
     return {
         "name": name,
         "dtype": "INT",
-        "enc_type": "PER_CHANNEL" if per_channel else "PER_TENSOR",
+        "enc_type": kind,
+        **({"block_size": int(enc.spec.block_size)} if kind == "PER_BLOCK" else {}),
         "bw": enc.qtype.bits,
         "is_sym": bool(enc.spec.symmetric),
-        "scale": scale.tolist(),
-        "offset": np.atleast_1d(_unsigned_offset(enc)).tolist(),
+        "scale": scale.reshape(-1).tolist(),
+        "offset": np.atleast_1d(_unsigned_offset(enc)).reshape(-1).tolist(),
         **({"axis": int(enc.spec.axis)} if per_channel and enc.spec.axis is not None else {}),
     }
 
@@ -128,41 +114,60 @@ def _v061(acts: Mapping[str, Encoding], params: Mapping[str, Encoding]) -> dict[
     }
 
 
-def read(path: Path) -> dict[str, Encoding]:
-    """Tensor name -> onnxq encoding, from an AIMET 0.6.1 or 1.0.0 file."""
+def read_split(path: Path) -> tuple[dict[str, Encoding], dict[str, Encoding]]:
+    """(activation, param) encodings by tensor name, from an AIMET 0.6.1 or 1.0.0 file.
+
+    AIMET does not store signedness; onnxq's symmetric tensors are signed, the others unsigned.
+    """
     try:
         data = json.loads(Path(path).read_text(encoding="utf-8"))
     except (OSError, json.JSONDecodeError) as exc:
         raise OnnxqError(
             f"cannot read encodings {path} ({type(exc).__name__})", "pass an AIMET encodings JSON"
         ) from None
-    out: dict[str, Encoding] = {}
-    version = str(data.get("version", ""))
+    version = str(data.get("version", "")) if isinstance(data, dict) else ""
     if version.startswith("1."):
-        for section in ("activation_encodings", "param_encodings"):
-            for e in data.get(section, []):
-                bits, sym = int(e["bw"]), bool(e["is_sym"])
-                signed = sym  # onnxq's symmetric tensors are signed (weights, K, V)
-                scale = np.asarray(e["scale"], dtype=np.float32)
-                zp = _from_unsigned(bits, signed, np.asarray(e["offset"]))
-                per_channel = e.get("enc_type") == "PER_CHANNEL"
-                spec = QuantSpec(_qtype(bits, signed), symmetric=sym, axis=e.get("axis", 1) if per_channel else None)
-                out[e["name"]] = Encoding(
-                    spec, scale if per_channel else scale.reshape(()), zp if per_channel else zp.reshape(())
-                )
+        parse = _read_v1
     elif version.startswith("0.6"):
-        for section in ("activation_encodings", "param_encodings"):
-            for name, entries in data.get(section, {}).items():
-                bits = int(entries[0]["bitwidth"])
-                sym = entries[0]["is_symmetric"] in (True, "True")
-                signed = sym
-                scale = np.asarray([e["scale"] for e in entries], dtype=np.float32)
-                zp = _from_unsigned(bits, signed, np.asarray([e["offset"] for e in entries]))
-                per_channel = len(entries) > 1
-                spec = QuantSpec(_qtype(bits, signed), symmetric=sym, axis=1 if per_channel else None)
-                out[name] = Encoding(
-                    spec, scale if per_channel else scale.reshape(()), zp if per_channel else zp.reshape(())
-                )
+        parse = _read_v061
     else:
         raise OnnxqError(f"{path} is not an AIMET encodings file (version {version!r})", "pass 0.6.1 or 1.0.0")
+    sections = ("activation_encodings", "param_encodings")
+    acts, params = (parse(data.get(section) or ({} if version.startswith("0.6") else [])) for section in sections)
+    return acts, params
+
+
+def read(path: Path) -> dict[str, Encoding]:
+    """Tensor name -> encoding, activations and params together."""
+    acts, params = read_split(path)
+    return {**acts, **params}
+
+
+def _make(bits: int, sym: bool, scale: np.ndarray, offset: np.ndarray, axis: int | None, block: int = 0) -> Encoding:
+    zp = _from_unsigned(bits, sym, offset)
+    spec = QuantSpec(_qtype(bits, sym), symmetric=sym, axis=axis, block_size=block)
+    if axis is None:
+        return Encoding(spec, scale.reshape(()), zp.reshape(()))
+    return Encoding(spec, scale, zp)
+
+
+def _read_v1(entries: list[dict[str, Any]]) -> dict[str, Encoding]:
+    out = {}
+    for e in entries:
+        kind = e.get("enc_type", "PER_TENSOR")
+        axis = int(e.get("axis", 1)) if kind in ("PER_CHANNEL", "PER_BLOCK") else None
+        scale = np.asarray(e["scale"], dtype=np.float32)
+        out[e["name"]] = _make(
+            int(e["bw"]), bool(e["is_sym"]), scale, np.asarray(e["offset"]), axis, int(e.get("block_size", 0))
+        )
+    return out
+
+
+def _read_v061(entries: dict[str, list[dict[str, Any]]]) -> dict[str, Encoding]:
+    out = {}
+    for name, channel in entries.items():
+        sym = channel[0]["is_symmetric"] in (True, "True")
+        scale = np.asarray([c["scale"] for c in channel], dtype=np.float32)
+        offset = np.asarray([c["offset"] for c in channel])
+        out[name] = _make(int(channel[0]["bitwidth"]), sym, scale, offset, 1 if len(channel) > 1 else None)
     return out

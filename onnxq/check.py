@@ -305,8 +305,9 @@ def check_encodings(graph: ir.Graph, path: Path) -> Iterator[Finding]:
         data = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, json.JSONDecodeError) as exc:
         raise OnnxqError(f"cannot read encodings {path} ({type(exc).__name__})", "pass a JSON encodings file") from None
-    names = _encoded_names(data)
     quantized = quantized_names(graph)
+    # a convert's second encoding is named "<tensor>.cvt" in AIMET files (see onnxq.split)
+    names = {n for n in _encoded_names(data) if not (n.endswith(".cvt") and n.removesuffix(".cvt") in quantized)}
     for name in sorted(names - quantized):
         yield Finding(
             "encodings-extra",

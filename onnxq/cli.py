@@ -1,4 +1,4 @@
-"""The ``onnxq`` command line: export, quantize, eval, validate.
+"""The ``onnxq`` command line: export, quantize, eval, validate, compile, check, diff.
 
 Everything here is presentation (argument parsing, progress bars, the summary table, ``--json``);
 the work is done by the library functions it calls, which are the same ones the Python API exposes.
@@ -28,6 +28,7 @@ examples:
   onnxq quantize smollm2/model.onnx -o smollm2-w8a16 --preset w8a16
   onnxq eval smollm2-w8a16/model.qdq.onnx --ppl wikitext2 --windows 40
   onnxq validate smollm2-w8a16/model.qdq.onnx --context smollm2-w8a16/htp
+  onnxq compile smollm2-w8a16/model.qdq.onnx -o smollm2-w8a16/htp --soc-model 60
 """
 
 
@@ -131,10 +132,12 @@ def cmd_quantize(args: argparse.Namespace) -> int:
             online_hadamard=[w.strip() for w in args.online_hadamard.split(",") if w.strip()],
             learn=learn,
             budget=args.budget,
+            weight_budget=args.weight_budget,
             budget_by=args.budget_by,
             selector=args.selector,
             sensitivity_windows=args.sensitivity_windows,
             tokenizer=args.tokenizer,
+            encodings_version=args.encodings_version,
             overwrite=args.overwrite,
             progress=progress,
         )
@@ -178,11 +181,19 @@ def cmd_quantize(args: argparse.Namespace) -> int:
 
 def _mixed_line(mixed: dict[str, Any] | None) -> str:
     if not mixed:
-        return "off (--budget to promote the most sensitive 8-bit inputs)"
-    n = len(mixed["promoted"])
-    return f"{n} of {len(mixed['scores']) or '?'} candidates promoted to 16 bits ({mixed['selector']}, budget " + (
-        f"{mixed['budget']:g} by {mixed['by']})"
-    )
+        return "off (--budget / --weight-budget to promote the most sensitive 8-bit inputs / 4-bit weights)"
+    parts = []
+    if "promoted" in mixed:
+        parts.append(
+            f"{len(mixed['promoted'])} of {len(mixed['scores']) or '?'} 8-bit MatMul inputs to 16 bits "
+            f"(budget {mixed['budget']:g})"
+        )
+    if "promoted_weights" in mixed:
+        parts.append(
+            f"{len(mixed['promoted_weights'])} of {len(mixed['weight_scores']) or '?'} 4-bit weights to 8 bits "
+            f"(budget {mixed['weight_budget']:g})"
+        )
+    return "; ".join(parts) + f", {mixed['selector']}, by {mixed['by']}"
 
 
 def _learn_line(learned: dict[str, Any] | None) -> str:
@@ -407,6 +418,35 @@ def cmd_check(args: argparse.Namespace) -> int:
     return 1 if findings else 0
 
 
+def cmd_compile(args: argparse.Namespace) -> int:
+    from onnxq.compile import compile_model
+
+    model = Path(args.model)
+    output = Path(args.output) if args.output else model.parent / "htp"
+    result = compile_model(
+        model,
+        output,
+        toolchain=args.toolchain,
+        htp_arch=args.htp_arch,
+        soc_model=args.soc_model,
+        encodings_version=args.encodings_version,
+        overwrite=args.overwrite,
+    )
+    target = f"SoC {args.soc_model}" if args.soc_model else f"HTP v{args.htp_arch}"
+    lines = [f"onnxq compile: {model} -> {output}/  ({result.toolchain}, {target})"]
+    rows = [("files", ", ".join(f"{n} ({_mb(output / n)})" for n in result.files))]
+    rows.append(("time", ", ".join(f"{k} {v:.1f} s" for k, v in result.seconds.items())))
+    if result.rerun_max_abs_error is not None:
+        rows.append(
+            ("reload", f"context reloaded and run once; max |Δlogits| vs compile {result.rerun_max_abs_error:.3g}")
+        )
+    for cmd in result.commands:
+        rows.append(("ran", " ".join([Path(cmd[0]).name, *cmd[1:]])))
+    lines += _rows(rows)
+    _emit(args, result.as_dict(), lines)
+    return 0
+
+
 # --------------------------------------------------------------------------- parser
 def build_parser() -> argparse.ArgumentParser:
     from onnxq.presets import PRESETS
@@ -487,9 +527,23 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--seed", type=int, default=0, help="seed of the random sign flips / matrices (default 0)")
     p.add_argument("--precision-map", help="precision_map.json to apply (edited from a previous run)")
-    g = p.add_argument_group("mixed precision (sensitivity-guided promotion of 8-bit MatMul inputs to 16 bits)")
+    p.add_argument(
+        "--encodings-version",
+        default="1.0.0",
+        choices=["1.0.0", "0.6.1"],
+        help="AIMET format of model.encodings, for QAIRT's --quantization_overrides (default 1.0.0)",
+    )
+    g = p.add_argument_group("mixed precision (sensitivity-guided: 8-bit MatMul inputs to 16 bits, 4-bit weights to 8)")
     g.add_argument("--budget", type=float, help="fraction of 8-bit MatMul inputs to promote, e.g. 0.1 (default: none)")
-    g.add_argument("--budget-by", default="count", choices=["count", "macs"], help="budget unit (default count)")
+    g.add_argument(
+        "--weight-budget", type=float, help="fraction of 4-bit weights to promote to 8 bits, e.g. 0.1 (default: none)"
+    )
+    g.add_argument(
+        "--budget-by",
+        default="count",
+        choices=["count", "macs"],
+        help="budget unit: tensors, or MACs (weights: parameters) (default count)",
+    )
     g.add_argument(
         "--selector",
         default="fisher",
@@ -539,6 +593,25 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--soc-model", help="Snapdragon SoC model id (instead of --htp-arch)")
     p.add_argument("--tokenizer", help="tokenizer if none sits next to the model")
     p.set_defaults(func=cmd_validate)
+
+    p = sub.add_parser(
+        "compile",
+        parents=[common],
+        help="compile a QDQ model into an HTP context binary",
+        description="Compile MODEL for the HTP. --toolchain ort (default): the QNN EP writes model_ctx.onnx + "
+        "model_ctx_qnn.bin, reloaded and run once. --toolchain qairt: float model + AIMET encodings through "
+        "qnn-onnx-converter, qnn-model-lib-generator and qnn-context-binary-generator (needs QAIRT_SDK_ROOT).",
+    )
+    p.add_argument("model", help="QDQ ONNX model (model.qdq.onnx)")
+    p.add_argument("-o", "--output", help="output folder (default: htp/ next to the model)")
+    p.add_argument("--toolchain", default="ort", choices=["ort", "qairt"], help="who compiles (default ort)")
+    p.add_argument("--htp-arch", default="75", help="HTP architecture (default 75)")
+    p.add_argument("--soc-model", help="Snapdragon SoC model id (instead of --htp-arch)")
+    p.add_argument(
+        "--encodings-version", default="1.0.0", choices=["1.0.0", "0.6.1"], help="AIMET format (qairt; default 1.0.0)"
+    )
+    p.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
+    p.set_defaults(func=cmd_compile)
 
     p = sub.add_parser(
         "check",

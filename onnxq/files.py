@@ -16,6 +16,15 @@ from pathlib import Path
 
 from onnxq.errors import OnnxqError
 
+#: files that travel with a model from folder to folder (tokenizer and config)
+SIDE_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "chat_template.jinja",
+    "config.json",
+)
+
 
 def check_new_output(path: Path, *, overwrite: bool, inputs: Iterable[Path] = ()) -> None:
     """Refuse an output that exists (unless ``overwrite``) or that would clobber an input."""

@@ -5,6 +5,9 @@ Candidates are the 8-bit inputs of MatMuls (what an ``a8`` preset puts at 8 bits
 attention MatMuls. Promoting one makes its FC run at 16 bits (the HTP runs a per-channel FC at one
 width), so the cost of a promotion is the MACs that move from 8x8 to 16x8.
 
+Weights are candidates too: a 4-bit weight promoted to 8 bits (``--weight-budget``), costing its
+extra bytes (``--budget-by macs``: its parameter count, which is also its MACs per token).
+
 Selection is greedy on score per unit of cost until the budget is spent; the budget is either a
 fraction of the candidates (``--budget 0.1``) or of the candidates' MACs (``--budget 0.1
 --budget-by macs``).
@@ -16,6 +19,7 @@ import random
 from collections.abc import Mapping
 from dataclasses import dataclass
 
+import numpy as np
 import onnx_ir as ir
 
 from onnxq.errors import OnnxqError
@@ -48,6 +52,32 @@ def candidates(plan: QuantPlan, model: ir.Model) -> list[Point]:
         for p in plan.act_points()
         if p.bits == 8 and p.role.kind in CANDIDATE_ROLES and not fc_outputs.intersection(p.tensors)
     ]
+
+
+def weight_candidates(plan: QuantPlan) -> list[Point]:
+    """4-bit weights, each of which can go to 8 bits on its own (its FC keeps its activation width)."""
+    return [p for p in plan.weight_points() if p.bits == 4]
+
+
+def weight_edges(model: ir.Model, points: list[Point]) -> dict[str, tuple[str, str]]:
+    """weight point -> (input, output) tensor of the FC that reads it."""
+    wanted = {c: p.name for p in points for c in p.consts}
+    edges = {}
+    for node in model.graph:
+        lin = as_linear(node)
+        if lin is not None and node.inputs[1] is not None and node.inputs[1].name in wanted:
+            edges[wanted[node.inputs[1].name]] = (node.inputs[0].name, node.outputs[0].name)
+    return edges
+
+
+def weight_sizes(model: ir.Model, points: list[Point]) -> dict[str, float]:
+    """Parameters per weight point: the bytes a 4 -> 8 bit promotion adds, times two."""
+    sizes = {}
+    for p in points:
+        value = model.graph.initializers.get(p.consts[0]) if p.consts else None
+        shape = value.shape if value is not None else None
+        sizes[p.name] = float(np.prod([int(d) for d in shape])) if shape is not None else 1.0
+    return sizes
 
 
 def macs(model: ir.Model, plan: QuantPlan) -> dict[str, float]:

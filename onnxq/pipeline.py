@@ -17,15 +17,16 @@ from typing import TYPE_CHECKING, Any
 
 import onnx_ir as ir
 
+from onnxq import aimet, recipes
 from onnxq import ir as oir
 from onnxq import presets as presets_mod
-from onnxq import recipes
 from onnxq.errors import OnnxqError
-from onnxq.files import atomic_dir, check_new_output
+from onnxq.files import SIDE_FILES, atomic_dir, check_new_output
 from onnxq.metrics import peak_rss_mb
 from onnxq.plan import QuantPlan, build_plan, read_precision_map
 from onnxq.qdq import emit_qdq
 from onnxq.qtypes import Encoding
+from onnxq.split import split
 
 if TYPE_CHECKING:
     from calib.learn import LearnConfig
@@ -40,14 +41,6 @@ log = logging.getLogger(__name__)
 
 DEFAULT_CALIB = "c4"
 DEFAULT_WINDOWS = 16
-SIDE_FILES = (
-    "tokenizer.json",
-    "tokenizer_config.json",
-    "special_tokens_map.json",
-    "chat_template.jinja",
-    "config.json",
-)
-
 Progress = Callable[[str, int], Callable[[int], None]]
 
 
@@ -171,17 +164,20 @@ def quantize(
     seed: int = 0,
     learn: LearnConfig | None = None,
     budget: float | None = None,
+    weight_budget: float | None = None,
     budget_by: str = "count",
     selector: str = "fisher",
     sensitivity_windows: int = 4,
     tokenizer: str | None = None,
+    encodings_version: str = "1.0.0",
     overwrite: bool = False,
     progress: Progress | None = None,
 ) -> QuantizeResult:
     """Quantize the float ONNX model at ``model_path`` into the folder ``output``.
 
     Writes ``model.qdq.onnx``, ``precision_map.json`` (editable, accepted back with
-    ``precision_map=``), ``encodings.json`` and ``summary.json``, plus the tokenizer files.
+    ``precision_map=``), ``encodings.json`` (onnxq's, by quantization point), ``model.encodings``
+    (AIMET's, by tensor, for QAIRT) and ``summary.json``, plus the tokenizer files.
     """
     from calib import data
     from calib.calibrate import encode, method_for, observe
@@ -193,6 +189,8 @@ def quantize(
     chosen = presets_mod.get(preset)
     if windows < 1:
         raise OnnxqError(f"--windows {windows} is not a positive count", "pass e.g. --windows 16")
+    if encodings_version not in aimet.VERSIONS:
+        raise OnnxqError(f"unknown encodings version {encodings_version!r}", f"use one of: {', '.join(aimet.VERSIONS)}")
     check_new_output(output, overwrite=overwrite, inputs=[model_path])
     overrides = read_precision_map(precision_map) if precision_map else None
     float_model = oir.load(model_path)
@@ -228,13 +226,14 @@ def quantize(
     scale_method = "mse" if use_gptq else weight_method
     encodings, stats = encode(model, plan, observers, method=method, weight_method=scale_method, rotated=rotated)
     mixed: dict[str, Any] | None = None
-    if budget is not None:
-        plan, choice = choose_precision(
+    if budget is not None or weight_budget is not None:
+        plan, mixed = choose_precision(
             model,
             plan,
             encodings,
             calib_windows.ids[:sensitivity_windows],
             budget=budget,
+            weight_budget=weight_budget,
             by=budget_by,
             selector=selector,
             seed=seed,
@@ -246,13 +245,6 @@ def quantize(
         encodings, stats = encode(
             model, plan, observers, method=method, weight_method=scale_method, rotated=rotated, previous=encodings
         )
-        mixed = {
-            "selector": choice.selector,
-            "budget": choice.budget,
-            "by": choice.by,
-            "promoted": list(choice.promoted),
-            "scores": {k: float(f"{v:.4g}") for k, v in sorted(choice.scores.items(), key=lambda kv: -kv[1])},
-        }
     t_cal = time.perf_counter() - t_cal
     learned: dict[str, Any] | None = None
     if learn is not None:
@@ -315,6 +307,9 @@ def quantize(
     summary["mixed_precision"] = mixed
     with atomic_dir(output, overwrite=overwrite) as tmp:
         files = oir.save(model, tmp / "model.qdq.onnx")
+        parts = split(model, weights=False)  # the in-memory model is not needed any more
+        aimet.write_tensors(parts.activations, parts.params, tmp / "model.encodings", encodings_version)
+        del parts
         (tmp / "precision_map.json").write_text(json.dumps(plan.precision_map(), indent=1) + "\n", encoding="utf-8")
         enc_json = encodings_json(plan, encodings)
         (tmp / "encodings.json").write_text(json.dumps(enc_json, indent=1) + "\n", encoding="utf-8")
@@ -380,7 +375,8 @@ def choose_precision(
     encodings: dict[str, Encoding],
     windows: Any,
     *,
-    budget: float,
+    budget: float | None,
+    weight_budget: float | None = None,
     by: str,
     selector: str,
     seed: int,
@@ -388,32 +384,54 @@ def choose_precision(
     recipe: recipes.Recipe,
     prepared: Prepared,
     progress: Progress | None = None,
-) -> tuple[QuantPlan, Any]:
-    """Score the 8-bit MatMul inputs, promote the best within ``budget``, and re-plan."""
+) -> tuple[QuantPlan, dict[str, Any]]:
+    """Score the 8-bit MatMul inputs (and 4-bit weights), promote the best within the budgets, re-plan.
+
+    Returns the new plan and the summary's ``mixed_precision`` record.
+    """
     from calib.qsim import QuantSim
     from calib.sensitivity import measured_gain, relative_and_fisher
     from onnxq import mixed
 
     if selector not in mixed.SELECTORS:
         raise OnnxqError(f"unknown selector {selector!r}", f"use one of: {', '.join(mixed.SELECTORS)}")
-    cands = mixed.candidates(plan, model)
+    acts = mixed.candidates(plan, model) if budget is not None else []
+    wts = mixed.weight_candidates(plan) if weight_budget is not None else []
     scores: dict[str, float] = {}
-    if cands and selector != "random":
+    if (acts or wts) and selector != "random":
         sim = QuantSim(model, plan, encodings)
         tick = progress("sensitivity", len(windows)) if progress else None
-        both = relative_and_fisher(sim, cands, windows, progress=tick)
+        both = relative_and_fisher(sim, acts, windows, progress=tick, weights=mixed.weight_edges(model, wts))
         scores = {n: (rel if selector == "relative" else fis) for n, (rel, fis) in both.items()}
-        if selector == "measured":
-            top = sorted(cands, key=lambda p: -scores[p.name])[: max(8, int(len(cands) * budget * 2) + 1)]
+        if selector == "measured" and acts:
+            assert budget is not None
+            top = sorted(acts, key=lambda p: -scores[p.name])[: max(8, int(len(acts) * budget * 2) + 1)]
             tick = progress("measuring", len(top)) if progress else None
             gains = measured_gain(sim, top, windows, progress=tick)
-            scores = {n: gains.get(n, 0.0) for n in scores}
-    choice = mixed.choose(cands, scores, mixed.macs(model, plan), budget, by=by, selector=selector, seed=seed)
-    promoted = dict.fromkeys(choice.promoted, 16)
-    reasons = dict.fromkeys(choice.promoted, f"promoted ({selector})")
+            scores.update({p.name: gains.get(p.name, 0.0) for p in acts})
+    promoted: dict[str, int] = {}
+    record: dict[str, Any] = {"selector": selector, "by": by}
+    if budget is not None:
+        choice = mixed.choose(acts, scores, mixed.macs(model, plan), budget, by=by, selector=selector, seed=seed)
+        promoted.update(dict.fromkeys(choice.promoted, 16))
+        record.update(budget=budget, promoted=list(choice.promoted), scores=_rounded(scores, acts))
+    if weight_budget is not None:
+        sizes = mixed.weight_sizes(model, wts)
+        wchoice = mixed.choose(wts, scores, sizes, weight_budget, by=by, selector=selector, seed=seed)
+        promoted.update(dict.fromkeys(wchoice.promoted, 8))
+        record.update(
+            weight_budget=weight_budget, promoted_weights=list(wchoice.promoted), weight_scores=_rounded(scores, wts)
+        )
+    reasons = dict.fromkeys(promoted, f"promoted ({selector})")
     merged = {**(overrides or {}), **promoted}
     new_plan = build_plan(model, plan.preset, recipe, prepared.roles, prepared.structure, merged, reasons)
-    return new_plan, choice
+    return new_plan, record
+
+
+def _rounded(scores: dict[str, float], points: list[Any]) -> dict[str, float]:
+    """Scores of ``points``, highest first, to 4 significant digits (for summary.json)."""
+    mine = {p.name: scores.get(p.name, 0.0) for p in points}
+    return {k: float(f"{v:.4g}") for k, v in sorted(mine.items(), key=lambda kv: -kv[1])}
 
 
 def encodings_json(plan: QuantPlan, encodings: dict[str, Encoding]) -> dict[str, Any]:

@@ -163,3 +163,47 @@ def fuse_rms_norm(model: ir.Model) -> RewriteResult:
     for name in [n for n, v in graph.initializers.items() if not v.uses() and not v.is_graph_output()]:
         graph.initializers.pop(name)
     return RewriteResult(model, "fuse RMSNorm", {"RMSNorms fused": count})
+
+
+def decompose_rms_norm(model: ir.Model) -> RewriteResult:
+    """Expand each ``SimplifiedLayerNormalization`` into ONNX ops (x / sqrt(mean(x²) + eps) · γ).
+
+    The inverse of :func:`fuse_rms_norm`, for toolchains that read standard ONNX only (QAIRT's
+    converter takes opset ≤ 22 and pattern-matches this form back into its RmsNorm). The output
+    keeps its name, so an encoding given for it still applies.
+    """
+    norms = [n for n in model.graph if n.op_type == "SimplifiedLayerNormalization" and n.domain in ("", "ai.onnx")]
+    for node in norms:
+        _decompose_one(model.graph, node)
+    return RewriteResult(model, "decompose RMSNorm", {"RMSNorms decomposed": len(norms)})
+
+
+def _decompose_one(graph: ir.Graph, node: ir.Node) -> None:
+    x, gamma = node.inputs[0], node.inputs[1]
+    out = node.outputs[0]
+    assert x is not None and gamma is not None
+    base = out.name
+    two = add_initializer(graph, f"{base}.two", np.asarray(2.0, dtype=np.float32))
+    axes = add_initializer(graph, f"{base}.axes", np.asarray([node.attributes.get_int("axis", -1)], dtype=np.int64))
+    eps = add_initializer(graph, f"{base}.eps", np.asarray(node.attributes.get_float("epsilon", 1e-5), np.float32))
+    chain = [
+        ("Pow", "square", [x, two], {}),
+        ("ReduceMean", "mean", [None, axes], {"keepdims": 1}),
+        ("Add", "var_eps", [None, eps], {}),
+        ("Sqrt", "rms", [None], {}),
+        ("Div", "normed", [x, None], {}),
+        ("Mul", "scaled", [None, gamma], {}),
+    ]
+    prev: ir.Value | None = None
+    for op, tag, inputs, attrs in chain:
+        args = [prev if v is None else v for v in inputs]
+        new = ir.node(op, args, attrs or None, name=unique_name(graph, f"{node.name}/{tag}"))
+        new.outputs[0].name = unique_name(graph, f"{base}.{tag}")
+        new.outputs[0].type = out.type
+        graph.insert_before(node, new)
+        prev = new.outputs[0]
+    assert prev is not None
+    prev.shape = out.shape
+    out.replace_all_uses_with(prev, replace_graph_outputs=True)
+    graph.remove(node, safe=True)
+    out.name, prev.name = f"{base}.fused", base  # keep the tensor name users (and encodings) know

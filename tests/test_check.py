@@ -28,7 +28,8 @@ def _rules(model: ir.Model, encodings: Path | None = None) -> set[str]:
 
 def test_onnxq_models_are_clean(tiny_w8a16: Path, tiny_w8a8: Path, capsys: pytest.CaptureFixture[str]) -> None:
     for folder in (tiny_w8a16, tiny_w8a8):
-        assert main(["check", str(folder / "model.qdq.onnx"), "--encodings", str(folder / "encodings.json")]) == 0
+        for enc in ("encodings.json", "model.encodings"):  # onnxq's and AIMET's
+            assert main(["check", str(folder / "model.qdq.onnx"), "--encodings", str(folder / enc)]) == 0
     assert "no findings" in capsys.readouterr().out
 
 

@@ -94,3 +94,30 @@ def test_the_mixed_model_runs_whole_on_the_htp(mixed_w8a8: Path, eval_ids: np.nd
     report = validate(mixed_w8a8 / "model.qdq.onnx", eval_ids[:1])
     assert report.nodes_on_qnn == report.nodes_total > 0
     assert report.top1_agreement > 0.75  # the w8a8 bound of test_qnn; measured 0.87 for uniform w8a8
+
+
+def _weight_dtypes(model: Path) -> dict[str, ir.DataType]:
+    """Weight name -> the integer type stored for it (the ``NAME.q`` initializer behind its DequantizeLinear)."""
+    graph = ir.load(model).graph
+    return {n.removesuffix(".q"): v.dtype for n, v in graph.initializers.items() if n.endswith(".q")}
+
+
+def test_weight_budget_promotes_the_most_sensitive_4bit_weights(
+    tiny_model: Path, tmp_path: Path, eval_ids: np.ndarray
+) -> None:
+    out = tmp_path / "w4a8"
+    quantize(tiny_model, out, preset="w4a8", calib="wikitext2-valid", windows=4, weight_budget=0.25)
+    record = json.loads((out / "summary.json").read_text())["mixed_precision"]
+    scores, promoted = record["weight_scores"], record["promoted_weights"]
+    assert "promoted" not in record  # no activation budget given: activations keep the preset's widths
+    assert len(promoted) == int(0.25 * len(scores)) > 0
+    assert set(promoted) == set(sorted(scores, key=lambda n: -scores[n])[: len(promoted)])
+    assert min(scores.values()) > 0 and len(set(scores.values())) == len(scores)  # real, distinct scores
+    pmap = json.loads((out / "precision_map.json").read_text())["points"]
+    dtypes = _weight_dtypes(out / "model.qdq.onnx")
+    for name in scores:
+        assert pmap[name]["bits"] == (8 if name in promoted else 4), name
+        assert dtypes[name] == (ir.DataType.INT8 if name in promoted else ir.DataType.INT4), name
+    assert all(pmap[n]["why"] == "promoted (fisher)" for n in promoted)
+    report = validate(out / "model.qdq.onnx", eval_ids[:1])
+    assert report.nodes_on_qnn == report.nodes_total > 0  # int8 and int4 FCs side by side on the HTP

@@ -57,6 +57,9 @@ ROWS: dict[str, tuple[str, str, dict[str, Any]]] = {
     "onnxq-w4a8-mp20-fisher": ("onnxq", "w4a8", {"budget": 0.2}),
     "onnxq-w4a8-mp10-relative": ("onnxq", "w4a8", {"budget": 0.1, "selector": "relative"}),
     "onnxq-w4a8-mp10-random": ("onnxq", "w4a8", {"budget": 0.1, "selector": "random"}),
+    "onnxq-w4a8-wb10-fisher": ("onnxq", "w4a8", {"weight_budget": 0.1, "budget_by": "macs"}),
+    "onnxq-w4a8-wb10-relative": ("onnxq", "w4a8", {"weight_budget": 0.1, "budget_by": "macs", "selector": "relative"}),
+    "onnxq-w4a8-wb10-random": ("onnxq", "w4a8", {"weight_budget": 0.1, "budget_by": "macs", "selector": "random"}),
 }
 VALIDATE = ("onnxq-w8a16", "onnxq-w4a8-learn")  # 2 windows on the HTP emulator: ~15 min each
 
@@ -208,6 +211,9 @@ def _describe(row: dict[str, Any]) -> tuple[str, str]:
     method += ", weights " + opts.get("weight_method", "auto")
     if "budget" in opts:
         method += f", {100 * opts['budget']:.0f} % promoted to A16 ({opts.get('selector', 'fisher')})"
+    if "weight_budget" in opts:
+        unit = "params" if opts.get("budget_by") == "macs" else "tensors"
+        method += f", {100 * opts['weight_budget']:.0f} % of weight {unit} to W8 ({opts.get('selector', 'fisher')})"
     if "learn" in opts:
         learned = "learned ranges + clipping"
         if opts["learn"].get("learn_rotation", True):
