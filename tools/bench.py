@@ -104,6 +104,15 @@ def step_validate(model: Path, windows_file: Path, context: Path) -> dict:
     return _run([sys.executable, "-c", code])
 
 
+def step_compile(model: Path, out: Path) -> dict:
+    code = (
+        "import json; from onnxq.compile import compile_model; from onnxq.metrics import peak_rss_mb; "
+        f"r = compile_model({str(model)!r}, {str(out)!r}, overwrite=True, verify=False); "
+        "d = r.as_dict(); d['peak_rss_mb'] = peak_rss_mb(); print(json.dumps(d))"
+    )
+    return _run([sys.executable, "-c", code])
+
+
 def prepare_inputs(work: Path, model: Path | None, seq_len: int, calib_windows: int, eval_windows: int) -> dict:
     """Export the model (once) and write the token windows every row shares."""
     from calib.data import windows
@@ -153,9 +162,17 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     unknown = [n for n in wanted if n not in ROWS]
     if unknown:
         raise SystemExit(f"bench: unknown rows {unknown}; known: {', '.join(ROWS)}")
+    if args.compile_only:
+        wanted = [n for n in args.compile.split(",") if n]
     for name in wanted:
         tool, preset, extra = ROWS[name]
         print(f"[bench] {name} ...", file=sys.stderr, flush=True)
+        if args.compile_only:  # the row's model as the last run left it
+            if name not in results["rows"]:
+                raise SystemExit(f"bench: --compile-only {name}: run the row first")
+            results["rows"][name]["compile"] = step_compile(work / name / "model.qdq.onnx", work / name / "ctx")
+            _save(results, inputs, args)
+            continue
         row: dict[str, Any] = {"tool": tool, "preset": preset, "options": extra, "date": time.strftime("%Y-%m-%d")}
         target = model
         if tool == "onnxq":
@@ -179,17 +196,23 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         row["eval"] = step_eval(target, work / "eval.npy")
         if name in args.validate.split(",") and not args.no_validate:
             row["validate"] = step_validate(target, work / "eval.npy", work / name / "htp")
+        if name in args.compile.split(","):
+            row["compile"] = step_compile(target, work / name / "ctx")
         results["rows"][name] = row
         print(f"[bench] {name}: ppl {row['eval']['ppl']:.3f}", file=sys.stderr, flush=True)
-        results.update(
-            export=inputs["export"],
-            machine={"cpus": _cpus(), "platform": platform.platform(), "python": platform.python_version()},
-            date=time.strftime("%Y-%m-%d"),
-        )
-        results["rows"] = {k: results["rows"][k] for k in ROWS if k in results["rows"]}  # table order
-        if not args.dry:
-            write(results)
+        _save(results, inputs, args)
     return results
+
+
+def _save(results: dict[str, Any], inputs: dict[str, Any], args: argparse.Namespace) -> None:
+    results.update(
+        export=inputs["export"],
+        machine={"cpus": _cpus(), "platform": platform.platform(), "python": platform.python_version()},
+        date=time.strftime("%Y-%m-%d"),
+    )
+    results["rows"] = {k: results["rows"][k] for k in ROWS if k in results["rows"]}  # table order
+    if not args.dry:
+        write(results)
 
 
 def _cpus() -> int:
@@ -258,6 +281,14 @@ def write(results: dict[str, Any]) -> None:
                 f"{v['mean_abs_error']:.3g}, top-1 agreement {100 * v['top1_agreement']:.1f} %; context binary "
                 f"written and reloaded: {v['context_reloaded']}.\n"
             )
+        c = row.get("compile")
+        if c:
+            sizes = ", ".join(f"{n} {b / 2**20:.1f} MB" for n, b in c["files"].items() if n.startswith("model_ctx"))
+            val += (
+                f"- `{name}` compiled by `onnxq compile` (QNN EP, HTP v75): {sizes}; compile "
+                f"{c['seconds']['compile']:.0f} s, context reload {c['seconds']['load_context']:.0f} s, one window "
+                f"on the HTP emulator {c['seconds']['run_once']:.0f} s, peak RSS {c['peak_rss_mb'] / 1024:.2f} GB.\n"
+            )
     text = f"""# Benchmarks
 
 {results["model"]}, static shapes [1, {results["seq_len"]}].
@@ -298,6 +329,8 @@ def main() -> None:
     parser.add_argument("--eval-windows", type=int, default=40)
     parser.add_argument("--validate", default=",".join(VALIDATE), help="rows also run on the HTP (2 windows)")
     parser.add_argument("--no-validate", action="store_true")
+    parser.add_argument("--compile", default="", help="rows also compiled to an HTP context binary (QNN EP)")
+    parser.add_argument("--compile-only", action="store_true", help="only compile the --compile rows' models")
     parser.add_argument("--fresh", action="store_true", help="drop rows measured by earlier runs")
     parser.add_argument("--dry", action="store_true", help="print the results, do not write files")
     args = parser.parse_args()
