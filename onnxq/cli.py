@@ -29,6 +29,7 @@ examples:
   onnxq eval smollm2-w8a16/model.qdq.onnx --ppl wikitext2 --windows 40
   onnxq validate smollm2-w8a16/model.qdq.onnx --context smollm2-w8a16/htp
   onnxq compile smollm2-w8a16/model.qdq.onnx -o smollm2-w8a16/htp --soc-model 60
+  onnxq export --kv-cache -o smollm2-kv && onnxq generate smollm2-kv --prompt "The capital of France is"
 """
 
 
@@ -75,6 +76,8 @@ def _rows(pairs: Sequence[tuple[str, str]]) -> list[str]:
 def cmd_export(args: argparse.Namespace) -> int:
     from onnxq.export import export
 
+    if args.kv_cache:
+        return _export_kv(args)
     result = export(args.model, args.output, seq_len=args.seq_len, mask_value=args.mask_value, overwrite=args.overwrite)
     data = {
         "output": str(result.path),
@@ -447,6 +450,75 @@ def cmd_compile(args: argparse.Namespace) -> int:
     return 0
 
 
+def _export_kv(args: argparse.Namespace) -> int:
+    from onnxq.export_kv import export_kv
+
+    result = export_kv(
+        args.model,
+        args.output,
+        chunk=args.chunk,
+        context=args.context,
+        mask_value=args.mask_value,
+        overwrite=args.overwrite,
+    )
+    data = {
+        "output": str(result.folder),
+        "files": [str(f) for f in result.files],
+        "chunk": result.chunk,
+        "context": result.slots,
+        "max_abs_diff_vs_transformers": result.max_abs_diff,
+        "seconds": round(result.seconds, 1),
+    }
+    lines = [f"onnxq export: {args.model or 'SmolLM2-135M-Instruct (default)'} -> {result.folder}/ (KV cache)"]
+    lines += _rows(
+        [
+            ("graphs", f"prefill: {result.chunk} tokens, decode: 1 token; KV cache of {result.slots} positions"),
+            ("exactness", f"max |onnx - transformers| = {result.max_abs_diff:.2g} (prefill then decode, float32)"),
+            ("files", ", ".join(f"{f.name} ({_mb(f)})" for f in result.files)),
+            ("time", f"{result.seconds:.0f} s"),
+        ]
+    )
+    _emit(args, data, lines)
+    return 0
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    from onnxq.generate import generate
+
+    stream = not (args.json or args.quiet)
+    if stream:
+        print(args.prompt, end="", flush=True)
+    result = generate(
+        args.folder,
+        args.prompt,
+        max_new_tokens=args.max_new_tokens,
+        temperature=args.temperature,
+        top_k=args.top_k,
+        seed=args.seed,
+        ep=args.ep,
+        on_token=(lambda t: print(t, end="", flush=True)) if stream else None,
+    )
+    data = {
+        "prompt": args.prompt,
+        "text": result.text,
+        "tokens": len(result.tokens),
+        "prefill_tokens_per_s": round(result.prefill_tps, 2),
+        "decode_tokens_per_s": round(result.decode_tps, 2),
+        "ep": args.ep,
+    }
+    if args.json:
+        print(json.dumps(data, indent=1))
+    elif not args.quiet:
+        print(
+            f"\n\n[{args.ep}] prefill {result.prompt_tokens} tokens at {result.prefill_tps:.1f} tok/s, "
+            f"decode {len(result.tokens)} tokens at {result.decode_tps:.1f} tok/s",
+            file=sys.stderr,
+        )
+    else:
+        print(result.text)
+    return 0
+
+
 # --------------------------------------------------------------------------- parser
 def build_parser() -> argparse.ArgumentParser:
     from onnxq.presets import PRESETS
@@ -481,6 +553,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="additive causal-mask value (default -100; finite so the Softmax input quantizes)",
     )
     p.add_argument("--overwrite", action="store_true", help="replace an existing output")
+    g = p.add_argument_group("generation graphs (-o is then a folder)")
+    g.add_argument(
+        "--kv-cache", action="store_true", help="write prefill.onnx and decode.onnx with a static KV cache as I/O"
+    )
+    g.add_argument("--chunk", type=int, default=64, help="tokens per prefill step (default 64)")
+    g.add_argument("--context", type=int, default=512, help="KV cache positions (default 512)")
     p.set_defaults(func=cmd_export)
 
     p = sub.add_parser(
@@ -612,6 +690,22 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
     p.set_defaults(func=cmd_compile)
+
+    p = sub.add_parser(
+        "generate",
+        parents=[common],
+        help="generate text with prefill/decode graphs",
+        description="Greedy (default) or sampled generation with the prefill.onnx and decode.onnx in FOLDER "
+        "(from `onnxq export --kv-cache`), streaming tokens; reports prefill and decode tokens/s.",
+    )
+    p.add_argument("folder", help="folder with prefill.onnx, decode.onnx and the tokenizer")
+    p.add_argument("--prompt", required=True, help="text to continue")
+    p.add_argument("--max-new-tokens", type=int, default=32, help="tokens to generate (default 32)")
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default); > 0 samples")
+    p.add_argument("--top-k", type=int, default=40, help="sample among the k most likely (default 40)")
+    p.add_argument("--seed", type=int, default=0, help="sampling seed (default 0)")
+    p.add_argument("--ep", default="cpu", choices=["cpu", "qnn"], help="ONNX Runtime CPU or the QNN HTP backend")
+    p.set_defaults(func=cmd_generate)
 
     p = sub.add_parser(
         "check",

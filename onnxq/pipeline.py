@@ -194,6 +194,11 @@ def quantize(
     check_new_output(output, overwrite=overwrite, inputs=[model_path])
     overrides = read_precision_map(precision_map) if precision_map else None
     float_model = oir.load(model_path)
+    if "onnxq.kv_slots" in float_model.metadata_props:
+        raise OnnxqError(
+            f"{model_path} is a KV-cache step graph, which onnxq cannot quantize yet",
+            "quantize the scoring graph of `onnxq export` (without --kv-cache)",
+        )
     prepared = prepare(
         float_model,
         seq_len=seq_len,
