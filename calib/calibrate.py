@@ -15,6 +15,7 @@ import numpy as np
 import onnx_ir as ir
 import torch
 
+from calib.feeds import CacheFeeds, WindowFeeds
 from calib.gptq import HessianObserver
 from calib.mirror import Mirror
 from calib.observers import METHODS, Observer
@@ -58,13 +59,15 @@ def method_for(point: Point, method: str, rotated: bool = True) -> str:
 def observe(
     model: ir.Model,
     plan: QuantPlan,
-    windows: Iterable[np.ndarray],
+    windows: Iterable[np.ndarray] | WindowFeeds | CacheFeeds,
     *,
     histogram: Callable[[Point], bool] | bool = True,
     hessians: dict[str, HessianObserver] | None = None,
     progress: Callable[[int], None] | None = None,
 ) -> dict[str, Observer]:
     """Run the float model over ``windows``, one observer per activation point (fixed memory).
+
+    ``windows`` are token windows, or :mod:`calib.feeds` (a KV-cache graph steps through its cache).
 
     ``histogram`` says which points keep a histogram (needed by ``mse`` and ``percentile``);
     ``hessians`` (tensor name -> observer) also gathers ``xᵀx`` of those tensors for GPTQ.
@@ -86,11 +89,11 @@ def observe(
         if name in hess:
             hess[name].update(value)
 
-    feed = mirror.input_names[0]
+    feeds = windows if isinstance(windows, (WindowFeeds, CacheFeeds)) else WindowFeeds(mirror.input_names[0], windows)
     seen = 0
     with torch.inference_mode():
-        for window in windows:
-            mirror.run({feed: torch.as_tensor(np.asarray(window, dtype=np.int64)).reshape(1, -1)}, tap=tap)
+        for feed in feeds:
+            feeds.update(mirror.run(feed, tap=tap))
             seen += 1
             if progress is not None:
                 progress(1)

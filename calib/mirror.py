@@ -608,6 +608,9 @@ class Mirror(torch.nn.Module):
         env: dict[str, torch.Tensor] = {}
         for name, value in feeds.items():
             env[name] = value if isinstance(value, torch.Tensor) else to_torch(np.asarray(value))
+            replaced = tap(name, env[name]) if tap is not None else None  # float inputs (a KV cache) are tapped too
+            if replaced is not None:
+                env[name] = replaced
         if start:
             env.update(start)
         keep_set = set(keep)

@@ -143,17 +143,21 @@ def export_step(
     chunk: int,
     slots: int,
     mask_value: float,
+    max_positions: int | None = None,
     metadata: dict[str, str] | None = None,
 ) -> tuple[Path, float]:
-    """Export the cached step at chunk size ``chunk``; returns the path and the export seconds."""
+    """Export the cached step at chunk size ``chunk``; returns the path and the export seconds.
+
+    ``max_positions`` sizes the RoPE table; prefill and decode share one size so that their tables
+    (constants the quantizer encodes once for both) are the same tensor.
+    """
     import torch
 
     from onnxq.export import _fold_constants, _tidy
 
     start = time.perf_counter()
     shape = cache_shape(hf_model.config, slots)
-    max_positions = slots + chunk
-    module = _step_module(hf_model, max_positions)
+    module = _step_module(hf_model, max_positions or slots + chunk)
     feeds = step_inputs(np.arange(chunk) % hf_model.config.vocab_size, 0, chunk, shape, mask_value)
     past = shape.empty()
     args = tuple(torch.from_numpy(v) for v in (*feeds.values(), *past.values()))
@@ -247,7 +251,15 @@ def export_kv_model(
     hf_model.set_attn_implementation(_register_attention(mask_value))  # the reference uses the finite mask too
     try:
         files = [
-            export_step(hf_model, folder / name, chunk=n, slots=context, mask_value=mask_value, metadata=metadata)[0]
+            export_step(
+                hf_model,
+                folder / name,
+                chunk=n,
+                slots=context,
+                mask_value=mask_value,
+                max_positions=context + chunk,
+                metadata=metadata,
+            )[0]
             for name, n in (("prefill.onnx", chunk), ("decode.onnx", 1))
         ]
         if check_ids is None:

@@ -21,6 +21,18 @@ from onnxq.export_kv import CacheShape, read_shape, step_inputs
 PREFILL, DECODE = "prefill.onnx", "decode.onnx"
 
 
+def graphs(folder: str | Path) -> tuple[Path, Path]:
+    """The prefill and decode graphs in ``folder``: quantized (``*.qdq.onnx``) if there, else float."""
+    folder = Path(folder)
+    for suffix in (".qdq.onnx", ".onnx"):
+        pair = (folder / f"prefill{suffix}", folder / f"decode{suffix}")
+        if all(p.exists() for p in pair):
+            return pair
+    raise OnnxqError(
+        f"{folder} has no prefill/decode graphs", "export with `onnxq export --kv-cache -o FOLDER` (then quantize it)"
+    )
+
+
 @dataclass
 class Generation:
     prompt_tokens: int
@@ -45,16 +57,13 @@ class Stepper:
     def __init__(self, folder: str | Path, ep: str = "cpu") -> None:
         from onnxq.evaluate import make_session
 
-        folder = Path(folder)
-        for name in (PREFILL, DECODE):
-            if not (folder / name).exists():
-                raise OnnxqError(f"{folder} has no {name}", "export with `onnxq export --kv-cache -o FOLDER`")
-        self.chunk, self.shape, self.mask_value = read_shape(folder / PREFILL)
-        decode_chunk, decode_shape, _ = read_shape(folder / DECODE)
+        prefill, decode = graphs(folder)
+        self.chunk, self.shape, self.mask_value = read_shape(prefill)
+        decode_chunk, decode_shape, _ = read_shape(decode)
         if decode_chunk != 1 or decode_shape != self.shape:
-            raise OnnxqError(f"{folder}: decode.onnx does not match prefill.onnx", "export both in one run")
-        self.prefill = make_session(folder / PREFILL, ep)
-        self.decode = make_session(folder / DECODE, ep)
+            raise OnnxqError(f"{folder}: {decode.name} does not match {prefill.name}", "export both in one run")
+        self.prefill = make_session(prefill, ep)
+        self.decode = make_session(decode, ep)
         self.cache = self.shape.empty()
         self.position = 0
 
@@ -117,7 +126,7 @@ def generate(
     """Greedy (``temperature=0``) or sampled continuation of ``prompt``; ``on_token`` streams text."""
     from onnxq.sources import tokenizer_for
 
-    tok = tokenizer or tokenizer_for(Path(folder) / PREFILL)
+    tok = tokenizer or tokenizer_for(graphs(folder)[0])
     run = stepper or Stepper(folder, ep)
     run.reset()
     ids = tok(prompt, return_attention_mask=False)["input_ids"]

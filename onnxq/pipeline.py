@@ -23,6 +23,7 @@ from onnxq import presets as presets_mod
 from onnxq.errors import OnnxqError
 from onnxq.files import SIDE_FILES, atomic_dir, check_new_output
 from onnxq.metrics import peak_rss_mb
+from onnxq.pipeline_kv import is_kv_folder, quantize_kv
 from onnxq.plan import QuantPlan, build_plan, read_precision_map
 from onnxq.qdq import emit_qdq
 from onnxq.qtypes import Encoding
@@ -98,8 +99,9 @@ def prepare(
     if mask_value is None:
         stored = model.metadata_props.get("onnxq.mask_value")
         mask_value = float(stored) if stored else recipe.mask_value
+    kv_step = "onnxq.kv_slots" in model.metadata_props  # its mask/position/cache inputs stay inputs
     steps = [
-        lambda m: canonical.specialize_inputs(m, seq_len),
+        *([] if kv_step else [lambda m: canonical.specialize_inputs(m, seq_len)]),
         canonical.fold_constants,
         lambda m: canonical.finite_mask(m, mask_value),
         canonical.untie_weights,
@@ -191,13 +193,46 @@ def quantize(
         raise OnnxqError(f"--windows {windows} is not a positive count", "pass e.g. --windows 16")
     if encodings_version not in aimet.VERSIONS:
         raise OnnxqError(f"unknown encodings version {encodings_version!r}", f"use one of: {', '.join(aimet.VERSIONS)}")
+    if is_kv_folder(model_path):
+        unsupported = [
+            f
+            for f, on in (
+                ("--learn", learn),
+                ("--budget", budget),
+                ("--weight-budget", weight_budget),
+                ("--online-hadamard", online_hadamard),
+            )
+            if on
+        ]
+        if unsupported:
+            raise OnnxqError(
+                f"{', '.join(unsupported)} is not supported for KV-cache graphs yet",
+                "quantize the scoring graph of `onnxq export` for that",
+            )
+        return quantize_kv(
+            model_path,
+            output,
+            preset=preset,
+            calib=calib,
+            windows=windows,
+            method=method,
+            weight_method=weight_method,
+            precision_map=precision_map,
+            mask_value=mask_value,
+            rotate=rotate,
+            seed=seed,
+            tokenizer=tokenizer,
+            encodings_version=encodings_version,
+            overwrite=overwrite,
+            progress=progress,
+        )
     check_new_output(output, overwrite=overwrite, inputs=[model_path])
     overrides = read_precision_map(precision_map) if precision_map else None
     float_model = oir.load(model_path)
     if "onnxq.kv_slots" in float_model.metadata_props:
         raise OnnxqError(
-            f"{model_path} is a KV-cache step graph, which onnxq cannot quantize yet",
-            "quantize the scoring graph of `onnxq export` (without --kv-cache)",
+            f"{model_path} is one graph of a KV-cache pair",
+            f"quantize the folder holding prefill.onnx and decode.onnx: onnxq quantize {model_path.parent}",
         )
     prepared = prepare(
         float_model,

@@ -215,6 +215,7 @@ def build_plan(
             roots.add(value.name)
             order[value.name] = -1
     forced16 = {o.name for n in graph if n.op_type in HTP_16BIT_OUTPUT for o in n.outputs}
+    kv_inputs = {v.name for v in graph.inputs if (v.name or "").startswith(("past_key", "past_value"))}
     for i, node in enumerate(graph):
         lin = as_linear(node)
         if lin is not None:
@@ -293,7 +294,8 @@ def build_plan(
             first = min(acts, key=lambda m: order.get(m, 0))
             name = group_roots[0] if group_roots else first
             group_roots += extra_roots.get(rep, [])
-            role = roles.get(name, Role("other"))
+            # a group named after a graph input (a KV cache) takes the role of the op that feeds it
+            role = roles.get(name) or next((roles[r] for r in group_roots if r in roles), Role("other"))
             kind = "act"
         else:
             name = consts[0]
@@ -307,6 +309,8 @@ def build_plan(
             bits, why = 16, FORCED_WHY
         else:
             bits, why = act_width(role, preset, recipe)
+            if any(m in kv_inputs for m in members) and recipe.kv_cache_bits < bits:
+                bits, why = recipe.kv_cache_bits, "kv cache"
         if name in overrides:
             wanted = overrides.pop(name)
             if wanted != bits and why == FORCED_WHY:

@@ -20,6 +20,7 @@ class Recipe:
     mask_value: float = -100.0
     kept16: frozenset[str] = frozenset()
     lm_head_weight_bits: int = 8
+    kv_cache_bits: int = 8
     expected: dict[str, dict[str, float]] = field(default_factory=dict)
 
 
@@ -49,6 +50,7 @@ def _parse(path: Path) -> Recipe:
         mask_value=float(export.get("mask_value", -100.0)),
         kept16=frozenset(precision.get("kept16", GENERIC.kept16)),
         lm_head_weight_bits=int(precision.get("lm_head_weight_bits", 8)),
+        kv_cache_bits=int(precision.get("kv_cache_bits", 8)),
         expected={k: dict(v) for k, v in data.get("expected", {}).items()},
     )
 

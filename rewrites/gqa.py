@@ -9,7 +9,8 @@ axis instead:
     probs @ v [1, KV, S, D]                   → [1, KV, G·S, D] → reshape [1, H, S, D]
 
 (head ``h`` uses K/V head ``h // G`` in both forms). The additive mask is tiled G times along its
-query axis. Exact: only data movement changes.
+query axis (a constant is tiled in place; a mask input, as in KV-cache step graphs, through a
+Concat). Exact: only data movement changes.
 """
 
 from __future__ import annotations
@@ -58,25 +59,27 @@ def _rewrite_one(model: ir.Model, g: _Graph, attn: Attention, tiled_masks: dict[
         return False
     _, heads, seq, dim = (int(d) for d in q.shape)
     kv = int(k_src.shape[1])
+    keys = int(k_src.shape[2])  # = seq, or past + seq in a KV-cache step graph
     group = heads // kv
     scores_region = forward_region(g, qk.outputs[0].name, {attn.softmax})
     mask_nodes = [n for n in scores_region if n.op_type == "Add"]
     for node in mask_nodes:
         for idx, inp in enumerate(node.inputs):
-            arr = const_array(inp)
-            if arr is None or arr.size == 1:
+            if inp is None or inp.producer() in scores_region or inp is qk.outputs[0]:
                 continue
-            if arr.ndim < 2 or arr.shape[-2] != seq:
-                return False
+            arr = const_array(inp)
+            if arr is not None and arr.size == 1:
+                continue
             key = (inp.name, group)
             if key not in tiled_masks:  # one tiled copy per shared mask, not one per layer
-                tiled = np.tile(arr.reshape(-1, seq, arr.shape[-1])[:1], (1, group, 1)).reshape(1, 1, group * seq, -1)
-                tiled_masks[key] = add_initializer(graph, f"{inp.name}.gqa", tiled.astype(arr.dtype))
+                tiled_masks[key] = _tile_mask(graph, inp, arr, seq, group)
+            if tiled_masks[key] is None:
+                return False
             node.replace_input_with(idx, tiled_masks[key])
 
     shape_q = add_initializer(graph, f"{attn.qk}.q_shape", np.array([1, kv, group * seq, dim], dtype=np.int64))
     q_g = ir.Value(name=unique_name(graph, f"{q.name}.grouped"), type=q.type, shape=ir.Shape([1, kv, group * seq, dim]))
-    k_t = ir.Value(name=unique_name(graph, f"{k_src.name}.t"), type=k_src.type, shape=ir.Shape([1, kv, dim, seq]))
+    k_t = ir.Value(name=unique_name(graph, f"{k_src.name}.t"), type=k_src.type, shape=ir.Shape([1, kv, dim, keys]))
     graph.insert_before(
         qk,
         [
@@ -89,7 +92,7 @@ def _rewrite_one(model: ir.Model, g: _Graph, attn: Attention, tiled_masks: dict[
     qk.replace_input_with(0, q_g)
     qk.replace_input_with(1, k_t)
     av.replace_input_with(1, v_src)
-    new_scores = ir.Shape([1, kv, group * seq, seq])
+    new_scores = ir.Shape([1, kv, group * seq, keys])
     for node in [qk, *scores_region, g.nodes[attn.softmax]]:
         for out in node.outputs:
             out.shape = new_scores
@@ -108,6 +111,28 @@ def _rewrite_one(model: ir.Model, g: _Graph, attn: Attention, tiled_masks: dict[
         if all(not o.uses() for o in node.outputs):
             graph.remove(node, safe=True)
     return True
+
+
+def _tile_mask(graph: ir.Graph, mask: ir.Value, arr: np.ndarray | None, seq: int, group: int) -> ir.Value | None:
+    """The mask repeated ``group`` times along its query axis: a constant, or a Concat of an input."""
+    if arr is not None:
+        if arr.ndim < 2 or arr.shape[-2] != seq:
+            return None
+        tiled = np.tile(arr.reshape(-1, seq, arr.shape[-1])[:1], (1, group, 1)).reshape(1, 1, group * seq, -1)
+        return add_initializer(graph, f"{mask.name}.gqa", tiled.astype(arr.dtype))
+    shape = list(mask.shape) if mask.shape is not None else []
+    if len(shape) != 4 or shape[:2] != [1, 1] or shape[2] != seq:
+        return None
+    out = ir.Value(
+        name=unique_name(graph, f"{mask.name}.gqa"), type=mask.type, shape=ir.Shape([1, 1, group * seq, shape[3]])
+    )
+    node = ir.node("Concat", [mask] * group, {"axis": 2}, outputs=[out], name=unique_name(graph, f"{mask.name}/gqa"))
+    producer = mask.producer()
+    if producer is not None:
+        graph.insert_after(producer, node)
+    else:
+        graph.insert_before(next(iter(graph)), node)
+    return out
 
 
 def group_query_attention(model: ir.Model, structure: Structure) -> RewriteResult:

@@ -499,6 +499,8 @@ def discover(model: ir.Model) -> Structure:
         for n in g.graph
         if n.op_type == "Gather" and is_const(n.inputs[0]) and n.inputs[1] is not None and n.inputs[1].is_graph_input()
     ]
+    if len(embeds) > 1:  # a step graph also gathers RoPE rows by position_ids: the token table reads input_ids
+        embeds = [n for n in embeds if n.inputs[1] is not None and n.inputs[1].name == "input_ids"]
     if len(embeds) != 1:
         raise StructureError(f"expected one embedding Gather reading the token ids, found {len(embeds)}")
     embed = embeds[0]

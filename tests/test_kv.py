@@ -76,7 +76,7 @@ def test_a_full_context_is_refused(kv_folder: Path) -> None:
         stepper.step([5])
 
 
-def test_generate_cli_json_and_the_quantizer_refusal(
+def test_generate_cli_json_and_a_lone_step_graph_refused(
     kv_folder: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     import json
@@ -90,4 +90,49 @@ def test_generate_cli_json_and_the_quantizer_refusal(
     out = tmp_path / "q"
     assert main(["quantize", str(kv_folder / "prefill.onnx"), "-o", str(out)]) == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and "KV-cache step graph" in err[0] and not out.exists()
+    assert len(err) == 1 and "one graph of a KV-cache pair" in err[0] and not out.exists()
+
+
+@pytest.fixture(scope="module")
+def kv_w8a16(kv_folder: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from onnxq.pipeline import quantize
+
+    out = tmp_path_factory.mktemp("kvq") / "w8a16"
+    quantize(kv_folder, out, preset="w8a16", calib="wikitext2-valid", windows=2)
+    return out
+
+
+def _steps(stepper: Stepper, ids: np.ndarray, prefill: int) -> np.ndarray:
+    return np.concatenate([stepper.step(ids[:prefill]), *(stepper.step([t]) for t in ids[prefill:])])
+
+
+def test_quantized_decode_equals_quantized_prefill(kv_w8a16: Path, kv_folder: Path, eval_ids: np.ndarray) -> None:
+    import json
+
+    assert (kv_w8a16 / "prefill.qdq.onnx").exists() and (kv_w8a16 / "decode.qdq.onnx").exists()
+    points = json.loads((kv_w8a16 / "precision_map.json").read_text())["points"]
+    summary = json.loads((kv_w8a16 / "encodings.json").read_text())["points"]
+    for i in range(2):  # one 8-bit symmetric quantizer for each layer's cache input and output
+        for kv in ("key", "value"):
+            assert points[f"past_{kv}_{i}"]["bits"] == 8 and points[f"past_{kv}_{i}"]["why"] == "kv cache"
+            assert f"present_{kv}_{i}" in summary[f"past_{kv}_{i}"]["tensors"]
+    ids = eval_ids[0][:30]
+    by_prefill = Stepper(kv_w8a16).step(ids)  # chunks of 8
+    by_decode = _steps(Stepper(kv_w8a16), ids, 1)  # one token at a time
+    np.testing.assert_allclose(by_decode, by_prefill, atol=1e-5)  # measured: 0.0
+    floats = Stepper(kv_folder).step(ids)
+    assert (by_prefill.argmax(-1) == floats.argmax(-1)).mean() > 0.8  # measured 0.92 (random tiny model)
+
+
+def test_quantized_step_graphs_run_whole_on_the_htp(kv_w8a16: Path, eval_ids: np.ndarray) -> None:
+    from onnxq import qnn
+
+    for graph in ("prefill", "decode"):
+        sess = qnn.session(kv_w8a16 / f"{graph}.qdq.onnx")
+        counts = qnn.assigned_nodes(sess)
+        assert set(counts) == {"QNNExecutionProvider"}, counts
+    ids = eval_ids[0][:26]
+    htp = _steps(Stepper(kv_w8a16, ep="qnn"), ids, 20)
+    cpu = _steps(Stepper(kv_w8a16), ids, 20)
+    assert np.abs(htp - cpu).max() < 0.5  # measured 0.10 on logits of magnitude ~5
+    assert (htp.argmax(-1) == cpu.argmax(-1)).mean() > 0.85  # measured 0.96
