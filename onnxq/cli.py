@@ -170,7 +170,10 @@ def cmd_quantize(args: argparse.Namespace) -> int:
             ("weights", f"{counts['weights int8']} int8, {counts['weights int4']} int4 (per-channel, symmetric)"),
             (
                 "calibration",
-                f"{s['calibration']['data']}, {s['calibration']['windows']} windows x {s['seq_len']}, "
+                f"{s['calibration']['data']}, {s['calibration']['windows']} windows x "
+                f"{s['calibration'].get('window_tokens', s['seq_len'])}"
+                + (f" ({s['calibration']['steps']} cache steps)" if "steps" in s["calibration"] else "")
+                + ", "
                 f"{s['calibration']['method']}, {s['calibration']['seconds']:.0f} s",
             ),
             ("mixed precision", _mixed_line(s.get("mixed_precision"))),
@@ -568,7 +571,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Insert QuantizeLinear/DequantizeLinear with fixed scales, following the HTP's "
         "rules. Writes model.qdq.onnx, precision_map.json, encodings.json, summary.json.",
     )
-    p.add_argument("model", help="float ONNX model (from onnxq export, optimum or torch.onnx)")
+    p.add_argument("model", help="float ONNX model (onnxq export, optimum, torch.onnx), or an export --kv-cache folder")
     p.add_argument("-o", "--output", help="output folder (default: <model>-<preset> next to the model)")
     p.add_argument(
         "--preset",
@@ -680,7 +683,7 @@ def build_parser() -> argparse.ArgumentParser:
         "model_ctx_qnn.bin, reloaded and run once. --toolchain qairt: float model + AIMET encodings through "
         "qnn-onnx-converter, qnn-model-lib-generator and qnn-context-binary-generator (needs QAIRT_SDK_ROOT).",
     )
-    p.add_argument("model", help="QDQ ONNX model (model.qdq.onnx)")
+    p.add_argument("model", help="QDQ ONNX model (model.qdq.onnx), or a quantized KV-cache folder (both graphs)")
     p.add_argument("-o", "--output", help="output folder (default: htp/ next to the model)")
     p.add_argument("--toolchain", default="ort", choices=["ort", "qairt"], help="who compiles (default ort)")
     p.add_argument("--htp-arch", default="75", help="HTP architecture (default 75)")

@@ -96,17 +96,25 @@ def compile_model(
     model, output = Path(model), Path(output)
     if toolchain not in TOOLCHAINS:
         raise OnnxqError(f"unknown toolchain {toolchain!r}", f"use one of: {', '.join(TOOLCHAINS)}")
-    if not model.is_file():
-        raise OnnxqError(f"{model} does not exist", "pass the model.qdq.onnx that `onnxq quantize` wrote")
+    graphs = _graphs(model)
+    if len(graphs) > 1 and toolchain != "ort":
+        raise OnnxqError("--toolchain qairt takes one graph", "compile prefill.qdq.onnx and decode.qdq.onnx one by one")
     check_new_output(output, overwrite=overwrite, inputs=[model])
     arch = None if soc_model else (htp_arch or DEFAULT_HTP_ARCH)
     sdk = sdk_root() if toolchain == "qairt" else None  # fail before any work
     with atomic_dir(output, overwrite=overwrite) as tmp:
         for name in CARRIED:
-            if (model.parent / name).exists():
-                shutil.copyfile(model.parent / name, tmp / name)
+            if (graphs[0].parent / name).exists():
+                shutil.copyfile(graphs[0].parent / name, tmp / name)
         if toolchain == "ort":
-            result = _compile_ort(model, tmp, arch, soc_model, verify)
+            parts = [_compile_ort(g, tmp, arch, soc_model, verify) for g in graphs]
+            result = parts[0]
+            if len(parts) > 1:  # prefill + decode: one context binary each
+                result.seconds = {
+                    f"{_stem(g)} {k}": v for g, r in zip(graphs, parts, strict=True) for k, v in r.seconds.items()
+                }
+                errors = [r.rerun_max_abs_error for r in parts if r.rerun_max_abs_error is not None]
+                result.rerun_max_abs_error = max(errors) if errors else None
         else:
             assert sdk is not None
             result = _compile_qairt(model, tmp, sdk, arch, soc_model, encodings_version, runner or _run)
@@ -115,10 +123,33 @@ def compile_model(
     return result
 
 
+def _graphs(model: Path) -> list[Path]:
+    """The QDQ graphs to compile: the file itself, or a quantized KV-cache folder's two graphs."""
+    if model.is_file():
+        return [model]
+    pair = [model / "prefill.qdq.onnx", model / "decode.qdq.onnx"]
+    if model.is_dir() and all(p.exists() for p in pair):
+        return pair
+    raise OnnxqError(
+        f"{model} is neither a QDQ model nor a folder with prefill.qdq.onnx and decode.qdq.onnx",
+        "pass what `onnxq quantize` wrote",
+    )
+
+
+def _stem(model: Path) -> str:
+    return model.name.removesuffix(".onnx").removesuffix(".qdq")
+
+
 # --------------------------------------------------------------------------- ONNX Runtime's QNN EP
-def _feed(sess: Any) -> dict[str, np.ndarray]:
-    """One window of token ids (fixed, in vocabulary) for the inputs of ``sess``."""
-    inp = sess.get_inputs()[0]
+def _feed(sess: Any, model: Path) -> dict[str, np.ndarray]:
+    """Fixed, in-vocabulary token ids for ``sess`` (and an empty cache for a KV-cache step graph)."""
+    inputs = sess.get_inputs()
+    if len(inputs) > 1:
+        from onnxq.export_kv import read_shape, step_inputs
+
+        chunk, shape, mask_value = read_shape(model)
+        return {**step_inputs(np.arange(chunk) % 97 + 3, 0, chunk, shape, mask_value), **shape.empty()}
+    inp = inputs[0]
     length = next((d for d in reversed(inp.shape) if isinstance(d, int) and d > 0), 1)
     return {inp.name: (np.arange(length, dtype=np.int64) % 97 + 3).reshape(1, -1)}
 
@@ -126,13 +157,13 @@ def _feed(sess: Any) -> dict[str, np.ndarray]:
 def _compile_ort(model: Path, tmp: Path, arch: str | None, soc_model: str | None, verify: bool) -> CompileResult:
     from onnxq.qnn import session
 
-    context = tmp / "model_ctx.onnx"
+    context = tmp / f"{_stem(model)}_ctx.onnx"
     t = time.perf_counter()
     compiled = session(model, htp_arch=arch, soc_model=soc_model, context_file=context)
     t_compile = time.perf_counter() - t
     if not context.exists():
         raise OnnxqError(f"the QNN EP did not write {context.name}", "check the provider options (--htp-arch)")
-    feed = _feed(compiled)
+    feed = _feed(compiled, model)
     first = compiled.run(None, feed)[0] if verify else None
     del compiled
     t = time.perf_counter()

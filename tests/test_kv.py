@@ -136,3 +136,12 @@ def test_quantized_step_graphs_run_whole_on_the_htp(kv_w8a16: Path, eval_ids: np
     cpu = _steps(Stepper(kv_w8a16), ids, 20)
     assert np.abs(htp - cpu).max() < 0.5  # measured 0.10 on logits of magnitude ~5
     assert (htp.argmax(-1) == cpu.argmax(-1)).mean() > 0.85  # measured 0.96
+
+
+def test_the_quantized_pair_compiles_to_two_context_binaries(kv_w8a16: Path, tmp_path: Path) -> None:
+    from onnxq.compile import compile_model
+
+    result = compile_model(kv_w8a16, tmp_path / "htp")
+    assert result.files["prefill_ctx.onnx"] > 0 and result.files["decode_ctx.onnx"] > 0
+    assert result.files["prefill_ctx_qnn.bin"] > 10_000 and result.files["decode_ctx_qnn.bin"] > 10_000
+    assert result.rerun_max_abs_error == 0.0  # each reloaded binary computes what was compiled

@@ -316,6 +316,12 @@ per-channel clipping search then round to nearest; `gptq`: the same scales, GPTQ
         from tools.diagnose import section
 
         text += "\n" + section(json.loads(diagnostics.read_text(encoding="utf-8")))
+    generation = RESULTS.parent / "generate.json"
+    if generation.exists():
+        sys.path.insert(0, str(ROOT))
+        from tools.bench_generate import section as generation_section
+
+        text += "\n" + generation_section(json.loads(generation.read_text(encoding="utf-8")))
     TABLE.write_text(text, encoding="utf-8")
 
 

@@ -1,0 +1,118 @@
+"""Generation benchmark: SmolLM2's KV-cache graphs, float and quantized, on ONNX Runtime CPU.
+
+    python tools/bench_generate.py [--presets w8a16,w4a8] [--chunk 64] [--context 256]
+
+For each preset: export (once) the prefill/decode graphs, quantize them from one calibration, and
+measure (1) greedy generation for a fixed prompt (the text, prefill and decode tokens/s), (2) how far
+the decode graph's logits are from the prefill graph's for the same positions (the same WikiText-2
+tokens run both ways), (3) top-1 agreement of the quantized graphs with the float ones there.
+Writes ``tools/results/generate.json`` and the "Generation" section of BENCHMARKS.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+RESULTS = ROOT / "tools" / "results" / "generate.json"
+PROMPT = "The capital of France is"
+
+
+def measure(
+    folder: Path, ids: np.ndarray, chunk: int, reference: np.ndarray | None
+) -> tuple[dict[str, Any], np.ndarray]:
+    """The row for one folder of graphs, and its prefill logits (the reference of later rows)."""
+    from onnxq.generate import Stepper, generate
+
+    out = generate(folder, PROMPT, max_new_tokens=24)
+    by_prefill = Stepper(folder).step(ids)  # chunks
+    stepper = Stepper(folder)
+    by_decode = np.concatenate([stepper.step(ids[:chunk]), *(stepper.step([t]) for t in ids[chunk:])])
+    tail = slice(chunk, len(ids))  # positions the decode graph computed
+    row: dict[str, Any] = {
+        "text": out.text,
+        "starts_with_paris": out.text.strip().startswith("Paris"),
+        "prefill_tokens_per_s": round(out.prefill_tps, 2),
+        "decode_tokens_per_s": round(out.decode_tps, 2),
+        "decode_vs_prefill_max_abs": float(np.abs(by_decode[tail] - by_prefill[tail]).max()),
+        "decode_vs_prefill_top1": float((by_decode[tail].argmax(-1) == by_prefill[tail].argmax(-1)).mean()),
+    }
+    if reference is not None:
+        row["top1_vs_float"] = float((by_prefill.argmax(-1) == reference.argmax(-1)).mean())
+    return row, by_prefill
+
+
+def main() -> None:
+    from calib.data import windows
+    from onnxq.export_kv import export_kv
+    from onnxq.pipeline import quantize
+    from onnxq.sources import tokenizer_for
+
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--presets", default="w8a16,w4a8")
+    parser.add_argument("--chunk", type=int, default=64)
+    parser.add_argument("--context", type=int, default=256)
+    parser.add_argument("--tokens", type=int, default=96, help="WikiText-2 tokens run through both graphs")
+    parser.add_argument("--work", default=str(ROOT / "runs" / "generate"))
+    args = parser.parse_args()
+    work = Path(args.work)
+    float_dir = work / "float"
+    results: dict[str, Any] = {"chunk": args.chunk, "context": args.context, "prompt": PROMPT, "rows": {}}
+    t = time.perf_counter()
+    if not float_dir.exists():
+        export_kv(None, float_dir, chunk=args.chunk, context=args.context)
+    results["export_seconds"] = round(time.perf_counter() - t, 1)
+    tok = tokenizer_for(float_dir / "prefill.onnx")
+    ids = windows(tok, "wikitext2", args.tokens, 1).ids[0]
+    row, reference = measure(float_dir, ids, args.chunk, None)
+    results["rows"]["float"] = row
+    for preset in [p for p in args.presets.split(",") if p]:
+        out = work / preset
+        t = time.perf_counter()
+        q = quantize(float_dir, out, preset=preset, overwrite=True)
+        row, _ = measure(out, ids, args.chunk, reference)
+        row["quantize_seconds"] = round(time.perf_counter() - t, 1)
+        row["peak_rss_mb"] = q.summary["peak_rss_mb"]
+        results["rows"][preset] = row
+        print(f"[generate] {preset}: {row['text']!r}", file=sys.stderr, flush=True)
+    RESULTS.write_text(json.dumps(results, indent=1) + "\n", encoding="utf-8")
+    from tools import bench
+
+    if bench.RESULTS.exists():  # refresh BENCHMARKS.md, which carries this section
+        bench.write(json.loads(bench.RESULTS.read_text(encoding="utf-8")))
+    print(json.dumps(results, indent=1))
+
+
+def section(results: dict[str, Any]) -> str:
+    """The BENCHMARKS.md section for ``results`` (called by tools/bench.py when it writes the file)."""
+    lines = [
+        "## Generation (KV-cache graphs)",
+        "",
+        f"`onnxq export --kv-cache --chunk {results['chunk']} --context {results['context']}`, quantized with "
+        "`onnxq quantize FOLDER`, greedy `onnxq generate` on ONNX Runtime CPU (2 cores) for "
+        f"{results['prompt']!r}; decode vs prefill: the same WikiText-2 tokens through both graphs, "
+        "positions after the first chunk (`python tools/bench_generate.py`).",
+        "",
+        "| graphs | continuation | prefill tok/s | decode tok/s | decode vs prefill max abs | top-1 vs float |",
+        "|---|---|---:|---:|---:|---:|",
+    ]
+    for name, r in results["rows"].items():
+        text = r["text"].replace("\n", "⏎").replace("|", "\\|")[:60]
+        top1 = f"{100 * r['top1_vs_float']:.1f} %" if "top1_vs_float" in r else ""
+        lines.append(
+            f"| {name} | {text} | {r['prefill_tokens_per_s']:.1f} | {r['decode_tokens_per_s']:.1f} | "
+            f"{r['decode_vs_prefill_max_abs']:.3g} | {top1} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":
+    main()
