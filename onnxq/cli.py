@@ -225,42 +225,59 @@ def _tokenizer_or_none(model: str, explicit: str | None) -> Any:
 
 def cmd_eval(args: argparse.Namespace) -> int:
     from calib.data import windows
+    from onnxq import zeroshot
     from onnxq.evaluate import perplexity
     from onnxq.sources import tokenizer_for
 
-    seq_len = args.seq_len or _model_seq_len(args.model)  # also checks the model exists
-    tok = tokenizer_for(args.model, args.tokenizer)
+    tasks = [t.strip() for t in (args.tasks or "").split(",") if t.strip()]
+    datasets = args.ppl if args.ppl is not None else ([] if tasks else ["wikitext2"])
     progress = _Progress(not (args.quiet or args.json))
-    results = []
+    models = []
     try:
-        for dataset in args.ppl:
-            w = windows(tok, dataset, seq_len, args.windows)
-            tick = progress(f"{dataset} ({args.ep})", len(w))
-            results.append(perplexity(args.model, w.ids, ep=args.ep, dataset=dataset, progress=tick))
+        for model in args.model:
+            seq_len = args.seq_len or _model_seq_len(model)  # also checks the model exists
+            tok = tokenizer_for(model, args.tokenizer)
+            entry: dict[str, Any] = {"model": model, "ep": args.ep, "results": [], "tasks": []}
+            for dataset in datasets:
+                w = windows(tok, dataset, seq_len, args.windows)
+                tick = progress(f"{dataset} ({args.ep})", len(w))
+                r = perplexity(model, w.ids, ep=args.ep, dataset=dataset, progress=tick)
+                entry["results"].append(
+                    {
+                        "dataset": r.dataset,
+                        "ppl": r.ppl,
+                        "windows": r.windows,
+                        "seq_len": r.seq_len,
+                        "tokens": r.tokens,
+                        "seconds": round(r.seconds, 1),
+                    }
+                )
+            for task in tasks:
+                tick = progress(f"{task} ({args.ep})", zeroshot.requests_count(task, args.limit))
+                z = zeroshot.evaluate(model, task, tok, limit=args.limit, ep=args.ep, progress=tick)
+                entry["tasks"].append(
+                    {
+                        "task": z.task,
+                        "items": z.items,
+                        "acc": z.acc,
+                        "acc_norm": z.acc_norm,
+                        "seconds": round(z.seconds, 1),
+                    }
+                )
+            models.append(entry)
     finally:
         progress.close()
-    data = {
-        "model": args.model,
-        "ep": args.ep,
-        "results": [
-            {
-                "dataset": r.dataset,
-                "ppl": r.ppl,
-                "windows": r.windows,
-                "seq_len": r.seq_len,
-                "tokens": r.tokens,
-                "seconds": round(r.seconds, 1),
-            }
-            for r in results
-        ],
-    }
-    lines = [f"onnxq eval: {args.model} on {args.ep}"]
-    lines += _rows(
-        [
-            (r.dataset, f"perplexity {r.ppl:.3f}  ({r.windows} windows x {r.seq_len}, {r.seconds:.0f} s)")
-            for r in results
-        ]
-    )
+    data = {**models[0], "models": models}  # the first model's numbers also at the top level
+    names = [Path(m["model"]).parent.name + "/" + Path(m["model"]).name for m in models]
+    lines = [f"onnxq eval on {args.ep}: " + "  vs  ".join(names)]
+    rows = []
+    for i, dataset in enumerate(datasets):
+        cells = [f"{m['results'][i]['ppl']:.3f}" for m in models]
+        rows.append((f"{dataset} ppl", "  |  ".join(cells)))
+    for i, task in enumerate(tasks):
+        cells = [f"acc {m['tasks'][i]['acc']:.3f}, acc_norm {m['tasks'][i]['acc_norm']:.3f}" for m in models]
+        rows.append((f"{task} ({models[0]['tasks'][i]['items']})", "  |  ".join(cells)))
+    lines += _rows(rows)
     _emit(args, data, lines)
     return 0
 
@@ -648,11 +665,14 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser(
         "eval",
         parents=[common],
-        help="perplexity on ONNX Runtime CPU or the QNN HTP",
-        description="Perplexity over non-overlapping windows (the convention of shared/data/README.md).",
+        help="perplexity and zero-shot accuracy on ONNX Runtime CPU or the QNN HTP",
+        description="Perplexity over non-overlapping windows (the convention of shared/data/README.md) and "
+        "zero-shot accuracy (PIQA, HellaSwag; scored as lm-eval-harness does) of one or more models, side by side.",
     )
-    p.add_argument("model", help="ONNX model (float or QDQ)")
-    p.add_argument("--ppl", nargs="+", default=["wikitext2"], help="datasets: wikitext2, c4, or text files")
+    p.add_argument("model", nargs="+", help="ONNX models (float or QDQ), e.g. the float one and its QDQ")
+    p.add_argument("--ppl", nargs="+", help="datasets: wikitext2, c4, or text files (default wikitext2 unless --tasks)")
+    p.add_argument("--tasks", help="zero-shot tasks, comma-separated: piqa, hellaswag")
+    p.add_argument("--limit", type=int, help="first N items of each task (default all)")
     p.add_argument("--windows", type=int, default=40, help="number of windows (default 40)")
     p.add_argument("--seq-len", type=int, help="window length (default: the model's)")
     p.add_argument("--ep", default="cpu", choices=["cpu", "qnn"], help="execution provider (default cpu)")

@@ -1,0 +1,184 @@
+"""Zero-shot multiple choice (PIQA, HellaSwag) on an ONNX scoring graph, scored as lm-eval-harness does.
+
+Each choice is scored by the log-likelihood of its tokens after the context; ``acc`` picks the
+highest sum, ``acc_norm`` the highest sum per character of the choice. The context/continuation
+split follows lm-eval: trailing spaces of the context move to the continuation, the whole text is
+tokenized once and the continuation is what follows the context's tokens. The graph has a static
+length S: the sequence is cut from the left to S tokens and padded on the right (a causal model's
+logits do not depend on what follows).
+
+Prompts: PIQA ``"Question: {goal}\\nAnswer:"`` + ``" " + solution``; HellaSwag
+``"{activity}: {context}"`` + ``" " + ending`` with lm-eval's text clean-up. The shared HellaSwag file
+stores the context as one line, so its second part is not re-capitalised as lm-eval does.
+"""
+
+from __future__ import annotations
+
+import bz2
+import json
+import re
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from onnxq.errors import OnnxqError
+
+TASKS = ("piqa", "hellaswag")
+FILES = {"piqa": "piqa/valid.jsonl", "hellaswag": "hellaswag/hellaswag_val_full.txt.bz2"}
+
+
+@dataclass(frozen=True)
+class Item:
+    context: str
+    choices: tuple[str, ...]
+    gold: int
+
+
+@dataclass
+class TaskResult:
+    task: str
+    items: int
+    acc: float
+    acc_norm: float
+    seconds: float
+    loglik: list[list[float]] = field(default_factory=list, repr=False)
+
+
+def _find(task: str, path: str | Path | None) -> Path:
+    from calib.data import data_dirs
+
+    if path is not None:
+        p = Path(path)
+        if not p.exists():
+            raise OnnxqError(f"{task} data {p} does not exist", "pass the file from shared/data")
+        return p
+    for folder in data_dirs():
+        if (folder / FILES[task]).exists():
+            return folder / FILES[task]
+    raise OnnxqError(f"{task} data not found", "set ONNXQ_DATA to the shared data folder")
+
+
+def _hellaswag_clean(text: str) -> str:
+    text = text.strip().replace(" [title]", ". ")
+    text = re.sub(r"\[.*?\]", "", text)
+    return text.replace("  ", " ")
+
+
+def load(task: str, path: str | Path | None = None, limit: int | None = None) -> list[Item]:
+    """The first ``limit`` items of ``task`` (validation split) from the shared data folder."""
+    if task not in TASKS:
+        raise OnnxqError(f"unknown task {task!r}", f"use one of: {', '.join(TASKS)}")
+    file = _find(task, path)
+    items: list[Item] = []
+    if task == "piqa":
+        labels = file.with_name(file.name.replace(".jsonl", "-labels.lst")).read_text().split()
+        with file.open(encoding="utf-8") as f:
+            for line, label in zip(f, labels, strict=False):
+                doc = json.loads(line)
+                items.append(Item(f"Question: {doc['goal']}\nAnswer:", (doc["sol1"], doc["sol2"]), int(label)))
+                if limit is not None and len(items) >= limit:
+                    break
+    else:
+        with bz2.open(file, "rt", encoding="utf-8") as f:
+            lines = f.read().splitlines()
+        for i in range(0, len(lines) - 5, 6):
+            context, gold, *endings = lines[i : i + 6]
+            items.append(Item(_hellaswag_clean(context), tuple(_hellaswag_clean(e) for e in endings), int(gold)))
+            if limit is not None and len(items) >= limit:
+                break
+    return items
+
+
+def encode_pair(tok: Any, context: str, continuation: str) -> tuple[list[int], list[int]]:
+    """Context and continuation token ids, split the way lm-eval-harness splits them."""
+    spaces = len(context) - len(context.rstrip())
+    if spaces:
+        continuation = context[-spaces:] + continuation
+        context = context[:-spaces]
+    whole = tok(context + continuation, add_special_tokens=False)["input_ids"]
+    ctx = tok(context, add_special_tokens=False)["input_ids"]
+    return whole[: len(ctx)], whole[len(ctx) :]
+
+
+def _log_softmax(logits: np.ndarray) -> np.ndarray:
+    x = logits.astype(np.float64)
+    peak = x.max(axis=-1, keepdims=True)
+    return x - peak - np.log(np.exp(x - peak).sum(axis=-1, keepdims=True))
+
+
+def loglikelihood(
+    run: Callable[[np.ndarray], np.ndarray], seq_len: int, ctx: Sequence[int], cont: Sequence[int]
+) -> float:
+    """Sum of log p(continuation | context) from one run of a static-length scoring graph."""
+    tokens = (list(ctx) + list(cont))[-seq_len:]
+    n = min(len(cont), len(tokens) - 1)  # a continuation longer than the window: its last tokens
+    if n <= 0:
+        raise OnnxqError("an empty continuation", "check the task data")
+    window = np.zeros((1, seq_len), dtype=np.int64)
+    window[0, : len(tokens)] = tokens
+    logits = run(window)[0]
+    start = len(tokens) - n  # position of the first continuation token
+    logp = _log_softmax(logits[start - 1 : len(tokens) - 1])
+    return float(logp[np.arange(n), np.asarray(tokens[start:])].sum())
+
+
+def _requests(tok: Any, items: Sequence[Item]) -> Iterator[tuple[int, int, list[int], list[int]]]:
+    for i, item in enumerate(items):
+        for j, choice in enumerate(item.choices):
+            ctx, cont = encode_pair(tok, item.context, " " + choice)
+            yield i, j, ctx, cont
+
+
+def evaluate(
+    model: str | Path,
+    task: str,
+    tok: Any,
+    *,
+    limit: int | None = None,
+    ep: str = "cpu",
+    path: str | Path | None = None,
+    progress: Callable[[int], None] | None = None,
+) -> TaskResult:
+    """acc and acc_norm of ``model`` on the first ``limit`` items of ``task``."""
+    from onnxq.evaluate import make_session
+
+    items = load(task, path, limit)
+    sess: Any = make_session(model, ep)
+    inputs = sess.get_inputs()
+    if len(inputs) != 1:
+        raise OnnxqError(
+            f"{model} takes {len(inputs)} inputs; zero-shot scoring feeds input_ids", "use a scoring graph"
+        )
+    seq_len = int(inputs[0].shape[-1])
+    feed = inputs[0].name
+
+    def run(window: np.ndarray) -> np.ndarray:
+        return sess.run(None, {feed: window})[0]
+
+    start = time.perf_counter()
+    scores = [[0.0] * len(item.choices) for item in items]
+    for i, j, ctx, cont in _requests(tok, items):
+        scores[i][j] = loglikelihood(run, seq_len, ctx, cont)
+        if progress is not None:
+            progress(1)
+    gold = np.array([item.gold for item in items])
+    acc = np.array([int(np.argmax(s)) for s in scores]) == gold
+    norm = (
+        np.array(
+            [
+                int(np.argmax([s / max(len(c), 1) for s, c in zip(sc, item.choices, strict=True)]))
+                for sc, item in zip(scores, items, strict=True)
+            ]
+        )
+        == gold
+    )
+    return TaskResult(task, len(items), float(acc.mean()), float(norm.mean()), time.perf_counter() - start, scores)
+
+
+def requests_count(task: str, limit: int | None, path: str | Path | None = None) -> int:
+    """Number of model runs ``evaluate`` makes (one per choice), for progress bars."""
+    return sum(len(item.choices) for item in load(task, path, limit))

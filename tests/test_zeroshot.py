@@ -1,0 +1,60 @@
+"""Zero-shot scoring: the log-likelihoods lm-eval-harness would compute, from a static ONNX graph."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from onnxq import zeroshot
+from onnxq.cli import main
+from onnxq.qnn import cpu_session
+from onnxq.sources import tokenizer_for
+from tests.tiny import tiny_llama
+
+
+def test_tasks_load_with_their_gold_labels() -> None:
+    piqa = zeroshot.load("piqa", limit=3)
+    assert [i.gold for i in piqa] == [0, 1, 1] and piqa[0].context.startswith("Question: How do I ready a guinea pig")
+    hs = zeroshot.load("hellaswag", limit=2)
+    assert [i.gold for i in hs] == [3, 3] and all(len(i.choices) == 4 for i in hs)
+    assert hs[0].context == "Roof shingle removal: A man is sitting on a roof. he"
+
+
+def test_loglikelihood_matches_the_torch_model(tiny_model: Path) -> None:
+    """The ONNX graph's score of each PIQA choice equals transformers' on the same tokens."""
+    tok = tokenizer_for(tiny_model)
+    hf = tiny_llama().eval()  # the weights tiny_model was exported from
+    sess = cpu_session(tiny_model)
+    seq_len = sess.get_inputs()[0].shape[1]
+    for item in zeroshot.load("piqa", limit=3):
+        for choice in item.choices:
+            ctx, cont = zeroshot.encode_pair(tok, item.context, " " + choice)
+            assert ctx + cont == tok(item.context + " " + choice, add_special_tokens=False)["input_ids"]
+            got = zeroshot.loglikelihood(lambda w: sess.run(None, {"input_ids": w})[0], seq_len, ctx, cont)
+            ids = (ctx + cont)[-seq_len:]
+            n = min(len(cont), len(ids) - 1)
+            with torch.no_grad():
+                logp = torch.log_softmax(hf(torch.tensor([ids])).logits[0].double(), -1)
+            ref = float(sum(logp[len(ids) - n - 1 + k, ids[len(ids) - n + k]] for k in range(n)))
+            assert got == pytest.approx(ref, abs=2e-3), (got, ref)
+
+
+def test_eval_puts_float_and_quantized_side_by_side(
+    tiny_model: Path, tiny_w8a16: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    argv = ["eval", str(tiny_model), str(tiny_w8a16 / "model.qdq.onnx"), "--tasks", "piqa", "--limit", "6", "--json"]
+    assert main(argv) == 0
+    data = json.loads(capsys.readouterr().out)
+    assert [m["model"] for m in data["models"]] == argv[1:3]
+    for m in data["models"]:
+        (task,) = m["tasks"]
+        assert task["task"] == "piqa" and task["items"] == 6 and 0 <= task["acc"] <= 1 and 0 <= task["acc_norm"] <= 1
+        assert m["results"] == []  # --tasks alone: no perplexity unless --ppl
+    assert main(["eval", str(tiny_model), "--tasks", "winogrande", "--limit", "2"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "unknown task 'winogrande'" in err[0]
+    assert np.isfinite(data["models"][0]["tasks"][0]["acc"])
