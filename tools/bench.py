@@ -246,6 +246,45 @@ def _describe(row: dict[str, Any]) -> tuple[str, str]:
     return rot, method
 
 
+#: the mixed-precision Pareto of W4A8 (GPTQ weights): share of 8-bit MatMul inputs promoted to 16 bits
+PARETO = (
+    ("0 %", "onnxq-w4a8-gptq"),
+    ("5 %", "onnxq-w4a8-mp05-fisher"),
+    ("10 %", "onnxq-w4a8-mp10-fisher"),
+    ("20 %", "onnxq-w4a8-mp20-fisher"),
+    ("all (W4A16)", "onnxq-w4a16-gptq"),
+)
+SELECTORS = (
+    ("A8 -> A16, 10 % of inputs", ("onnxq-w4a8-mp10-fisher", "onnxq-w4a8-mp10-relative", "onnxq-w4a8-mp10-random")),
+    ("W4 -> W8, 10 % of weights", ("onnxq-w4a8-wb10-fisher", "onnxq-w4a8-wb10-relative", "onnxq-w4a8-wb10-random")),
+)
+
+
+def pareto(results: dict[str, Any]) -> str:
+    """The mixed-precision section: perplexity against the share promoted, and the selectors compared."""
+    rows = results["rows"]
+    ppl = {name: row["eval"]["ppl"] for name, row in rows.items()}
+    if not any(name in ppl for _, name in PARETO[1:4]):
+        return ""
+    lines = [
+        "## Mixed precision (W4A8, sensitivity-guided)",
+        "",
+        "Perplexity against the share of 8-bit MatMul inputs promoted to 16 bits (`--budget`, chosen by the",
+        "gradient-weighted quantization error, `fisher`); weights GPTQ in every row.",
+        "",
+        "| promoted to A16 | row | WikiText-2 PPL |",
+        "|---|---|---:|",
+    ]
+    lines += [f"| {share} | {name} | {ppl[name]:.2f} |" for share, name in PARETO if name in ppl]
+    lines += ["", "Selectors at the same budget:", "", "| candidates | fisher (measured) | relative error | random |"]
+    lines += ["|---|---:|---:|---:|"]
+    for label, names in SELECTORS:
+        if any(n in ppl for n in names):
+            cells = [f"{ppl[n]:.2f}" if n in ppl else "" for n in names]
+            lines.append(f"| {label} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
 def table(results: dict[str, Any]) -> str:
     """The Markdown table of BENCHMARKS.md."""
     rows = results["rows"]
@@ -310,6 +349,7 @@ onnxq `a8` presets keep the residual stream, norms and softmax at 16 bits and pu
 per-channel clipping search then round to nearest; `gptq`: the same scales, GPTQ rounding.
 
 {val}"""
+    text += ("\n" + pareto(results)) if pareto(results) else ""
     diagnostics = RESULTS.parent / "diagnostics.json"
     if diagnostics.exists():
         sys.path.insert(0, str(ROOT))
