@@ -181,6 +181,11 @@ def cmd_quantize(args: argparse.Namespace) -> int:
             ("files", ", ".join(f"{f.name} ({_mb(f)})" for f in files)),
         ]
     )
+    if not args.no_report and (output / "model.qdq.onnx").exists():
+        rep = _report(output, args.model, args.calib, args.tokenizer, quiet=args.quiet or args.json)
+        s["report"] = str(rep.html)
+        s["files"] = sorted([*s["files"], rep.html.name, "report"])
+        lines += _rows([("report", f"{rep.html} ({len(rep.figures)} figures; --no-report to skip)")])
     _emit(args, s, lines)
     return 0
 
@@ -539,6 +544,40 @@ def cmd_generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_report(args: argparse.Namespace) -> int:
+    folder = Path(args.folder)
+    result = _report(folder, args.model, args.data, args.tokenizer, quiet=args.quiet or args.json)
+    data = {
+        "html": str(result.html),
+        "figures": {k: str(v) for k, v in result.figures.items()},
+        "skipped": result.skipped,
+    }
+    lines = [f"onnxq report: {result.html} ({len(result.figures)} figures)"]
+    lines += _rows(
+        [(k, str(v)) for k, v in result.figures.items()] + [(k, f"not drawn: {v}") for k, v in result.skipped.items()]
+    )
+    _emit(args, data, lines)
+    return 0
+
+
+def _report(folder: Path, model: str | None, data: str, tokenizer: str | None, *, quiet: bool) -> Any:
+    """The report of ``folder``, with one window of ``data`` for the float-vs-quantized figures."""
+    from calib.data import windows
+    from onnxq.report import report
+    from onnxq.sources import tokenizer_for
+
+    summary_file = folder / "summary.json"
+    if not summary_file.exists():
+        raise OnnxqError(f"{folder} has no summary.json", "pass the folder `onnxq quantize` wrote")
+    summary = json.loads(summary_file.read_text(encoding="utf-8"))
+    source = Path(model or summary.get("input", ""))
+    ids = None
+    if source.is_file() and (folder / "model.qdq.onnx").exists():
+        ids = windows(tokenizer_for(folder / "model.qdq.onnx", tokenizer), data, int(summary["seq_len"]), 1).ids
+    step = None if quiet else (lambda name: print(f"  report: {name}", file=sys.stderr, flush=True))
+    return report(folder, float_model=source if source.is_file() else None, windows=ids, progress=step)
+
+
 # --------------------------------------------------------------------------- parser
 def build_parser() -> argparse.ArgumentParser:
     from onnxq.presets import PRESETS
@@ -660,6 +699,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--mask-value", type=float, help="replace -inf/-3.4e38 masks with this value")
     p.add_argument("--tokenizer", help="tokenizer (Hub id/folder/.gguf) if none sits next to the model")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
+    p.add_argument("--no-report", action="store_true", help="skip report.html and its figures (onnxq report)")
     p.set_defaults(func=cmd_quantize)
 
     p = sub.add_parser(
@@ -729,6 +769,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="sampling seed (default 0)")
     p.add_argument("--ep", default="cpu", choices=["cpu", "qnn"], help="ONNX Runtime CPU or the QNN HTP backend")
     p.set_defaults(func=cmd_generate)
+
+    p = sub.add_parser(
+        "report",
+        parents=[common],
+        help="an HTML report (and PNGs) of a quantized model",
+        description="Write FOLDER/report.html (self-contained) and FOLDER/report/*.png: activation distributions "
+        "without and with rotation, quantization ranges, the precision map, sensitivity, learning, per-layer error "
+        "against float, and the benchmark of this checkout.",
+    )
+    p.add_argument("folder", help="output folder of onnxq quantize")
+    p.add_argument("--model", help="the float model (default: the one summary.json names)")
+    p.add_argument("--data", default="wikitext2", help="text for the one window the figures run (default wikitext2)")
+    p.add_argument("--tokenizer", help="tokenizer if none sits next to the model")
+    p.set_defaults(func=cmd_report)
 
     p = sub.add_parser(
         "check",
