@@ -112,18 +112,19 @@ def _log_softmax(logits: np.ndarray) -> np.ndarray:
 
 def loglikelihood(
     run: Callable[[np.ndarray], np.ndarray], seq_len: int, ctx: Sequence[int], cont: Sequence[int]
-) -> float:
-    """Sum of log p(continuation | context) from one run of a static-length scoring graph."""
+) -> tuple[float, bool]:
+    """Sum of log p(continuation | context) from one run of a static-length scoring graph, and
+    whether every continuation token is the greedy choice (lm-eval's ``is_greedy``)."""
     tokens = (list(ctx) + list(cont))[-seq_len:]
     n = min(len(cont), len(tokens) - 1)  # a continuation longer than the window: its last tokens
     if n <= 0:
         raise OnnxqError("an empty continuation", "check the task data")
     window = np.zeros((1, seq_len), dtype=np.int64)
     window[0, : len(tokens)] = tokens
-    logits = run(window)[0]
-    start = len(tokens) - n  # position of the first continuation token
-    logp = _log_softmax(logits[start - 1 : len(tokens) - 1])
-    return float(logp[np.arange(n), np.asarray(tokens[start:])].sum())
+    logits = run(window)[0][len(tokens) - n - 1 : len(tokens) - 1]
+    target = np.asarray(tokens[len(tokens) - n :])
+    logp = _log_softmax(logits)
+    return float(logp[np.arange(n), target].sum()), bool((logits.argmax(-1) == target).all())
 
 
 def _requests(tok: Any, items: Sequence[Item]) -> Iterator[tuple[int, int, list[int], list[int]]]:
@@ -162,7 +163,7 @@ def evaluate(
     start = time.perf_counter()
     scores = [[0.0] * len(item.choices) for item in items]
     for i, j, ctx, cont in _requests(tok, items):
-        scores[i][j] = loglikelihood(run, seq_len, ctx, cont)
+        scores[i][j] = loglikelihood(run, seq_len, ctx, cont)[0]
         if progress is not None:
             progress(1)
     gold = np.array([item.gold for item in items])

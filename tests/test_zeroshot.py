@@ -34,7 +34,7 @@ def test_loglikelihood_matches_the_torch_model(tiny_model: Path) -> None:
         for choice in item.choices:
             ctx, cont = zeroshot.encode_pair(tok, item.context, " " + choice)
             assert ctx + cont == tok(item.context + " " + choice, add_special_tokens=False)["input_ids"]
-            got = zeroshot.loglikelihood(lambda w: sess.run(None, {"input_ids": w})[0], seq_len, ctx, cont)
+            got, _ = zeroshot.loglikelihood(lambda w: sess.run(None, {"input_ids": w})[0], seq_len, ctx, cont)
             ids = (ctx + cont)[-seq_len:]
             n = min(len(cont), len(ids) - 1)
             with torch.no_grad():
@@ -58,3 +58,27 @@ def test_eval_puts_float_and_quantized_side_by_side(
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "unknown task 'winogrande'" in err[0]
     assert np.isfinite(data["models"][0]["tasks"][0]["acc"])
+
+
+def test_the_harness_scorer_rolls_over_windows_like_the_torch_model(tiny_model: Path) -> None:
+    """lm-eval's loglikelihood_rolling on a text longer than the 64-token window, against transformers."""
+    from onnxq.harness import Scorer
+
+    scorer = Scorer(tiny_model)
+    text = zeroshot.load("piqa", limit=3)[0].context * 3
+    ids = scorer.tok(text, add_special_tokens=False)["input_ids"]
+    assert len(ids) > 2 * scorer.seq_len  # several windows
+    hf = tiny_llama().eval()
+    bos = scorer.tok.bos_token_id
+    ref = 0.0
+    step = scorer.seq_len - 1
+    with torch.no_grad():
+        for start in range(0, len(ids), step):  # the same windowing, scored by torch
+            window = ([bos, *ids])[start : start + 1] + ids[start : start + step]
+            logp = torch.log_softmax(hf(torch.tensor([window])).logits[0].double(), -1)
+            ref += float(sum(logp[k, window[k + 1]] for k in range(len(window) - 1)))
+    assert scorer.rolling(text) == pytest.approx(ref, abs=5e-3)
+    logp, greedy = scorer.loglikelihood("Question: what", " is")
+    assert logp < 0 and isinstance(greedy, bool)
+    text = scorer.greedy("The", until=["\n"], max_new_tokens=5)
+    assert isinstance(text, str) and "\n" not in text
