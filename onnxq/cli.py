@@ -55,6 +55,18 @@ class _Progress:
             bar.close()
 
 
+def _stages(args: argparse.Namespace) -> Callable[[str], None] | None:
+    """A one-line-per-stage progress display for steps that have no countable units."""
+    if args.quiet or args.json:
+        return None
+    start = time.perf_counter()
+
+    def show(stage: str) -> None:
+        print(f"  [{time.perf_counter() - start:5.0f} s] {stage} ...", file=sys.stderr, flush=True)
+
+    return show
+
+
 def _emit(args: argparse.Namespace, data: dict[str, Any], lines: Sequence[str]) -> None:
     if args.json:
         print(json.dumps(data, indent=1, default=str))
@@ -78,7 +90,14 @@ def cmd_export(args: argparse.Namespace) -> int:
 
     if args.kv_cache:
         return _export_kv(args)
-    result = export(args.model, args.output, seq_len=args.seq_len, mask_value=args.mask_value, overwrite=args.overwrite)
+    result = export(
+        args.model,
+        args.output,
+        seq_len=args.seq_len,
+        mask_value=args.mask_value,
+        overwrite=args.overwrite,
+        progress=_stages(args),
+    )
     data = {
         "output": str(result.path),
         "files": [str(f) for f in result.files],
@@ -181,6 +200,18 @@ def cmd_quantize(args: argparse.Namespace) -> int:
             ("files", ", ".join(f"{f.name} ({_mb(f)})" for f in files)),
         ]
     )
+    if args.eval_windows > 0 and (output / "model.qdq.onnx").exists():
+        s["eval"] = _float_vs_quantized(args.model, output / "model.qdq.onnx", args.eval_windows, args)
+        e = s["eval"]
+        lines += _rows(
+            [
+                (
+                    "perplexity",
+                    f"wikitext2, {e['windows']} windows: float {e['float']:.3f} -> quantized {e['quantized']:.3f} "
+                    f"(x{e['quantized'] / e['float']:.3f}; --eval-windows 0 to skip)",
+                )
+            ]
+        )
     if not args.no_report and (output / "model.qdq.onnx").exists():
         rep = _report(output, args.model, args.calib, args.tokenizer, quiet=args.quiet or args.json)
         s["report"] = str(rep.html)
@@ -188,6 +219,22 @@ def cmd_quantize(args: argparse.Namespace) -> int:
         lines += _rows([("report", f"{rep.html} ({len(rep.figures)} figures; --no-report to skip)")])
     _emit(args, s, lines)
     return 0
+
+
+def _float_vs_quantized(model: str, qdq: Path, count: int, args: argparse.Namespace) -> dict[str, Any]:
+    """WikiText-2 perplexity of the float and the quantized model on the same first ``count`` windows."""
+    from calib.data import windows
+    from onnxq.evaluate import perplexity
+    from onnxq.sources import tokenizer_for
+
+    ids = windows(tokenizer_for(qdq, args.tokenizer), "wikitext2", _model_seq_len(str(qdq)), count).ids
+    progress = _Progress(not (args.quiet or args.json))
+    try:
+        fp = perplexity(model, ids, progress=progress("float ppl", len(ids))).ppl
+        q = perplexity(qdq, ids, progress=progress("quantized ppl", len(ids))).ppl
+    finally:
+        progress.close()
+    return {"dataset": "wikitext2", "windows": len(ids), "float": fp, "quantized": q}
 
 
 def _mixed_line(mixed: dict[str, Any] | None) -> str:
@@ -451,6 +498,11 @@ def cmd_compile(args: argparse.Namespace) -> int:
 
     model = Path(args.model)
     output = Path(args.output) if args.output else model.parent / "htp"
+    show = _stages(args)
+    if show is not None:
+        show(
+            f"compiling for {'SoC ' + args.soc_model if args.soc_model else 'HTP v' + args.htp_arch} ({args.toolchain})"
+        )
     result = compile_model(
         model,
         output,
@@ -485,6 +537,7 @@ def _export_kv(args: argparse.Namespace) -> int:
         context=args.context,
         mask_value=args.mask_value,
         overwrite=args.overwrite,
+        progress=_stages(args),
     )
     data = {
         "output": str(result.folder),
@@ -700,6 +753,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tokenizer", help="tokenizer (Hub id/folder/.gguf) if none sits next to the model")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
     p.add_argument("--no-report", action="store_true", help="skip report.html and its figures (onnxq report)")
+    p.add_argument(
+        "--eval-windows",
+        type=int,
+        default=4,
+        help="WikiText-2 windows for the float-vs-quantized perplexity in the summary (default 4; 0 skips)",
+    )
     p.set_defaults(func=cmd_quantize)
 
     p = sub.add_parser(

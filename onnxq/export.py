@@ -12,6 +12,7 @@ import ast
 import logging
 import shutil
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -256,11 +257,14 @@ def export(
     seq_len: int = DEFAULT_SEQ_LEN,
     mask_value: float = DEFAULT_MASK_VALUE,
     overwrite: bool = False,
+    progress: Callable[[str], None] | None = None,
 ) -> ExportResult:
     """Export MODEL (Hub id, folder, .gguf, or None for the embedded default) to ``output``.
 
     The tokenizer and config are written next to the graph so later commands find them.
+    ``progress`` is told each stage as it starts.
     """
+    step = progress or (lambda _stage: None)
     output = Path(output)
     if output.suffix != ".onnx":
         raise OnnxqError(f"output {output} should end in .onnx", f"use e.g. {output}/model.onnx")
@@ -269,8 +273,10 @@ def export(
     source: Source = resolve(model)
     check_new_output(output, overwrite=overwrite)
     log.info("loading %s", source.label or source.ref)
+    step("loading the model")
     hf_model = load_model(source)
     tokenizer = load_tokenizer(source)
+    step("exporting (torch.onnx dynamo), folding constants, checking against transformers")
     if getattr(hf_model.config, "model_type", "") not in {"llama", "mistral", "qwen2", "qwen3"}:
         log.warning("model type %r is not a tested family; the export may still work", hf_model.config.model_type)
     result = export_model(

@@ -278,8 +278,10 @@ def export_kv(
     context: int = DEFAULT_CONTEXT,
     mask_value: float = -100.0,
     overwrite: bool = False,
+    progress: Any = None,
 ) -> KVExportResult:
     """Export MODEL's prefill and decode graphs (and tokenizer) into the folder ``folder``."""
+    step = progress or (lambda _stage: None)
     from onnxq.export import CHECK_TEXT, EXACTNESS_TOL, save_side_files
     from onnxq.files import atomic_dir, check_new_output
     from onnxq.sources import load_model, load_tokenizer, resolve
@@ -289,8 +291,10 @@ def export_kv(
         raise OnnxqError(f"with --kv-cache, -o {folder} names a folder", f"use e.g. -o {folder.with_suffix('')}/")
     check_new_output(folder, overwrite=overwrite)
     source = resolve(model)
+    step("loading the model")
     hf_model = load_model(source)
     tokenizer = load_tokenizer(source)
+    step(f"exporting prefill ({chunk} tokens) and decode (1 token), checking against transformers")
     ids = np.asarray(tokenizer(CHECK_TEXT * 4, return_attention_mask=False)["input_ids"][: chunk + 8])
     meta = {"onnxq.source": source.label or source.ref, "onnxq.model_type": hf_model.config.model_type}
     with atomic_dir(folder, overwrite=overwrite) as tmp:

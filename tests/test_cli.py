@@ -90,6 +90,8 @@ def test_quantize_and_eval_json(tmp_path: Path, tiny_model: Path, capsys: pytest
     summary = json.loads(capsys.readouterr().out)
     assert summary["preset"] == "w8a8" and summary["counts"]["int8 activations"] > 0
     assert sorted(summary["files"]) == sorted(p.name for p in out.iterdir())
+    e = summary["eval"]  # the summary's float-vs-quantized perplexity, on the same windows
+    assert e["windows"] == 4 and 1 < e["float"] < 1e4 and 1 < e["quantized"] < 1e4
     assert main(["eval", str(out / "model.qdq.onnx"), "--windows", "2", "--json"]) == 0
     result = json.loads(capsys.readouterr().out)["results"][0]
     assert result["dataset"] == "wikitext2" and 1 < result["ppl"] < 1e4
