@@ -498,11 +498,6 @@ def cmd_compile(args: argparse.Namespace) -> int:
 
     model = Path(args.model)
     output = Path(args.output) if args.output else model.parent / "htp"
-    show = _stages(args)
-    if show is not None:
-        show(
-            f"compiling for {'SoC ' + args.soc_model if args.soc_model else 'HTP v' + args.htp_arch} ({args.toolchain})"
-        )
     result = compile_model(
         model,
         output,
@@ -511,6 +506,7 @@ def cmd_compile(args: argparse.Namespace) -> int:
         soc_model=args.soc_model,
         encodings_version=args.encodings_version,
         overwrite=args.overwrite,
+        progress=_stages(args),
     )
     target = f"SoC {args.soc_model}" if args.soc_model else f"HTP v{args.htp_arch}"
     lines = [f"onnxq compile: {model} -> {output}/  ({result.toolchain}, {target})"]

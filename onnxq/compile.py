@@ -85,6 +85,7 @@ def compile_model(
     overwrite: bool = False,
     verify: bool = True,
     runner: Runner | None = None,
+    progress: Callable[[str], None] | None = None,
 ) -> CompileResult:
     """Compile the QDQ model at ``model`` into the folder ``output`` (written atomically).
 
@@ -102,6 +103,9 @@ def compile_model(
     check_new_output(output, overwrite=overwrite, inputs=[model])
     arch = None if soc_model else (htp_arch or DEFAULT_HTP_ARCH)
     sdk = sdk_root() if toolchain == "qairt" else None  # fail before any work
+    if progress is not None:  # after every check of the inputs: a mistake gets one line, nothing else
+        target = f"SoC {soc_model}" if soc_model else f"HTP v{arch}"
+        progress(f"compiling {', '.join(g.name for g in graphs)} for {target} ({toolchain})")
     with atomic_dir(output, overwrite=overwrite) as tmp:
         for name in CARRIED:
             if (graphs[0].parent / name).exists():
