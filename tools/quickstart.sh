@@ -16,5 +16,4 @@ fi
 set -x
 [ -f runs/smollm2/model.onnx ] || onnxq export -o runs/smollm2/model.onnx
 onnxq quantize runs/smollm2/model.onnx -o "runs/smollm2-$PRESET" --preset "$PRESET" --overwrite
-onnxq eval runs/smollm2/model.onnx --windows 8
-onnxq eval "runs/smollm2-$PRESET/model.qdq.onnx" --windows 8
+onnxq eval runs/smollm2/model.onnx "runs/smollm2-$PRESET/model.qdq.onnx" --windows 8   # side by side
