@@ -80,7 +80,7 @@ def _mb(path: Path) -> str:
 
 
 def _rows(pairs: Sequence[tuple[str, str]]) -> list[str]:
-    width = max(len(k) for k, _ in pairs)
+    width = max(15, *(len(k) for k, _ in pairs))  # one column across the several calls of a table
     return [f"  {k:<{width}}  {v}" for k, v in pairs]
 
 
