@@ -157,6 +157,27 @@ def _tidy(model: ir.Model) -> None:
     oir.ensure_names(model)
 
 
+def trace(module: Any, args: tuple[Any, ...], inputs: list[str], outputs: list[str]) -> ir.Model:
+    """``module`` as a tidy static ONNX graph: dynamo export at opset 21, constants folded, tensors named."""
+    import torch
+
+    program = torch.onnx.export(
+        module,
+        args,
+        dynamo=True,
+        opset_version=oir.MIN_OPSET,
+        input_names=inputs,
+        output_names=outputs,
+        optimize=True,
+        verbose=False,
+    )
+    model = program.model
+    _fold_constants(model)
+    _tidy(model)
+    model.producer_name = "onnxq"
+    return model
+
+
 def export_model(
     hf_model: Any,
     output: Path,
@@ -187,20 +208,7 @@ def export_model(
             ids = torch.randint(0, hf_model.config.vocab_size, (1, seq_len), generator=generator)
         wrapper = _logits_module(hf_model).eval()
         with torch.no_grad():
-            program = torch.onnx.export(
-                wrapper,
-                (ids,),
-                dynamo=True,
-                opset_version=oir.MIN_OPSET,
-                input_names=["input_ids"],
-                output_names=["logits"],
-                optimize=True,
-                verbose=False,
-            )
-        model = program.model
-        _fold_constants(model)
-        _tidy(model)
-        model.producer_name = "onnxq"
+            model = trace(wrapper, (ids,), ["input_ids"], ["logits"])
         props = {
             "onnxq.seq_len": str(seq_len),
             "onnxq.mask_value": repr(float(mask_value)),

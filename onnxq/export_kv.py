@@ -153,7 +153,7 @@ def export_step(
     """
     import torch
 
-    from onnxq.export import _fold_constants, _tidy
+    from onnxq.export import trace
 
     start = time.perf_counter()
     shape = cache_shape(hf_model.config, slots)
@@ -163,20 +163,7 @@ def export_step(
     args = tuple(torch.from_numpy(v) for v in (*feeds.values(), *past.values()))
     outputs = ["logits"] + [f"present_{kv}_{i}" for i in range(shape.layers) for kv in ("key", "value")]
     with torch.no_grad():
-        program = torch.onnx.export(
-            module,
-            args,
-            dynamo=True,
-            opset_version=oir.MIN_OPSET,
-            input_names=[*feeds, *past],
-            output_names=outputs,
-            optimize=True,
-            verbose=False,
-        )
-    model = program.model
-    _fold_constants(model)
-    _tidy(model)
-    model.producer_name = "onnxq"
+        model = trace(module, args, [*feeds, *past], outputs)
     model.metadata_props.update(
         {
             "onnxq.kv_chunk": str(chunk),
