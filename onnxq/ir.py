@@ -219,3 +219,16 @@ def float_consumers(value: ir.Value) -> Iterable[tuple[ir.Node, int]]:
 def metadata(model: ir.Model) -> dict[str, str]:
     """onnxq's own metadata entries (``onnxq.*``) of the model."""
     return {k: v for k, v in model.metadata_props.items() if k.startswith("onnxq.")}
+
+
+def take_over(graph: ir.Graph, old: ir.Value, new: ir.Value, *, suffix: str, keep: ir.Node | None = None) -> None:
+    """Make ``new`` stand where ``old`` stood: its readers (but ``keep``) and, under the same name, its
+    place among the graph outputs (``old`` is renamed with ``suffix``), so users' names keep working."""
+    for use in [u for u in old.uses() if u.node is not keep]:
+        use.node.replace_input_with(use.idx, new)
+    if old.is_graph_output():
+        i = list(graph.outputs).index(old)
+        name = old.name
+        old.name = unique_name(graph, f"{name}{suffix}")
+        new.name = name
+        graph.outputs[i] = new

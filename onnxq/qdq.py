@@ -15,7 +15,7 @@ from collections.abc import Mapping
 import numpy as np
 import onnx_ir as ir
 
-from onnxq.ir import add_initializer, const_array, unique_name
+from onnxq.ir import add_initializer, const_array, take_over, unique_name
 from onnxq.plan import Point, QuantPlan
 from onnxq.qtypes import Encoding
 
@@ -60,15 +60,7 @@ def _insert_qdq(
         outputs=[dq_out],
         name=unique_name(graph, f"{base}{tag}/DQ"),
     )
-    uses = [(u.node, u.idx) for u in value.uses() if u.node is not q]
-    for node, idx in uses:
-        node.replace_input_with(idx, dq_out)
-    if value.is_graph_output():
-        i = list(graph.outputs).index(value)
-        original = value.name
-        value.name = unique_name(graph, f"{original}.float")
-        dq_out.name = original
-        graph.outputs[i] = dq_out
+    take_over(graph, value, dq_out, suffix=".float", keep=q)
     if after is None:
         graph.insert_before(next(iter(graph)), [q, dq])
     else:

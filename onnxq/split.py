@@ -22,7 +22,7 @@ import numpy as np
 import onnx_ir as ir
 
 from onnxq.errors import OnnxqError
-from onnxq.ir import unique_name
+from onnxq.ir import take_over, unique_name
 from onnxq.qtypes import Encoding, QType, QuantSpec
 
 _QTYPES = {q.onnx: q for q in QType}
@@ -57,17 +57,6 @@ def _encoding(node: ir.Node) -> Encoding:
     return Encoding(QuantSpec(qtype, symmetric, axis, block), scale, zp)
 
 
-def _replace_uses(graph: ir.Graph, old: ir.Value, new: ir.Value) -> None:
-    for use in list(old.uses()):
-        use.node.replace_input_with(use.idx, new)
-    if old.is_graph_output():
-        i = list(graph.outputs).index(old)
-        name = old.name
-        old.name = unique_name(graph, f"{name}.dq")
-        new.name = name
-        graph.outputs[i] = new
-
-
 def split(model: ir.Model, *, weights: bool = True) -> Split:
     """Take the Q/DQ nodes out of ``model`` (in place); returns it with the encodings they held.
 
@@ -94,7 +83,7 @@ def split(model: ir.Model, *, weights: bool = True) -> Split:
             init = ir.Value(name=name, shape=ir.Shape(array.shape), type=ir.TensorType(ir.DataType.FLOAT))
             init.const_value = ir.tensor(array, name=name)
             graph.register_initializer(init)
-            _replace_uses(graph, node.outputs[0], init)
+            take_over(graph, node.outputs[0], init, suffix=".dq")
             graph.remove(node, safe=True)
             if not source.uses() and source.name in graph.initializers:
                 graph.initializers.pop(source.name)
@@ -113,7 +102,7 @@ def split(model: ir.Model, *, weights: bool = True) -> Split:
             target = ident_out
         else:
             target = x
-        _replace_uses(graph, node.outputs[0], target)
+        take_over(graph, node.outputs[0], target, suffix=".dq")
         acts[target.name] = enc
         graph.remove(node, safe=True)
         if not q.outputs[0].uses():
