@@ -676,6 +676,42 @@ class Mirror(torch.nn.Module):
             produced |= set(step.outputs)
         return needed
 
+    def run_range(self, first: int, last: int, values: dict[str, torch.Tensor], tap: Tap | None = None) -> None:
+        """Run steps ``first`` to ``last - 1`` on ``values`` in place (nothing freed)."""
+        for step in self.steps[first:last]:
+            self._execute(step, values, tap)
+
+    def segments(self, count: int) -> list[tuple[int, tuple[str, ...]]]:
+        """About ``count`` cut points for checkpointed backward passes: (first step of a segment,
+        the values that cross into it), cut where the fewest values are live (between decoder
+        layers that is the residual stream alone), so a segment's activations can be recomputed
+        from a few tensors instead of all of them being kept for the backward pass."""
+        produced = dict.fromkeys(self.input_names, -1)
+        for i, step in enumerate(self.steps):
+            for name in step.outputs:
+                produced[name] = i
+        starts: dict[int, list[str]] = {}
+        ends: dict[int, list[str]] = {}
+        for name, first in produced.items():
+            last = self.last_use.get(name, first)
+            if last > first:
+                starts.setdefault(first, []).append(name)
+                ends.setdefault(last, []).append(name)
+        live: set[str] = set(starts.get(-1, ()))
+        crossing: list[set[str]] = []  # crossing[i]: live between step i-1 and step i
+        for i in range(len(self.steps)):
+            crossing.append(set(live))
+            live -= set(ends.get(i, ()))
+            live |= set(starts.get(i, ()))
+        fewest = min((len(c - set(self.input_names)) for c in crossing[1:]), default=0)
+        cuts = [i for i in range(1, len(self.steps)) if len(crossing[i] - set(self.input_names)) <= fewest]
+        chosen = [0]
+        spacing = max(1, len(self.steps) // max(count, 1))
+        for i in cuts:
+            if i - chosen[-1] >= spacing:
+                chosen.append(i)
+        return [(i, tuple(sorted(crossing[i]))) for i in chosen]
+
     def to_device(self, device: str | torch.device) -> Mirror:
         """Move constants and parameters (``Module.to`` does not see the plain constants dict)."""
         self.consts = {k: v.to(device) for k, v in self.consts.items()}

@@ -26,6 +26,10 @@ import torch
 from calib.qsim import QuantSim
 from onnxq.plan import Point
 
+#: checkpoint segments of the backward pass (about one per decoder layer on a 30-layer model): only
+#: one segment's activations are held at a time, instead of the whole graph's
+SEGMENTS = 32
+
 log = logging.getLogger(__name__)
 
 
@@ -52,10 +56,13 @@ def relative_and_fisher(
     windows: np.ndarray,
     progress: Callable[[int], None] | None = None,
     weights: Mapping[str, tuple[str, str]] | None = None,
+    segments: int | None = None,
 ) -> dict[str, tuple[float, float]]:
     """Both scores for every candidate, with every quantizer of ``sim`` on.
 
     ``weights`` maps weight points to score to the (input, output) tensors of the FC reading them.
+    The backward pass is checkpointed into about ``segments`` pieces (default :data:`SEGMENTS`; 1: the
+    whole graph at once).
     """
     roots = {r: p.name for p in candidates for r in p.roots}
     names = {p.name for p in candidates}
@@ -66,6 +73,7 @@ def relative_and_fisher(
     fc_out = {o: w for w, (_, o) in edges.items()}
     inputs: dict[str, torch.Tensor] = {}
     outputs: dict[str, torch.Tensor] = {}
+    out_grads: dict[str, torch.Tensor] = {}
     captured: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
     err_abs = dict.fromkeys(names, 0.0)
     ref_abs = dict.fromkeys(names, 0.0)
@@ -93,27 +101,59 @@ def relative_and_fisher(
                 inputs[w] = out.detach()
         return out if sim.taps.get(name) else None
 
-    with torch.no_grad():  # gradients are wanted for activations only
-        sim.load_weights()
-        deltas = {w: (sim.mirror.consts[w] - sim.effective_weight(w)).float() for w in edges}
-    feed = sim.mirror.input_names[0]
-    for w in windows:
-        ids = torch.as_tensor(np.asarray(w, dtype=np.int64)).reshape(1, -1)
-        captured.clear()
-        out = sim.mirror.run({feed: ids}, tap=tap)[sim.mirror.output_names[0]]
-        loss = _nll(out, ids)
-        loss.backward()
+    def collect() -> None:
+        """Fold the gradients one segment's backward produced into the scores."""
         for q, (value, error) in captured.items():
             if value.grad is not None:
                 per_token = (value.grad * error).reshape(-1, value.shape[-1]).sum(-1)
                 fisher[q] += 0.5 * float((per_token**2).sum())
-        for q, value in outputs.items():
-            if value.grad is not None and q in inputs:
-                with torch.no_grad():
-                    per_token = (value.grad * (inputs[q] @ deltas[q])).reshape(-1, value.shape[-1]).sum(-1)
-                fisher[q] += 0.5 * float((per_token**2).sum())
-        inputs.clear()
+        captured.clear()
+        out_grads.update({q: v.grad for q, v in outputs.items() if v.grad is not None})
         outputs.clear()
+        for q in [q for q in out_grads if q in inputs]:  # an FC's input and output may sit in two segments
+            with torch.no_grad():
+                grad = out_grads.pop(q)
+                per_token = (grad * (inputs.pop(q) @ deltas[q])).reshape(-1, grad.shape[-1]).sum(-1)
+            fisher[q] += 0.5 * float((per_token**2).sum())
+
+    with torch.no_grad():  # gradients are wanted for activations only
+        sim.load_weights()
+        deltas = {w: (sim.mirror.consts[w] - sim.effective_weight(w)).float() for w in edges}
+    mirror = sim.mirror
+    feed = mirror.input_names[0]
+    cuts = mirror.segments(segments or SEGMENTS)
+    bounds = [first for first, _ in cuts[1:]] + [len(mirror.steps)]
+    for w in windows:
+        ids = torch.as_tensor(np.asarray(w, dtype=np.int64)).reshape(1, -1)
+        # forward without a graph, keeping only what crosses into each segment
+        saved: list[dict[str, torch.Tensor]] = []
+        with torch.no_grad():
+            fed = sim.tap(feed, ids)
+            env: dict[str, torch.Tensor] = {feed: ids if fed is None else fed}
+            for (first, crossing), last in zip(cuts, bounds, strict=True):
+                saved.append({k: env[k] for k in crossing if k in env})
+                mirror.run_range(first, last, env, sim.tap)
+                keep = set(cuts[len(saved)][1]) if len(saved) < len(cuts) else set(mirror.output_names)
+                env = {k: v for k, v in env.items() if k in keep}
+        # backward segment by segment, last first, recomputing each from its saved inputs
+        upstream: dict[str, torch.Tensor] = {}  # dL/d(value) summed over the segments read so far
+        for (first, _), last, start in reversed(list(zip(cuts, bounds, saved, strict=True))):
+            leaves = {k: v.detach().requires_grad_(v.is_floating_point()) for k, v in start.items()}
+            values = dict(leaves)
+            mirror.run_range(first, last, values, tap)
+            produced = {name for step in mirror.steps[first:last] for name in step.outputs}
+            seeds = [(values[k], upstream.pop(k)) for k in list(upstream) if k in produced]
+            seeds = [(v, g) for v, g in seeds if v.requires_grad]
+            if last == len(mirror.steps):
+                seeds.append((_nll(values[mirror.output_names[0]], ids), torch.ones(())))
+            if seeds:
+                torch.autograd.backward([v for v, _ in seeds], [g for _, g in seeds])
+            for k, leaf in leaves.items():
+                if leaf.grad is not None:
+                    upstream[k] = upstream[k] + leaf.grad if k in upstream else leaf.grad
+            collect()
+        inputs.clear()
+        out_grads.clear()
         if progress is not None:
             progress(1)
     scores = {n: (err_abs[n] / max(ref_abs[n], 1e-12), fisher[n] / len(windows)) for n in names}

@@ -306,7 +306,9 @@ def cmd_eval(args: argparse.Namespace) -> int:
                 )
             for task in tasks:
                 tick = progress(f"{task} ({args.ep})", zeroshot.requests_count(task, args.limit))
-                z = zeroshot.evaluate(model, task, tok, limit=args.limit, ep=args.ep, progress=tick)
+                z = zeroshot.evaluate(
+                    model, task, tok, limit=args.limit, ep=args.ep, progress=tick, pack=not args.no_pack
+                )
                 entry["tasks"].append(
                     {
                         "task": z.task,
@@ -768,6 +770,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ppl", nargs="+", help="datasets: wikitext2, c4, or text files (default wikitext2 unless --tasks)")
     p.add_argument("--tasks", help="zero-shot tasks, comma-separated: piqa, hellaswag")
     p.add_argument("--limit", type=int, help="first N items of each task (default all)")
+    p.add_argument(
+        "--no-pack",
+        action="store_true",
+        help="one request per window (slow reference path; by default CPU packs several per window)",
+    )
     p.add_argument("--windows", type=int, default=40, help="number of windows (default 40)")
     p.add_argument("--seq-len", type=int, help="window length (default: the model's)")
     p.add_argument("--ep", default="cpu", choices=["cpu", "qnn"], help="execution provider (default cpu)")

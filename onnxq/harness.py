@@ -5,9 +5,10 @@
 
     lm_eval.simple_evaluate(model=OnnxqLM("out/model.qdq.onnx"), tasks=["arc_easy"], limit=200)
 
-The scoring graph has a static length, so each request is one run of a right-padded window
-(:func:`onnxq.zeroshot.loglikelihood`); generation re-runs the window per new token (slow, but
-exact; the KV-cache graphs of ``onnxq export --kv-cache`` are the fast path for generation).
+The scoring graph has a static length: on CPU, log-likelihood requests are packed several to a
+window (:mod:`onnxq.packing`), elsewhere each is one run of a right-padded window. Generation
+re-runs the window per new token (slow, but exact; the KV-cache graphs of ``onnxq export
+--kv-cache`` are the fast path for generation).
 """
 
 from __future__ import annotations
@@ -26,9 +27,15 @@ class Scorer:
 
     def __init__(self, model: str | Path, ep: str = "cpu", tokenizer: Any = None) -> None:
         from onnxq.evaluate import make_session
+        from onnxq.packing import PackedSession
         from onnxq.sources import tokenizer_for
 
         self.tok = tokenizer or tokenizer_for(model)
+        self.packed: PackedSession | None = None
+        if ep == "cpu":  # positions and mask as inputs: many requests per run (onnxq.packing)
+            self.packed = PackedSession(model)
+            self.seq_len = self.packed.seq_len
+            return
         self.sess: Any = make_session(model, ep)
         inputs = self.sess.get_inputs()
         if len(inputs) != 1:
@@ -37,13 +44,22 @@ class Scorer:
         self.seq_len = int(inputs[0].shape[-1])
 
     def run(self, window: np.ndarray) -> np.ndarray:
+        if self.packed is not None:
+            return self.packed.run_plain(window)
         return self.sess.run(None, {self.feed: window})[0]
 
     def loglikelihood(self, context: str, continuation: str) -> tuple[float, bool]:
         """log p(continuation | context) and whether the continuation is the greedy one."""
+        return self.loglikelihoods([(context, continuation)])[0]
+
+    def loglikelihoods(self, pairs: Sequence[tuple[str, str]]) -> list[tuple[float, bool]]:
+        """:meth:`loglikelihood` of many (context, continuation) pairs, packed into few runs on CPU."""
         from onnxq.zeroshot import encode_pair, loglikelihood
 
-        return loglikelihood(self.run, self.seq_len, *encode_pair(self.tok, context, continuation))
+        requests = [encode_pair(self.tok, context, continuation) for context, continuation in pairs]
+        if self.packed is not None:
+            return self.packed.loglikelihoods(requests)
+        return [loglikelihood(self.run, self.seq_len, ctx, cont) for ctx, cont in requests]
 
     def rolling(self, text: str) -> float:
         """log p(text), window after window (each window sees the previous token as context)."""
@@ -89,7 +105,7 @@ def _lm_class() -> type:
 
         def loglikelihood(self, requests: list[Any], disable_tqdm: bool = False) -> list[tuple[float, bool]]:
             del disable_tqdm  # lm-eval's signature; progress is the harness's own
-            return [self.scorer.loglikelihood(*r.args) for r in requests]
+            return self.scorer.loglikelihoods([tuple(r.args) for r in requests])
 
         def loglikelihood_rolling(self, requests: list[Any], disable_tqdm: bool = False) -> list[float]:
             del disable_tqdm

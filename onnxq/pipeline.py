@@ -6,7 +6,6 @@ of the previous step's output; the input file is never touched.
 
 from __future__ import annotations
 
-import json
 import logging
 import shutil
 import time
@@ -21,13 +20,12 @@ from onnxq import aimet, recipes
 from onnxq import ir as oir
 from onnxq import presets as presets_mod
 from onnxq.errors import OnnxqError
-from onnxq.files import SIDE_FILES, atomic_dir, check_new_output
-from onnxq.metrics import peak_rss_mb
+from onnxq.files import check_new_output
+from onnxq.outputs import write_quantized
 from onnxq.pipeline_kv import is_kv_folder, quantize_kv
 from onnxq.plan import QuantPlan, build_plan, read_precision_map
 from onnxq.qdq import emit_qdq
 from onnxq.qtypes import Encoding
-from onnxq.split import split
 
 if TYPE_CHECKING:
     from calib.learn import LearnConfig
@@ -329,7 +327,7 @@ def quantize(
             "onnxq.learned_rotation": "true" if learn is not None and learn.learn_rotation else "false",
         }
     )
-    summary = _summary(
+    summary = build_summary(
         model_path,
         chosen.name,
         plan,
@@ -345,29 +343,23 @@ def quantize(
     )
     summary["learning"] = learned
     summary["mixed_precision"] = mixed
-    with atomic_dir(output, overwrite=overwrite) as tmp:
-        files = oir.save(model, tmp / "model.qdq.onnx")
-        parts = split(model, weights=False)  # the in-memory model is not needed any more
-        aimet.write_tensors(parts.activations, parts.params, tmp / "model.encodings", encodings_version)
-        del parts
-        (tmp / "precision_map.json").write_text(json.dumps(plan.precision_map(), indent=1) + "\n", encoding="utf-8")
-        enc_json = encodings_json(plan, encodings)
-        (tmp / "encodings.json").write_text(json.dumps(enc_json, indent=1) + "\n", encoding="utf-8")
-        for name in SIDE_FILES:
-            src = model_path.parent / name
-            if src.exists():
-                shutil.copyfile(src, tmp / name)
-        summary["files"] = sorted([p.name for p in tmp.iterdir()] + ["summary.json"])
-        summary["seconds"] = round(time.perf_counter() - start, 2)
-        summary["peak_rss_mb"] = peak_rss_mb()
-        (tmp / "summary.json").write_text(json.dumps(summary, indent=1) + "\n", encoding="utf-8")
-    del files
+    files = write_quantized(
+        output,
+        {"model.qdq.onnx": model},
+        plan=plan,
+        encodings=encodings,
+        encodings_version=encodings_version,
+        source=model_path.parent,
+        summary=summary,
+        started=start,
+        overwrite=overwrite,
+    )
     if learn is not None:
         shutil.rmtree(output.parent / f".{output.name}.learn", ignore_errors=True)
-    return QuantizeResult(output, [output / f for f in summary["files"]], summary, plan, encodings)
+    return QuantizeResult(output, files, summary, plan, encodings)
 
 
-def _summary(
+def build_summary(
     model_path: Path,
     preset: str,
     plan: QuantPlan,
@@ -472,19 +464,6 @@ def _rounded(scores: dict[str, float], points: list[Any]) -> dict[str, float]:
     """Scores of ``points``, highest first, to 4 significant digits (for summary.json)."""
     mine = {p.name: scores.get(p.name, 0.0) for p in points}
     return {k: float(f"{v:.4g}") for k, v in sorted(mine.items(), key=lambda kv: -kv[1])}
-
-
-def encodings_json(plan: QuantPlan, encodings: dict[str, Encoding]) -> dict[str, Any]:
-    """onnxq's encodings file: every point's numbers and the tensors that carry them (weights: spec only)."""
-    points: dict[str, Any] = {}
-    for name, point in plan.points.items():
-        enc = encodings[name]
-        entry = enc.spec.to_json() if point.kind == "weight" else enc.to_json()
-        entry.update({"kind": point.kind, "tensors": list(point.tensors) + list(point.consts)})
-        if point.source:
-            entry["source"] = point.source
-        points[name] = entry
-    return {"version": "onnxq/1", "preset": plan.preset.name, "points": points}
 
 
 def gptq_inputs(model: ir.Model, plan: QuantPlan) -> dict[str, Any]:

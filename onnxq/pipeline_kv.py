@@ -9,21 +9,18 @@ Concat that appends to the cache shares its quantizer), so what decode writes is
 
 from __future__ import annotations
 
-import json
-import shutil
 import time
 from pathlib import Path
 from typing import Any
 
-from onnxq import aimet, recipes
 from onnxq import ir as oir
 from onnxq import presets as presets_mod
+from onnxq import recipes
 from onnxq.errors import OnnxqError
-from onnxq.files import SIDE_FILES, atomic_dir, check_new_output
-from onnxq.metrics import peak_rss_mb
+from onnxq.files import check_new_output
+from onnxq.outputs import write_quantized
 from onnxq.plan import build_plan, read_precision_map
 from onnxq.qdq import emit_qdq
-from onnxq.split import split
 
 GRAPHS = ("prefill", "decode")
 
@@ -55,7 +52,7 @@ def quantize_kv(
     from calib.calibrate import encode, method_for, observe
     from calib.feeds import CacheFeeds
     from onnxq.export_kv import read_shape
-    from onnxq.pipeline import QuantizeResult, apply_gptq, encodings_json, gptq_inputs, prepare
+    from onnxq.pipeline import QuantizeResult, apply_gptq, build_summary, gptq_inputs, prepare
     from onnxq.sources import tokenizer_for
 
     start = time.perf_counter()
@@ -113,50 +110,36 @@ def quantize_kv(
             for name in point.consts:  # the same rounding in both graphs
                 decode_inits[name].const_value = prefill.graph.initializers[name].const_value
     models = {g: emit_qdq(prepared[g].model, plans[g], encodings) for g in GRAPHS}
-    summary: dict[str, Any] = {
-        "onnxq": "summary/1",
-        "input": str(folder),
-        "preset": chosen.name,
-        "seq_len": chunk,
-        "kv_cache": {"chunk": chunk, "context": shape.slots, "layers": shape.layers},
-        "rotation": {"offline": rotate, "online": [], "seed": seed},
-        "structure": prepared["prefill"].structure.describe() if prepared["prefill"].structure else None,
-        "rewrites": [r.summary() for r in prepared["prefill"].rewrites],
-        "notes": prepared["prefill"].notes,
-        "calibration": {
-            "data": calib,
-            "windows": len(calib_windows),
-            "window_tokens": length,
-            "steps": len(feeds),
-            "method": method,
-            "weights": weight_method,
-            "seconds": round(t_cal, 2),
-        },
-        "counts": plan.counts(),
-        "dtypes": {},
-        "most_clipped": [
-            {"point": n, "fraction": round(s.clipped, 6)}
-            for n, s in sorted(stats.items(), key=lambda kv: -kv[1].clipped)[:10]
-            if s.clipped > 0
-        ],
-        "learning": None,
-        "mixed_precision": None,
-    }
-    with atomic_dir(output, overwrite=overwrite) as tmp:
-        for g, model in models.items():
-            model.metadata_props.update({"onnxq.seed": str(seed), "onnxq.calib": str(calib)})
-            oir.save(model, tmp / f"{g}.qdq.onnx")
-        (tmp / "precision_map.json").write_text(json.dumps(plan.precision_map(), indent=1) + "\n", encoding="utf-8")
-        (tmp / "encodings.json").write_text(
-            json.dumps(encodings_json(plan, encodings), indent=1) + "\n", encoding="utf-8"
-        )
-        parts = split(models["prefill"], weights=False)
-        aimet.write_tensors(parts.activations, parts.params, tmp / "prefill.encodings", encodings_version)
-        for name in SIDE_FILES:
-            if (folder / name).exists():
-                shutil.copyfile(folder / name, tmp / name)
-        summary["files"] = sorted([p.name for p in tmp.iterdir()] + ["summary.json"])
-        summary["seconds"] = round(time.perf_counter() - start, 2)
-        summary["peak_rss_mb"] = peak_rss_mb()
-        (tmp / "summary.json").write_text(json.dumps(summary, indent=1) + "\n", encoding="utf-8")
-    return QuantizeResult(output, [output / f for f in summary["files"]], summary, plan, encodings)
+    for model in models.values():
+        model.metadata_props.update({"onnxq.seed": str(seed), "onnxq.calib": str(calib)})
+    summary = build_summary(
+        folder,
+        chosen.name,
+        plan,
+        prepared["prefill"],
+        calib,
+        len(calib_windows),
+        method,
+        weight_method,
+        stats,
+        time.perf_counter() - start,
+        t_cal,
+        {"offline": rotate, "online": [], "seed": seed},
+    )
+    summary["seq_len"] = chunk
+    summary["kv_cache"] = {"chunk": chunk, "context": shape.slots, "layers": shape.layers}
+    summary["calibration"].update(window_tokens=length, steps=len(feeds))
+    summary["learning"] = None
+    summary["mixed_precision"] = None
+    files = write_quantized(
+        output,
+        {f"{g}.qdq.onnx": m for g, m in models.items()},
+        plan=plan,
+        encodings=encodings,
+        encodings_version=encodings_version,
+        source=folder,
+        summary=summary,
+        started=start,
+        overwrite=overwrite,
+    )
+    return QuantizeResult(output, files, summary, plan, encodings)

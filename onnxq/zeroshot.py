@@ -4,8 +4,8 @@ Each choice is scored by the log-likelihood of its tokens after the context; ``a
 highest sum, ``acc_norm`` the highest sum per character of the choice. The context/continuation
 split follows lm-eval: trailing spaces of the context move to the continuation, the whole text is
 tokenized once and the continuation is what follows the context's tokens. The graph has a static
-length S: the sequence is cut from the left to S tokens and padded on the right (a causal model's
-logits do not depend on what follows).
+length S: a request is cut from the left to S tokens and padded on the right (a causal model's
+logits do not depend on what follows), or packed with others into one window (:mod:`onnxq.packing`).
 
 Prompts: PIQA ``"Question: {goal}\\nAnswer:"`` + ``" " + solution``; HellaSwag
 ``"{activity}: {context}"`` + ``" " + ending`` with lm-eval's text clean-up. The shared HellaSwag file
@@ -143,29 +143,43 @@ def evaluate(
     ep: str = "cpu",
     path: str | Path | None = None,
     progress: Callable[[int], None] | None = None,
+    pack: bool = True,
 ) -> TaskResult:
-    """acc and acc_norm of ``model`` on the first ``limit`` items of ``task``."""
+    """acc and acc_norm of ``model`` on the first ``limit`` items of ``task``.
+
+    On ONNX Runtime CPU the requests are packed several to a window (:mod:`onnxq.packing`, about
+    10x fewer runs); ``pack=False`` (and the QNN EP) runs one request per window.
+    """
     from onnxq.evaluate import make_session
 
     items = load(task, path, limit)
-    sess: Any = make_session(model, ep)
-    inputs = sess.get_inputs()
-    if len(inputs) != 1:
-        raise OnnxqError(
-            f"{model} takes {len(inputs)} inputs; zero-shot scoring feeds input_ids", "use a scoring graph"
-        )
-    seq_len = int(inputs[0].shape[-1])
-    feed = inputs[0].name
-
-    def run(window: np.ndarray) -> np.ndarray:
-        return sess.run(None, {feed: window})[0]
-
+    requests = list(_requests(tok, items))
     start = time.perf_counter()
+    if ep == "cpu" and pack:
+        from onnxq.packing import PackedSession
+
+        scored = PackedSession(model).loglikelihoods([(c, k) for _, _, c, k in requests], progress)
+    else:
+        sess: Any = make_session(model, ep)
+        inputs = sess.get_inputs()
+        if len(inputs) != 1:
+            raise OnnxqError(
+                f"{model} takes {len(inputs)} inputs; zero-shot scoring feeds input_ids", "use a scoring graph"
+            )
+        seq_len = int(inputs[0].shape[-1])
+        feed = inputs[0].name
+
+        def run(window: np.ndarray) -> np.ndarray:
+            return sess.run(None, {feed: window})[0]
+
+        scored = []
+        for _, _, ctx, cont in requests:
+            scored.append(loglikelihood(run, seq_len, ctx, cont))
+            if progress is not None:
+                progress(1)
     scores = [[0.0] * len(item.choices) for item in items]
-    for i, j, ctx, cont in _requests(tok, items):
-        scores[i][j] = loglikelihood(run, seq_len, ctx, cont)[0]
-        if progress is not None:
-            progress(1)
+    for (i, j, _, _), (logp, _) in zip(requests, scored, strict=True):
+        scores[i][j] = logp
     gold = np.array([item.gold for item in items])
     acc = np.array([int(np.argmax(s)) for s in scores]) == gold
     norm = (

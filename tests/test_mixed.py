@@ -121,3 +121,24 @@ def test_weight_budget_promotes_the_most_sensitive_4bit_weights(
     assert all(pmap[n]["why"] == "promoted (fisher)" for n in promoted)
     report = validate(out / "model.qdq.onnx", eval_ids[:1])
     assert report.nodes_on_qnn == report.nodes_total > 0  # int8 and int4 FCs side by side on the HTP
+
+
+def test_checkpointed_scoring_equals_one_backward_over_the_whole_graph(
+    tiny_model: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The sensitivity pass recomputes segment after segment to bound memory; its scores are those
+    of a single backward pass through the whole graph."""
+    from calib import sensitivity
+
+    def scores(segments: int) -> dict[str, float]:
+        monkeypatch.setattr(sensitivity, "SEGMENTS", segments)
+        out = tmp_path / f"segments{segments}"
+        quantize(tiny_model, out, preset="w4a8", calib="wikitext2-valid", windows=2, budget=0.25, weight_budget=0.25)
+        record = json.loads((out / "summary.json").read_text())["mixed_precision"]
+        return {**record["scores"], **record["weight_scores"]}
+
+    whole, pieces = scores(1), scores(32)
+    assert whole.keys() == pieces.keys() and len(whole) > 10
+    assert all(v > 0 for v in whole.values())
+    for name, value in whole.items():
+        assert pieces[name] == pytest.approx(value, rel=1e-3), name

@@ -82,3 +82,63 @@ def test_the_harness_scorer_rolls_over_windows_like_the_torch_model(tiny_model: 
     assert logp < 0 and isinstance(greedy, bool)
     text = scorer.greedy("The", until=["\n"], max_new_tokens=5)
     assert isinstance(text, str) and "\n" not in text
+
+
+def _short_requests(seed: int, seq_len: int) -> list[tuple[list[int], list[int]]]:
+    """Items like PIQA/HellaSwag in miniature: a context and 2-4 continuations, plus one request
+    longer than the window (scored on its own)."""
+    rng = np.random.default_rng(seed)
+    requests = []
+    for _ in range(12):
+        ctx = rng.integers(1, 200, int(rng.integers(4, 12))).tolist()
+        for _ in range(int(rng.integers(2, 5))):
+            requests.append((ctx, rng.integers(1, 200, int(rng.integers(2, 8))).tolist()))
+    requests.append((rng.integers(1, 200, seq_len).tolist(), rng.integers(1, 200, 6).tolist()))
+    return requests
+
+
+@pytest.mark.parametrize("which", ["float", "w8a16"])
+def test_packed_requests_score_as_one_per_window(which: str, tiny_model: Path, tiny_w8a16: Path) -> None:
+    """Many requests per window (shared contexts, own positions, block mask) give each request's
+    one-per-window log-likelihood: to float rounding on the float graph; on the QDQ graph a
+    different summation order may move a value across a rounding boundary, so the bound is looser."""
+    from onnxq.packing import PackedSession, layout
+
+    model = tiny_model if which == "float" else tiny_w8a16 / "model.qdq.onnx"
+    packed = PackedSession(model)
+    requests = _short_requests(0, packed.seq_len)
+    windows, alone = layout(requests, packed.seq_len)
+    assert packed.packable and alone == [len(requests) - 1] and len(windows) <= len(requests) // 4
+    sess = cpu_session(model)
+    causal = np.tril(np.ones((packed.seq_len,) * 2, dtype=bool))[None, None]
+    tokens = requests[0][0] + requests[0][1]
+    window = np.zeros((1, packed.seq_len), dtype=np.int64)
+    window[0, : len(tokens)] = tokens
+    plain = sess.run(None, {"input_ids": window})[0]
+    assert np.array_equal(packed.run_plain(window), plain)  # the rewrite alone changes nothing
+    assert np.array_equal(packed.run(window, np.arange(packed.seq_len)[None], causal)[None], plain)
+    got = packed.loglikelihoods(requests)
+    ref = [
+        zeroshot.loglikelihood(lambda w: sess.run(None, {"input_ids": w})[0], packed.seq_len, c, k) for c, k in requests
+    ]
+    diff = np.abs([g[0] - r[0] for g, r in zip(got, ref, strict=True)])
+    assert diff.max() < (1e-4 if which == "float" else 5e-2), diff.max()
+    assert np.mean([g[1] == r[1] for g, r in zip(got, ref, strict=True)]) >= 0.95
+
+
+def test_the_harness_scorer_packs_a_batch_of_requests(tiny_model: Path) -> None:
+    """lm-eval hands the adapter all requests at once; packed, they score as they do one by one."""
+    from onnxq.harness import Scorer
+
+    scorer = Scorer(tiny_model)
+    pairs = [(item.context, " " + c) for item in zeroshot.load("piqa", limit=4) for c in item.choices]
+    sess = cpu_session(tiny_model)
+    ref = [
+        zeroshot.loglikelihood(
+            lambda w: sess.run(None, {"input_ids": w})[0], scorer.seq_len, *zeroshot.encode_pair(scorer.tok, *p)
+        )[0]
+        for p in pairs
+    ]
+    got = [logp for logp, _ in scorer.loglikelihoods(pairs)]
+    assert got == pytest.approx(ref, abs=1e-4)
+    assert scorer.loglikelihood(*pairs[0])[0] == pytest.approx(ref[0], abs=1e-4)

@@ -95,6 +95,38 @@ def step_eval(model: Path, windows_file: Path, ep: str = "cpu") -> dict:
     return _run([sys.executable, "-c", code])
 
 
+ZEROSHOT = """
+import json, sys, time
+import numpy as np
+from onnxq import zeroshot
+from onnxq.metrics import peak_rss_mb
+from onnxq.sources import tokenizer_for
+model, tasks, limit, check = sys.argv[1], sys.argv[2].split(","), int(sys.argv[3]), int(sys.argv[4])
+tok = tokenizer_for(model)
+out = {}
+for task in tasks:
+    r = zeroshot.evaluate(model, task, tok, limit=limit)
+    out[task] = {"items": r.items, "acc": r.acc, "acc_norm": r.acc_norm, "seconds": round(r.seconds, 1)}
+    if check:
+        u = zeroshot.evaluate(model, task, tok, limit=check, pack=False)
+        d = np.abs(np.concatenate([np.subtract(a, b) for a, b in zip(r.loglik[:check], u.loglik)]))
+        same = np.mean([np.argmax(a) == np.argmax(b) for a, b in zip(r.loglik[:check], u.loglik)])
+        gold = [item.gold for item in zeroshot.load(task, limit=check)]
+        acc_packed = np.mean([np.argmax(a) == g for a, g in zip(r.loglik[:check], gold)])
+        out[task]["unpacked"] = {"items": check, "acc": u.acc, "acc_norm": u.acc_norm, "seconds": round(u.seconds, 1),
+                                 "max_abs_dlogp": float(d.max()), "mean_abs_dlogp": float(d.mean()),
+                                 "same_choice": float(same), "acc_packed": float(acc_packed)}
+out["peak_rss_mb"] = peak_rss_mb()
+print(json.dumps(out))
+"""
+
+
+def step_zeroshot(model: Path, tasks: str, limit: int, check: int) -> dict:
+    """Zero-shot accuracy (packed windows); with ``check`` > 0 also the first ``check`` items one
+    request per window, to measure what packing changes."""
+    return _run([sys.executable, "-c", ZEROSHOT, str(model), tasks, str(limit), str(check)])
+
+
 def step_validate(model: Path, windows_file: Path, context: Path) -> dict:
     code = (
         "import json, numpy as np; from pathlib import Path; from onnxq.qnn import validate; "
@@ -198,6 +230,13 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             row["validate"] = step_validate(target, work / "eval.npy", work / name / "htp")
         if name in args.compile.split(","):
             row["compile"] = step_compile(target, work / name / "ctx")
+        earlier = results["rows"].get(name, {})
+        for key in ("validate", "compile"):  # HTP runs are slow: keep an earlier one, dated, if not redone
+            if key not in row and key in earlier:
+                row[key] = {**earlier[key], "date": earlier[key].get("date", earlier["date"])}
+        if args.tasks:
+            check = args.pack_check_items if name in args.pack_check.split(",") else 0
+            row["zeroshot"] = step_zeroshot(target, args.tasks, args.task_limit, check)
         results["rows"][name] = row
         print(f"[bench] {name}: ppl {row['eval']['ppl']:.3f}", file=sys.stderr, flush=True)
         _save(results, inputs, args)
@@ -285,6 +324,57 @@ def pareto(results: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def zeroshot_section(results: dict[str, Any]) -> str:
+    """Zero-shot accuracy per row, and what packing requests into windows changes."""
+    rows = {name: row for name, row in results["rows"].items() if "zeroshot" in row}
+    if not rows:
+        return ""
+    tasks = [t for t in next(iter(rows.values()))["zeroshot"] if t != "peak_rss_mb"]
+    items = {t: next(iter(rows.values()))["zeroshot"][t]["items"] for t in tasks}
+    head = " | ".join(f"{t} acc | {t} acc_norm" for t in tasks)
+    lines = [
+        "## Zero-shot accuracy",
+        "",
+        "First " + ", ".join(f"{items[t]} {t} items" for t in tasks) + " (validation), scored as lm-eval-harness",
+        "scores them (log-likelihood of each choice after the context; acc_norm per character), on ONNX Runtime",
+        "CPU with `onnxq eval --tasks`; requests packed several to a 512-token window (`onnxq.packing`).",
+        "",
+        f"| row | {head} | WikiText-2 PPL | time |",
+        "|---|" + "---:|" * (2 * len(tasks) + 2),
+    ]
+    for name, row in rows.items():
+        z = row["zeroshot"]
+        cells = " | ".join(f"{100 * z[t]['acc']:.1f} | {100 * z[t]['acc_norm']:.1f}" for t in tasks)
+        secs = sum(z[t]["seconds"] for t in tasks)
+        lines.append(f"| {name} | {cells} | {row['eval']['ppl']:,.4g} | {secs:.0f} s |")
+    checks = [
+        (name, t, row["zeroshot"][t]["unpacked"])
+        for name, row in rows.items()
+        for t in tasks
+        if "unpacked" in row["zeroshot"][t]
+    ]
+    if checks:
+        lines += [
+            "",
+            "Packed against one request per window, same items (the reference path, `--no-pack`): the float",
+            "graph agrees to rounding; on a QDQ graph a different summation order can move a value across a",
+            "rounding boundary, which then propagates.",
+            "",
+            "| row | task | items | acc packed | acc one per window | same choice | max abs Δ log p | mean abs Δ log p "
+            "| time packed | time one per window |",
+            "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+        ]
+        for name, t, u in checks:
+            z = results["rows"][name]["zeroshot"][t]
+            packed_secs = z["seconds"] * u["items"] / z["items"]
+            lines.append(
+                f"| {name} | {t} | {u['items']} | {100 * u['acc_packed']:.1f} | {100 * u['acc']:.1f} | "
+                f"{100 * u['same_choice']:.0f} % | {u['max_abs_dlogp']:.2g} | {u['mean_abs_dlogp']:.2g} | "
+                f"{packed_secs:.0f} s | {u['seconds']:.0f} s |"
+            )
+    return "\n".join(lines) + "\n"
+
+
 def table(results: dict[str, Any]) -> str:
     """The Markdown table of BENCHMARKS.md."""
     rows = results["rows"]
@@ -306,6 +396,11 @@ def table(results: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def _dated(step: dict[str, Any], row: dict[str, Any]) -> str:
+    """A note when an HTP step was measured on an earlier quantization of the same row."""
+    return f" (measured {step['date']}, same recipe)" if step.get("date", row["date"]) != row["date"] else ""
+
+
 def write(results: dict[str, Any]) -> None:
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
     RESULTS.write_text(json.dumps(results, indent=1) + "\n", encoding="utf-8")
@@ -318,7 +413,7 @@ def write(results: dict[str, Any]) -> None:
                 f"{v['nodes_total']} nodes on QNN; logits vs ONNX Runtime CPU on {v['windows']} windows: max "
                 f"|Δ| {v['max_abs_error']:.3g} ({v['error_in_steps']:.0f} output steps), mean "
                 f"{v['mean_abs_error']:.3g}, top-1 agreement {100 * v['top1_agreement']:.1f} %; context binary "
-                f"written and reloaded: {v['context_reloaded']}.\n"
+                f"written and reloaded: {v['context_reloaded']}{_dated(v, row)}.\n"
             )
         c = row.get("compile")
         if c:
@@ -326,7 +421,8 @@ def write(results: dict[str, Any]) -> None:
             val += (
                 f"- `{name}` compiled by `onnxq compile` (QNN EP, HTP v75): {sizes}; compile "
                 f"{c['seconds']['compile']:.0f} s, context reload {c['seconds']['load_context']:.0f} s, one window "
-                f"on the HTP emulator {c['seconds']['run_once']:.0f} s, peak RSS {c['peak_rss_mb'] / 1024:.2f} GB.\n"
+                f"on the HTP emulator {c['seconds']['run_once']:.0f} s, peak RSS {c['peak_rss_mb'] / 1024:.2f} GB"
+                f"{_dated(c, row)}.\n"
             )
     text = f"""# Benchmarks
 
@@ -350,6 +446,7 @@ per-channel clipping search then round to nearest; `gptq`: the same scales, GPTQ
 
 {val}"""
     text += ("\n" + pareto(results)) if pareto(results) else ""
+    text += ("\n" + zeroshot_section(results)) if zeroshot_section(results) else ""
     diagnostics = RESULTS.parent / "diagnostics.json"
     if diagnostics.exists():
         sys.path.insert(0, str(ROOT))
@@ -377,6 +474,10 @@ def main() -> None:
     parser.add_argument("--no-validate", action="store_true")
     parser.add_argument("--compile", default="", help="rows also compiled to an HTP context binary (QNN EP)")
     parser.add_argument("--compile-only", action="store_true", help="only compile the --compile rows' models")
+    parser.add_argument("--tasks", default="", help="zero-shot tasks for every row run, e.g. piqa,hellaswag")
+    parser.add_argument("--task-limit", type=int, default=500, help="first N items of each task (default 500)")
+    parser.add_argument("--pack-check", default="fp32,onnxq-w4a8", help="rows also scored one request per window")
+    parser.add_argument("--pack-check-items", type=int, default=100, help="items of that check (default 100)")
     parser.add_argument("--fresh", action="store_true", help="drop rows measured by earlier runs")
     parser.add_argument("--dry", action="store_true", help="print the results, do not write files")
     args = parser.parse_args()
