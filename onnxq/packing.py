@@ -7,7 +7,8 @@ The graph gets the positions and the mask as inputs (:func:`rewrites.positions.e
 every continuation restarts at the position after its context and sees only its context and its
 own earlier tokens, so each request's logits are those of a run on its own, up to float rounding
 (tested against the one-request-per-window path, float and QDQ). A request longer than the window,
-or with an empty context, is scored on its own as before.
+or with an empty context, is scored on its own as before. The evaluation copy of the graph is written
+to a temporary folder for ONNX Runtime (disk and memory: one more copy of the model while loading).
 """
 
 from __future__ import annotations
@@ -48,18 +49,22 @@ class Window:
 def layout(requests: Sequence[Request], seq_len: int) -> tuple[list[Window], list[int]]:
     """Pack ``requests`` into windows (first fit, in order: deterministic); also the indices of the
     requests that cannot be packed (longer than the window, or without context)."""
-    units: dict[tuple[int, ...], _Unit] = {}
+    units: list[_Unit] = []
+    current: dict[tuple[int, ...], _Unit] = {}  # the open unit of each context
     alone: list[int] = []
     for i, (ctx, cont) in enumerate(requests):
         key = tuple(ctx)
-        unit = units.setdefault(key, _Unit(key))
-        if not ctx or not cont or unit.size + len(cont) > seq_len:
+        if not ctx or not cont or len(ctx) + len(cont) > seq_len:
             alone.append(i)
             continue
+        unit = current.get(key)
+        if unit is None or unit.size + len(cont) > seq_len:  # a full unit: the context again, in a new one
+            unit = current[key] = _Unit(key)
+            units.append(unit)
         unit.conts.append((i, tuple(cont)))
     bins: list[list[_Unit]] = []
     room: list[int] = []
-    for unit in (u for u in units.values() if u.conts):
+    for unit in units:
         k = next((b for b, free in enumerate(room) if free >= unit.size), None)
         if k is None:
             bins.append([])
@@ -111,14 +116,15 @@ class PackedSession:
         import onnxruntime as ort
 
         from onnxq import ir as oir
-        from rewrites.positions import ATTEND, POSITIONS, expose_positions
+        from rewrites.positions import expose_positions
 
         ir_model = oir.load(model)
-        self.seq_len = int(ir_model.graph.inputs[0].shape[1])
-        self.feed = ir_model.graph.inputs[0].name or "input_ids"
-        result = expose_positions(ir_model)
+        result = expose_positions(ir_model)  # also checks for one static input_ids [1, S]
+        inputs = result.model.graph.inputs
+        self.seq_len = int(inputs[0].shape[1])
+        self.feed = inputs[0].name or "input_ids"
         self.packable = result.modified
-        self.names = (self.feed, POSITIONS, ATTEND)
+        self.names = tuple(v.name or "" for v in inputs)  # input_ids, position_ids, attend (in that order)
         with tempfile.TemporaryDirectory(prefix="onnxq-packed-") as tmp:
             oir.save(result.model, Path(tmp) / "packed.onnx")
             so = ort.SessionOptions()

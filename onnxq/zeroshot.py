@@ -99,6 +99,9 @@ def encode_pair(tok: Any, context: str, continuation: str) -> tuple[list[int], l
     if spaces:
         continuation = context[-spaces:] + continuation
         context = context[:-spaces]
+    if not context:  # lm-eval conditions on the end-of-text token then
+        eot = tok.eos_token_id if tok.eos_token_id is not None else 0
+        return [eot], tok(continuation, add_special_tokens=False)["input_ids"]
     whole = tok(context + continuation, add_special_tokens=False)["input_ids"]
     ctx = tok(context, add_special_tokens=False)["input_ids"]
     return whole[: len(ctx)], whole[len(ctx) :]
@@ -195,5 +198,5 @@ def evaluate(
 
 
 def requests_count(task: str, limit: int | None, path: str | Path | None = None) -> int:
-    """Number of model runs ``evaluate`` makes (one per choice), for progress bars."""
+    """Number of requests ``evaluate`` scores (one per choice): the unit of its progress bar."""
     return sum(len(item.choices) for item in load(task, path, limit))

@@ -23,6 +23,8 @@ from onnxq.errors import OnnxqError
 from onnxq.ir import add_initializer, const_array, unique_name
 from rewrites.base import RewriteResult
 
+#: names of the new inputs (a suffix is added if the graph already uses one); they are appended to
+#: the graph inputs in this order, after input_ids
 POSITIONS = "position_ids"
 ATTEND = "attend"
 
@@ -84,6 +86,27 @@ def _is_table(view: _View, seq_len: int) -> bool:
     return bool(cos_or_sin and periodic and not np.allclose(rows[1], first))
 
 
+def _positional(init: ir.Value, seq_len: int) -> bool:
+    """A constant shaped like a mask or a per-position table (its last two dims S x S, or rows a
+    multiple of S) read by something other than a MatMul/Gemm (a weight may have S rows)."""
+    shape = init.shape
+    if shape is None or len(shape) < 2 or not all(isinstance(d, int) for d in shape):
+        return False
+    rows = int(shape[-2])
+    if rows < seq_len or rows % seq_len:
+        return False
+    readers: set[str] = set()
+    todo = [init]
+    while todo:  # through DequantizeLinear/Transpose/Cast to what reads the values
+        for use in todo.pop().uses():
+            node = use.node
+            if node.op_type in ("DequantizeLinear", "Transpose", "Cast") and use.idx == 0:
+                todo.append(node.outputs[0])
+            else:
+                readers.add(node.op_type)
+    return not readers <= {"MatMul", "Gemm", "Gather"}
+
+
 def _redirect(view: _View, node: ir.Node) -> None:
     for use in [u for u in view.value.uses() if u.node is not node]:
         use.node.replace_input_with(use.idx, node.outputs[0])
@@ -96,15 +119,26 @@ def expose_positions(model: ir.Model) -> RewriteResult:
     if len(graph.inputs) != 1 or not ids or not isinstance(ids[0].shape[1], int):
         raise OnnxqError("packing needs a scoring graph with one static input_ids [1, S]", "use `onnxq export`")
     seq_len = int(ids[0].shape[1])
+    if seq_len < 2:
+        return RewriteResult(model, "expose positions", {"masks": 0, "tables": 0})
     views = [v for init in list(graph.initializers.values()) for v in _float_views(init)]
     masks = [v for v in views if _is_mask(v, seq_len)]
     tables = [v for v in views if _is_table(v, seq_len)]
-    if not masks or not tables:
-        return RewriteResult(model, "expose positions", {"masks": 0, "tables": 0})
+    known = {id(v.value) for v in masks + tables}
+    known |= {id(n.inputs[0]) for v in masks + tables if (n := v.value.producer()) is not None}
+    unknown = [
+        init.name for init in graph.initializers.values() if id(init) not in known and _positional(init, seq_len)
+    ]
+    if not masks or not tables or unknown:  # a constant left tied to positions 0..S-1 would give wrong scores
+        return RewriteResult(model, "expose positions", {"masks": 0, "tables": 0}, tuple(unknown[:3]))
 
     first = next(iter(graph))
-    positions = ir.Value(name=POSITIONS, shape=ir.Shape([1, seq_len]), type=ir.TensorType(ir.DataType.INT64))
-    attend = ir.Value(name=ATTEND, shape=ir.Shape([1, 1, seq_len, seq_len]), type=ir.TensorType(ir.DataType.BOOL))
+    positions = ir.Value(
+        name=unique_name(graph, POSITIONS), shape=ir.Shape([1, seq_len]), type=ir.TensorType(ir.DataType.INT64)
+    )
+    attend = ir.Value(
+        name=unique_name(graph, ATTEND), shape=ir.Shape([1, 1, seq_len, seq_len]), type=ir.TensorType(ir.DataType.BOOL)
+    )
     graph.inputs.extend([positions, attend])
     tiled: dict[int, ir.Value] = {}
     rows_of: dict[int, ir.Value] = {}
@@ -142,9 +176,12 @@ def expose_positions(model: ir.Model) -> RewriteResult:
     for view in masks:  # the folded mask (and its DequantizeLinear) is no longer read
         node = view.value.producer()
         if node is not None and not view.value.uses():
-            source = node.inputs[0]
+            view_init = node.inputs[0]
+            params = [v for v in node.inputs[1:] if v is not None]
             graph.remove(node, safe=True)
-            view_init = source
+            for v in params:
+                if v.is_initializer() and not v.uses():
+                    graph.initializers.pop(v.name or "")
         else:
             view_init = view.value
         if view_init is not None and view_init.is_initializer() and not view_init.uses():

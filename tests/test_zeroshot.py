@@ -93,6 +93,8 @@ def _short_requests(seed: int, seq_len: int) -> list[tuple[list[int], list[int]]
         ctx = rng.integers(1, 200, int(rng.integers(4, 12))).tolist()
         for _ in range(int(rng.integers(2, 5))):
             requests.append((ctx, rng.integers(1, 200, int(rng.integers(2, 8))).tolist()))
+    ctx = rng.integers(1, 200, seq_len // 3).tolist()  # choices that do not fit after one copy of their context
+    requests += [(ctx, rng.integers(1, 200, seq_len // 4).tolist()) for _ in range(4)]
     requests.append((rng.integers(1, 200, seq_len).tolist(), rng.integers(1, 200, 6).tolist()))
     return requests
 
@@ -109,6 +111,15 @@ def test_packed_requests_score_as_one_per_window(which: str, tiny_model: Path, t
     requests = _short_requests(0, packed.seq_len)
     windows, alone = layout(requests, packed.seq_len)
     assert packed.packable and alone == [len(requests) - 1] and len(windows) <= len(requests) // 4
+    assert sum(len(w.picks) for w in windows) == len(requests) - 1
+    long_ctx = requests[-2][0]  # its 4 choices do not fit after one copy: two copies, two windows
+    copies = sum(
+        1
+        for w in windows
+        for at in range(packed.seq_len - len(long_ctx) + 1)
+        if w.ids[0, at : at + len(long_ctx)].tolist() == long_ctx and w.positions[0, at] == 0
+    )
+    assert copies == 2
     sess = cpu_session(model)
     causal = np.tril(np.ones((packed.seq_len,) * 2, dtype=bool))[None, None]
     tokens = requests[0][0] + requests[0][1]
@@ -142,3 +153,31 @@ def test_the_harness_scorer_packs_a_batch_of_requests(tiny_model: Path) -> None:
     got = [logp for logp, _ in scorer.loglikelihoods(pairs)]
     assert got == pytest.approx(ref, abs=1e-4)
     assert scorer.loglikelihood(*pairs[0])[0] == pytest.approx(ref[0], abs=1e-4)
+
+
+def test_a_graph_with_an_unknown_positional_constant_is_not_packed(tiny_model: Path, tmp_path: Path) -> None:
+    """Packing rewires the mask and the RoPE tables; another per-position constant would stay tied to
+    positions 0..S-1 and give wrong scores, so such a graph is scored one request per window."""
+    import onnx_ir as ir
+
+    from onnxq import ir as oir
+    from onnxq.packing import PackedSession
+    from rewrites.positions import expose_positions
+
+    assert expose_positions(oir.load(tiny_model)).counts == {"masks": 1, "tables": 2}
+    model = oir.load(tiny_model)
+    seq_len = model.graph.inputs[0].shape[1]
+    logits = model.graph.outputs[0]
+    bias = oir.add_initializer(model.graph, "position_bias", np.zeros((1, seq_len, 1), dtype=np.float32))
+    add = ir.node("Add", [logits, bias])
+    model.graph.append(add)
+    add.outputs[0].name = "biased"
+    model.graph.outputs[0] = add.outputs[0]
+    oir.save(model, tmp_path / "odd.onnx")
+    result = expose_positions(oir.load(tmp_path / "odd.onnx"))
+    assert result.counts == {"masks": 0, "tables": 0} and result.notes == ("position_bias",)
+    session = PackedSession(tmp_path / "odd.onnx")
+    assert not session.packable
+    requests = _short_requests(1, seq_len)[:5]
+    ref = [zeroshot.loglikelihood(session.run_plain, seq_len, c, k) for c, k in requests]
+    assert session.loglikelihoods(requests) == ref

@@ -36,18 +36,20 @@ ROWS: dict[str, tuple[str, str, dict[str, Any]]] = {
     # the ablation, Quant.npu style: min/max -> + rotation -> + aware init -> + learning (-> + learned R2)
     "onnxq-w4a8-minmax-norot": ("onnxq", "w4a8", {"rotate": "none", "method": "minmax", "weight_method": "minmax"}),
     "onnxq-w4a8-minmax": ("onnxq", "w4a8", {"method": "minmax", "weight_method": "minmax"}),
-    "onnxq-w4a8-aware": ("onnxq", "w4a8", {"weight_method": "mse", "method": "aware"}),
+    "onnxq-w4a8-aware": ("onnxq", "w4a8", {"weight_method": "minmax", "method": "aware"}),
     "onnxq-w4a8-norot": ("onnxq", "w4a8", {"weight_method": "mse", "rotate": "none"}),
     "onnxq-w4a8": ("onnxq", "w4a8", {"weight_method": "mse"}),
     "onnxq-w4a8-learn-fixedrot": ("onnxq", "w4a8", {"weight_method": "mse", "learn": {"learn_rotation": False}}),
     "onnxq-w4a8-learn": ("onnxq", "w4a8", {"weight_method": "mse", "learn": {}}),
     "onnxq-w4a8-gptq": ("onnxq", "w4a8", {"weight_method": "gptq"}),
+    "onnxq-w4a8-learn-gptq": ("onnxq", "w4a8", {"weight_method": "gptq", "learn": {}}),
     "onnxq-w4a8-r3r4": ("onnxq", "w4a8", {"weight_method": "mse", "online_hadamard": ["r3", "r4"]}),
     "onnxq-w8a16-norot": ("onnxq", "w8a16", {"weight_method": "mse", "rotate": "none"}),
     "onnxq-w8a16": ("onnxq", "w8a16", {"weight_method": "mse"}),
     "onnxq-w8a8-norot": ("onnxq", "w8a8", {"weight_method": "mse", "rotate": "none"}),
     "onnxq-w8a8": ("onnxq", "w8a8", {"weight_method": "mse"}),
     "onnxq-w8a8-learn": ("onnxq", "w8a8", {"weight_method": "mse", "learn": {}}),
+    "onnxq-w8a8-mp10-fisher": ("onnxq", "w8a8", {"budget": 0.1}),
     "onnxq-w4a16-norot": ("onnxq", "w4a16", {"weight_method": "mse", "rotate": "none"}),
     "onnxq-w4a16": ("onnxq", "w4a16", {"weight_method": "mse"}),
     "onnxq-w4a16-gptq": ("onnxq", "w4a16", {"weight_method": "gptq"}),
@@ -299,6 +301,44 @@ SELECTORS = (
 )
 
 
+#: Quant.npu's ablation on W4A8, one step at a time
+ABLATION = (
+    ("min/max, no rotation", "onnxq-w4a8-minmax-norot"),
+    ("+ Hadamard rotation (R1, R2)", "onnxq-w4a8-minmax"),
+    ("+ rotation-aware initialisation (mean ± kσ)", "onnxq-w4a8-aware"),
+    ("+ MSE-optimal clipping instead (8-bit activations, weights)", "onnxq-w4a8"),
+    ("+ two-stage learning (ranges, weight clipping)", "onnxq-w4a8-learn-fixedrot"),
+    ("+ learned rotation (R2)", "onnxq-w4a8-learn"),
+    ("MSE clipping + GPTQ rounding instead of learning", "onnxq-w4a8-gptq"),
+    ("learning + GPTQ rounding", "onnxq-w4a8-learn-gptq"),
+)
+
+
+def ablation(results: dict[str, Any]) -> str:
+    """Quant.npu-style ablation: what each step adds on W4A8."""
+    rows = results["rows"]
+    present = [(label, name) for label, name in ABLATION if name in rows]
+    if len(present) < 3:
+        return ""
+    fp = rows.get("fp32", {}).get("eval", {}).get("ppl")
+    lines = [
+        "## Ablation (W4A8)",
+        "",
+        "| step | row | WikiText-2 PPL | × FP32 | time | peak RSS |",
+        "|---|---|---:|---:|---:|---:|",
+    ]
+    for label, name in present:
+        row = rows[name]
+        q = row.get("quantize", {})
+        ppl = row["eval"]["ppl"]
+        ratio = f"{ppl / fp:.3f}" if fp else ""
+        lines.append(
+            f"| {label} | {name} | {ppl:.2f} | {ratio} | {q.get('seconds', 0):.0f} s | "
+            f"{q.get('peak_rss_mb', 0) / 1024:.2f} GB |"
+        )
+    return "\n".join(lines) + "\n"
+
+
 def pareto(results: dict[str, Any]) -> str:
     """The mixed-precision section: perplexity against the share promoted, and the selectors compared."""
     rows = results["rows"]
@@ -445,6 +485,7 @@ onnxq `a8` presets keep the residual stream, norms and softmax at 16 bits and pu
 per-channel clipping search then round to nearest; `gptq`: the same scales, GPTQ rounding.
 
 {val}"""
+    text += ("\n" + ablation(results)) if ablation(results) else ""
     text += ("\n" + pareto(results)) if pareto(results) else ""
     text += ("\n" + zeroshot_section(results)) if zeroshot_section(results) else ""
     diagnostics = RESULTS.parent / "diagnostics.json"
