@@ -74,7 +74,8 @@ def relative_and_fisher(
     inputs: dict[str, torch.Tensor] = {}
     outputs: dict[str, torch.Tensor] = {}
     out_grads: dict[str, torch.Tensor] = {}
-    captured: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+    captured: list[tuple[str, torch.Tensor, torch.Tensor]] = []
+    pending: dict[str, list[torch.Tensor]] = {}  # per-token terms of a point, summed over its roots
     err_abs = dict.fromkeys(names, 0.0)
     ref_abs = dict.fromkeys(names, 0.0)
     fisher = dict.fromkeys([*names, *edges], 0.0)
@@ -93,7 +94,7 @@ def relative_and_fisher(
                 ref_abs[q] += float(out.detach().abs().sum())
                 out = out + error
                 out.retain_grad()
-                captured[q] = (out, error)
+                captured.append((q, out, error))
             else:
                 out = sim.act(q)(out)
         if name in fc_in:
@@ -103,10 +104,9 @@ def relative_and_fisher(
 
     def collect() -> None:
         """Fold the gradients one segment's backward produced into the scores."""
-        for q, (value, error) in captured.items():
+        for q, value, error in captured:
             if value.grad is not None:
-                per_token = (value.grad * error).reshape(-1, value.shape[-1]).sum(-1)
-                fisher[q] += 0.5 * float((per_token**2).sum())
+                pending.setdefault(q, []).append((value.grad * error).reshape(-1, value.shape[-1]).sum(-1))
         captured.clear()
         out_grads.update({q: v.grad for q, v in outputs.items() if v.grad is not None})
         outputs.clear()
@@ -152,6 +152,10 @@ def relative_and_fisher(
                 if leaf.grad is not None:
                     upstream[k] = upstream[k] + leaf.grad if k in upstream else leaf.grad
             collect()
+        for q, terms in pending.items():  # a point's roots (in one segment or several) add up per token
+            same = all(t.shape == terms[0].shape for t in terms)
+            fisher[q] += 0.5 * float((sum(terms) ** 2).sum() if same else sum((t**2).sum() for t in terms))
+        pending.clear()
         inputs.clear()
         out_grads.clear()
         if progress is not None:
