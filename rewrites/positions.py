@@ -97,10 +97,10 @@ def _positional(init: ir.Value, seq_len: int) -> bool:
         return False
     readers: set[str] = set()
     todo = [init]
-    while todo:  # through DequantizeLinear/Transpose/Cast to what reads the values
+    while todo:  # through Q/DQ, Transpose and Cast to what reads the values
         for use in todo.pop().uses():
             node = use.node
-            if node.op_type in ("DequantizeLinear", "Transpose", "Cast") and use.idx == 0:
+            if node.op_type in ("DequantizeLinear", "QuantizeLinear", "Transpose", "Cast") and use.idx == 0:
                 todo.append(node.outputs[0])
             else:
                 readers.add(node.op_type)

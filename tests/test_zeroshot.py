@@ -99,14 +99,21 @@ def _short_requests(seed: int, seq_len: int) -> list[tuple[list[int], list[int]]
     return requests
 
 
-@pytest.mark.parametrize("which", ["float", "w8a16"])
-def test_packed_requests_score_as_one_per_window(which: str, tiny_model: Path, tiny_w8a16: Path) -> None:
+@pytest.mark.parametrize("which", ["float", "w8a16", "w4a8"])
+def test_packed_requests_score_as_one_per_window(
+    which: str, tiny_model: Path, tiny_w8a16: Path, tmp_path: Path
+) -> None:
     """Many requests per window (shared contexts, own positions, block mask) give each request's
     one-per-window log-likelihood: to float rounding on the float graph; on the QDQ graph a
     different summation order may move a value across a rounding boundary, so the bound is looser."""
     from onnxq.packing import PackedSession, layout
 
     model = tiny_model if which == "float" else tiny_w8a16 / "model.qdq.onnx"
+    if which == "w4a8":  # 8-bit MatMul inputs, K and Q after RoPE included
+        from onnxq.pipeline import quantize
+
+        model = quantize(tiny_model, tmp_path / "w4a8", preset="w4a8", calib="wikitext2-valid", windows=4).output
+        model = model / "model.qdq.onnx"
     packed = PackedSession(model)
     requests = _short_requests(0, packed.seq_len)
     windows, alone = layout(requests, packed.seq_len)

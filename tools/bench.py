@@ -103,8 +103,9 @@ import numpy as np
 from onnxq import zeroshot
 from onnxq.metrics import peak_rss_mb
 from onnxq.sources import tokenizer_for
-model, tasks, limit, check = sys.argv[1], sys.argv[2].split(","), int(sys.argv[3]), int(sys.argv[4])
-tok = tokenizer_for(model)
+model, tasks, source = sys.argv[1], sys.argv[2].split(","), sys.argv[5]
+limit, check = int(sys.argv[3]), int(sys.argv[4])
+tok = tokenizer_for(source)  # the float model's folder: ONNX Runtime's quantizer writes no tokenizer beside its model
 out = {}
 for task in tasks:
     r = zeroshot.evaluate(model, task, tok, limit=limit)
@@ -123,10 +124,10 @@ print(json.dumps(out))
 """
 
 
-def step_zeroshot(model: Path, tasks: str, limit: int, check: int) -> dict:
+def step_zeroshot(model: Path, tasks: str, limit: int, check: int, source: Path) -> dict:
     """Zero-shot accuracy (packed windows); with ``check`` > 0 also the first ``check`` items one
-    request per window, to measure what packing changes."""
-    return _run([sys.executable, "-c", ZEROSHOT, str(model), tasks, str(limit), str(check)])
+    request per window, to measure what packing changes. ``source``: the float model (tokenizer)."""
+    return _run([sys.executable, "-c", ZEROSHOT, str(model), tasks, str(limit), str(check), str(source)])
 
 
 def step_validate(model: Path, windows_file: Path, context: Path) -> dict:
@@ -238,7 +239,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 row[key] = {**earlier[key], "date": earlier[key].get("date", earlier["date"])}
         if args.tasks:
             check = args.pack_check_items if name in args.pack_check.split(",") else 0
-            row["zeroshot"] = step_zeroshot(target, args.tasks, args.task_limit, check)
+            row["zeroshot"] = step_zeroshot(target, args.tasks, args.task_limit, check, model)
         results["rows"][name] = row
         print(f"[bench] {name}: ppl {row['eval']['ppl']:.3f}", file=sys.stderr, flush=True)
         _save(results, inputs, args)
