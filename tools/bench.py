@@ -328,6 +328,12 @@ def ablation(results: dict[str, Any]) -> str:
         "| step | row | WikiText-2 PPL | × FP32 | time | peak RSS |",
         "|---|---|---:|---:|---:|---:|",
     ]
+    lines[1:1] = [
+        "",
+        "Each step changes one thing (min/max rows: 4-bit weights by per-channel min/max too; the learning",
+        "rows start from the MSE row). Learning acts on the rotated MatMul inputs and the weights; the",
+        "down_proj inputs, where W4A8 loses most (see the per-layer diff below), are neither rotated nor learned.",
+    ]
     for label, name in present:
         row = rows[name]
         q = row.get("quantize", {})
