@@ -35,12 +35,6 @@ class HessianObserver:
         self.h += flat.T @ flat
         self.n += flat.shape[0]
 
-    def rotate(self, r: np.ndarray, blocks: int) -> None:
-        """The Hessian of ``x @ blockdiag(r, ..., r)``: a rotation merged after the statistics were taken."""
-        assert self.h is not None
-        b = torch.block_diag(*[torch.as_tensor(r, dtype=torch.float64)] * blocks)
-        self.h = b.T @ self.h @ b
-
     def hessian(self) -> torch.Tensor:
         assert self.h is not None
         return self.h / max(self.n, 1)

@@ -252,7 +252,9 @@ def quantize(
     if weight_method == "auto":  # GPTQ halves W4A8 perplexity on SmolLM2 (117 -> 61); at 8 bits RTN suffices
         weight_method = "gptq" if chosen.weight_bits == 4 else "mse"
     use_gptq = weight_method == "gptq"
-    hessians = gptq_inputs(model, plan) if use_gptq else None
+    # With learning, GPTQ's inputs are gathered after it, on the learned model: the Hessians (~0.8 GB
+    # on SmolLM2) are then never held while learning runs, and they see the learned rotations.
+    hessians = gptq_inputs(model, plan) if use_gptq and learn is None else None
     observers = observe(
         model,
         plan,
@@ -309,12 +311,10 @@ def quantize(
         encodings = result.encodings
         learned = {"config": asdict(learn), "seconds": round(result.seconds, 1), "layers": result.history}
     if use_gptq:
-        assert hessians is not None
-        if learn is not None and result.rotations is not None and prepared.structure is not None:
-            for layer, r in zip(prepared.structure.layers, result.rotations, strict=True):
-                obs = hessians.get(layer.attn.o.input)  # o_proj reads the learned R2's output
-                if obs is not None and obs.h is not None:
-                    obs.rotate(r, layer.attn.num_heads)
+        if hessians is None:
+            hessians = gptq_inputs(model, plan)
+            tick = progress("GPTQ inputs", len(calib_windows)) if progress else None
+            observe(model, plan, calib_windows.ids, histogram=lambda _: False, hessians=hessians, progress=tick)
         apply_gptq(model, plan, encodings, hessians)
     emit_qdq(model, plan, encodings)
     model.metadata_props.update(

@@ -128,16 +128,3 @@ def test_gptq_beats_rounding_on_the_layer_output() -> None:
     assert np.array_equal(enc.fake(w_gptq), w_gptq)  # on the grid: emission gives the same integers
     err = lambda wq: float(((x @ wq - x @ w) ** 2).mean())  # noqa: E731
     assert err(w_gptq) < 0.7 * err(enc.fake(w))  # measured ~0.4x
-
-
-def test_hessian_follows_a_rotation_merged_after_calibration() -> None:
-    from calib.gptq import HessianObserver
-
-    gen = torch.Generator().manual_seed(0)
-    x = torch.randn(64, 8, dtype=torch.float64, generator=gen)
-    r, _ = torch.linalg.qr(torch.randn(4, 4, dtype=torch.float64, generator=gen))
-    rotated, direct = HessianObserver(), HessianObserver()
-    rotated.update(x)
-    rotated.rotate(r.numpy(), 2)  # what learning's R2 does to o_proj's input, per head
-    direct.update(x @ torch.block_diag(r, r))
-    assert torch.allclose(rotated.hessian(), direct.hessian(), atol=1e-12)

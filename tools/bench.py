@@ -49,7 +49,9 @@ ROWS: dict[str, tuple[str, str, dict[str, Any]]] = {
     "onnxq-w8a8-norot": ("onnxq", "w8a8", {"weight_method": "mse", "rotate": "none"}),
     "onnxq-w8a8": ("onnxq", "w8a8", {"weight_method": "mse"}),
     "onnxq-w8a8-learn": ("onnxq", "w8a8", {"weight_method": "mse", "learn": {}}),
+    "onnxq-w8a8-mp05-fisher": ("onnxq", "w8a8", {"budget": 0.05}),
     "onnxq-w8a8-mp10-fisher": ("onnxq", "w8a8", {"budget": 0.1}),
+    "onnxq-w8a8-mp20-fisher": ("onnxq", "w8a8", {"budget": 0.2}),
     "onnxq-w4a16-norot": ("onnxq", "w4a16", {"weight_method": "mse", "rotate": "none"}),
     "onnxq-w4a16": ("onnxq", "w4a16", {"weight_method": "mse"}),
     "onnxq-w4a16-gptq": ("onnxq", "w4a16", {"weight_method": "gptq"}),
@@ -290,11 +292,11 @@ def _describe(row: dict[str, Any]) -> tuple[str, str]:
 
 #: the mixed-precision Pareto of W4A8 (GPTQ weights): share of 8-bit MatMul inputs promoted to 16 bits
 PARETO = (
-    ("0 %", "onnxq-w4a8-gptq"),
-    ("5 %", "onnxq-w4a8-mp05-fisher"),
-    ("10 %", "onnxq-w4a8-mp10-fisher"),
-    ("20 %", "onnxq-w4a8-mp20-fisher"),
-    ("all (W4A16)", "onnxq-w4a16-gptq"),
+    ("0 %", "onnxq-w4a8-gptq", "onnxq-w8a8"),
+    ("5 %", "onnxq-w4a8-mp05-fisher", "onnxq-w8a8-mp05-fisher"),
+    ("10 %", "onnxq-w4a8-mp10-fisher", "onnxq-w8a8-mp10-fisher"),
+    ("20 %", "onnxq-w4a8-mp20-fisher", "onnxq-w8a8-mp20-fisher"),
+    ("all (W4A16 / W8A16)", "onnxq-w4a16-gptq", "onnxq-w8a16"),
 )
 SELECTORS = (
     ("A8 -> A16, 10 % of inputs", ("onnxq-w4a8-mp10-fisher", "onnxq-w4a8-mp10-relative", "onnxq-w4a8-mp10-random")),
@@ -350,18 +352,22 @@ def pareto(results: dict[str, Any]) -> str:
     """The mixed-precision section: perplexity against the share promoted, and the selectors compared."""
     rows = results["rows"]
     ppl = {name: row["eval"]["ppl"] for name, row in rows.items()}
-    if not any(name in ppl for _, name in PARETO[1:4]):
+    if not any(name in ppl for _, name, _ in PARETO[1:4]):
         return ""
+    fp = ppl.get("fp32")
     lines = [
-        "## Mixed precision (W4A8, sensitivity-guided)",
+        "## Mixed precision (sensitivity-guided)",
         "",
         "Perplexity against the share of 8-bit MatMul inputs promoted to 16 bits (`--budget`, chosen by the",
-        "gradient-weighted quantization error, `fisher`); weights GPTQ in every row.",
+        "gradient-weighted quantization error, `fisher`); W4 weights GPTQ, W8 weights MSE-clipped.",
         "",
-        "| promoted to A16 | row | WikiText-2 PPL |",
-        "|---|---|---:|",
+        "| promoted to A16 | W4A8 | W8A8 | W8A8 × FP32 |",
+        "|---|---:|---:|---:|",
     ]
-    lines += [f"| {share} | {name} | {ppl[name]:.2f} |" for share, name in PARETO if name in ppl]
+    for share, w4, w8 in PARETO:
+        cells = [f"{ppl[n]:.2f}" if n in ppl else "" for n in (w4, w8)]
+        ratio = f"{ppl[w8] / fp:.3f}" if w8 in ppl and fp else ""
+        lines.append(f"| {share} | {cells[0]} | {cells[1]} | {ratio} |")
     lines += ["", "Selectors at the same budget:", "", "| candidates | fisher (measured) | relative error | random |"]
     lines += ["|---|---:|---:|---:|"]
     for label, names in SELECTORS:
