@@ -186,7 +186,6 @@ def expose_positions(model: ir.Model) -> RewriteResult:
             view_init = view.value
         if view_init is not None and view_init.is_initializer() and not view_init.uses():
             graph.initializers.pop(view_init.name or "")
-    model.metadata_props["onnxq.packed"] = "1"
     return RewriteResult(model, "expose positions", {"masks": len(masks), "tables": len(tables)})
 
 
