@@ -102,13 +102,6 @@ def _fill(units: list[_Unit], seq_len: int) -> Window:
     return window
 
 
-def _score(logits: np.ndarray, rows: np.ndarray, target: np.ndarray) -> tuple[float, bool]:
-    x = logits[rows].astype(np.float64)
-    peak = x.max(axis=-1, keepdims=True)
-    logp = x - peak - np.log(np.exp(x - peak).sum(axis=-1, keepdims=True))
-    return float(logp[np.arange(len(target)), target].sum()), bool((x.argmax(-1) == target).all())
-
-
 class PackedSession:
     """An ONNX Runtime CPU session of a scoring graph with positions and mask exposed."""
 
@@ -147,14 +140,14 @@ class PackedSession:
         self, requests: Sequence[Request], progress: Callable[[int], None] | None = None
     ) -> list[tuple[float, bool]]:
         """log p(continuation | context) and ``is_greedy`` for every request, in order."""
-        from onnxq.zeroshot import loglikelihood
+        from onnxq.zeroshot import loglikelihood, score
 
         out: list[tuple[float, bool]] = [(0.0, False)] * len(requests)
         windows, alone = layout(requests, self.seq_len) if self.packable else ([], list(range(len(requests))))
         for window in windows:
             logits = self.run(window.ids, window.positions, window.attend)
             for index, rows, target in window.picks:
-                out[index] = _score(logits, rows, target)
+                out[index] = score(logits[rows], target)
             if progress is not None:
                 progress(len(window.picks))
         for index in alone:

@@ -107,10 +107,13 @@ def encode_pair(tok: Any, context: str, continuation: str) -> tuple[list[int], l
     return whole[: len(ctx)], whole[len(ctx) :]
 
 
-def _log_softmax(logits: np.ndarray) -> np.ndarray:
+def score(logits: np.ndarray, target: np.ndarray) -> tuple[float, bool]:
+    """Sum of log p(target) under ``logits`` ([n, vocab], one row per target token, float64 log-softmax)
+    and whether every target is the greedy choice."""
     x = logits.astype(np.float64)
     peak = x.max(axis=-1, keepdims=True)
-    return x - peak - np.log(np.exp(x - peak).sum(axis=-1, keepdims=True))
+    logp = x - peak - np.log(np.exp(x - peak).sum(axis=-1, keepdims=True))
+    return float(logp[np.arange(len(target)), target].sum()), bool((x.argmax(-1) == target).all())
 
 
 def loglikelihood(
@@ -125,9 +128,7 @@ def loglikelihood(
     window = np.zeros((1, seq_len), dtype=np.int64)
     window[0, : len(tokens)] = tokens
     logits = run(window)[0][len(tokens) - n - 1 : len(tokens) - 1]
-    target = np.asarray(tokens[len(tokens) - n :])
-    logp = _log_softmax(logits)
-    return float(logp[np.arange(n), target].sum()), bool((logits.argmax(-1) == target).all())
+    return score(logits, np.asarray(tokens[len(tokens) - n :]))
 
 
 def _requests(tok: Any, items: Sequence[Item]) -> Iterator[tuple[int, int, list[int], list[int]]]:

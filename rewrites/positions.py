@@ -20,7 +20,7 @@ import numpy as np
 import onnx_ir as ir
 
 from onnxq.errors import OnnxqError
-from onnxq.ir import add_initializer, const_array, unique_name
+from onnxq.ir import add_initializer, const_array, take_over, unique_name
 from rewrites.base import RewriteResult
 
 #: names of the new inputs (a suffix is added if the graph already uses one); they are appended to
@@ -107,11 +107,6 @@ def _positional(init: ir.Value, seq_len: int) -> bool:
     return not readers <= {"MatMul", "Gemm", "Gather"}
 
 
-def _redirect(view: _View, node: ir.Node) -> None:
-    for use in [u for u in view.value.uses() if u.node is not node]:
-        use.node.replace_input_with(use.idx, node.outputs[0])
-
-
 def expose_positions(model: ir.Model) -> RewriteResult:
     """Feed the RoPE tables' rows and the additive mask from ``position_ids`` and ``attend`` inputs."""
     graph = model.graph
@@ -156,7 +151,7 @@ def expose_positions(model: ir.Model) -> RewriteResult:
             rows_of[rows] = index.outputs[0]
         gather = ir.node("Gather", [view.value, rows_of[rows]], {"axis": view.array.ndim - 2})
         gather.name = unique_name(graph, f"{view.value.name}/rows")
-        _redirect(view, gather)
+        take_over(graph, view.value, gather.outputs[0], suffix="/table", keep=gather)
         _insert_after_source(graph, view.value, gather, first)
     for view in masks:
         group = view.array.shape[-2] // seq_len
@@ -171,7 +166,7 @@ def expose_positions(model: ir.Model) -> RewriteResult:
         masked = add_initializer(graph, f"{view.value.name}/masked", np.asarray(flat[1], dtype=np.float32))
         where = ir.node("Where", [tiled[group], allowed, masked])
         where.name = unique_name(graph, f"{view.value.name}/attend")
-        _redirect(view, where)
+        take_over(graph, view.value, where.outputs[0], suffix="/mask", keep=where)
         graph.insert_before(first, where)
     for view in masks:  # the folded mask (and its DequantizeLinear) is no longer read
         node = view.value.producer()
