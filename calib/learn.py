@@ -3,7 +3,8 @@
 Two stages, selective, as Quant.npu describes them:
 
 1. **Learn**, decoder layer by decoder layer, the ranges of the *rotated MatMul inputs* (the norm
-   outputs the FCs read, o_proj's input; down_proj's input too when R4 rotates it), the clipping of
+   outputs the FCs read, o_proj's input; down_proj's input too when R4 rotates it or its outlier
+   channels are split off), the clipping of
    every weight, and a rotation on top of each layer's Hadamard R2. Every other activation stays in
    float meanwhile. Loss: the layer's output against the float model's, per token normalised
    (a local distillation; the first steps use the quantization error of the learned tensors alone,
@@ -81,8 +82,8 @@ def cayley(a: torch.Tensor) -> torch.Tensor:
     return torch.linalg.solve(eye - s, eye + s)
 
 
-def stage1_points(plan: QuantPlan, online: bool) -> list[Point]:
-    roles = STAGE1_ROLES | ({"down_in"} if online else set())
+def stage1_points(plan: QuantPlan, down_in: bool) -> list[Point]:
+    roles = STAGE1_ROLES | ({"down_in"} if down_in else set())
     return [
         p
         for p in plan.act_points()
@@ -102,11 +103,11 @@ def _token_mse(y: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
 class Learner:
     """Runs the two stages on a :class:`QuantSim`; holds caches between layers."""
 
-    def __init__(self, sim: QuantSim, structure: Structure, config: LearnConfig, online: bool) -> None:
+    def __init__(self, sim: QuantSim, structure: Structure, config: LearnConfig, down_in: bool) -> None:
         self.sim = sim
         self.structure = structure
         self.config = config
-        self.stage1 = stage1_points(sim.plan, online)
+        self.stage1 = stage1_points(sim.plan, down_in)
         self.ranges = layer_ranges(sim.mirror, structure)
         self.rot: dict[int, torch.nn.Parameter] = {}
         if config.learn_rotation:
@@ -337,17 +338,21 @@ def learn(
     *,
     config: LearnConfig,
     method: str = "auto",
-    online: bool = False,
+    down_in: bool = False,
     progress: Callable[[int], None] | None = None,
     checkpoint: Path | None = None,
 ) -> LearnResult:
-    """Run both stages and write back: returns the model with learned rotations merged, and encodings."""
+    """Run both stages and write back: returns the model with learned rotations merged, and encodings.
+
+    ``down_in``: stage 1 learns the down_proj inputs' ranges too (R4 rotates them, or their outlier
+    channels were split off, so a learned range no longer has to cover massive activations).
+    """
     torch.manual_seed(config.seed)
     if config.device != "cpu" and not torch.cuda.is_available():
         raise OnnxqError(f"--device {config.device} is not available here", "use --device cpu")
     start = time.perf_counter()
     sim = QuantSim(model, plan, encodings)
-    learner = Learner(sim, structure, config, online)
+    learner = Learner(sim, structure, config, down_in)
     if config.device != "cpu":
         sim.mirror.to_device(config.device)
         sim.to(config.device)

@@ -152,6 +152,7 @@ def cmd_quantize(args: argparse.Namespace) -> int:
             rotate=args.rotate,
             seed=args.seed,
             online_hadamard=[w.strip() for w in args.online_hadamard.split(",") if w.strip()],
+            split_outliers=args.split_outliers,
             learn=learn,
             budget=args.budget,
             weight_budget=args.weight_budget,
@@ -712,6 +713,13 @@ def build_parser() -> argparse.ArgumentParser:
         default="",
         metavar="r3,r4",
         help="run-time rotations to insert: r4 before down_proj, r3 on Q/K (constant MatMuls)",
+    )
+    p.add_argument(
+        "--split-outliers",
+        type=float,
+        metavar="RATIO",
+        help="8-bit presets: carry the down_proj input channels whose peak exceeds RATIO x the median "
+        "channel's (at most 8 per layer) in a 16-bit side MatMul; e.g. 16",
     )
     p.add_argument("--seed", type=int, default=0, help="seed of the random sign flips / matrices (default 0)")
     p.add_argument("--precision-map", help="precision_map.json to apply (edited from a previous run)")

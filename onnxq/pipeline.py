@@ -33,6 +33,7 @@ from rewrites import canonical
 from rewrites.base import RewriteResult, apply
 from rewrites.gqa import group_query_attention
 from rewrites.hadamard import random_orthogonal
+from rewrites.outliers import choose_channels, split_outlier_channels
 from rewrites.rotate import fold_norm_weights, hadamard_rotations, online_hadamard, rotate_heads, rotate_residual
 from rewrites.structure import Structure, StructureError, discover, generic_roles, tensor_roles
 
@@ -41,6 +42,31 @@ log = logging.getLogger(__name__)
 DEFAULT_CALIB = "c4"
 DEFAULT_WINDOWS = 16
 Progress = Callable[[str, int], Callable[[int], None]]
+#: (rotated float model, its structure) -> layer -> down_proj input channels to split off
+OutlierChooser = Callable[[ir.Model, Structure], dict[int, list[int]]]
+DEFAULT_OUTLIER_LIMIT = 8
+OUTLIER_WINDOWS = 4
+
+
+def outlier_chooser(
+    tokenizer: Callable[[], Any], calib: str, ratio: float, limit: int = DEFAULT_OUTLIER_LIMIT
+) -> OutlierChooser:
+    """Pick each layer's outlier channels from peaks over a few calibration windows of the float model.
+
+    ``tokenizer`` is loaded only when the chooser runs, after the model's own checks.
+    """
+    from calib import data
+    from calib.peaks import channel_peaks
+
+    def choose(model: ir.Model, structure: Structure) -> dict[int, list[int]]:
+        ids = next(v for v in model.graph.inputs if v.name == "input_ids")
+        assert ids.shape is not None
+        windows = data.windows(tokenizer(), calib, int(ids.shape[1]), OUTLIER_WINDOWS)
+        inputs = {layer.index: layer.mlp.down.input for layer in structure.layers}
+        peaks = channel_peaks(model, list(inputs.values()), windows.ids)
+        return {i: choose_channels(peaks[name], ratio, limit) for i, name in inputs.items()}
+
+    return choose
 
 
 @dataclass
@@ -75,11 +101,13 @@ def prepare(
     online: Sequence[str] = (),
     seed: int = 0,
     where: str = "model",
+    outliers: OutlierChooser | None = None,
 ) -> Prepared:
     """Canonicalize a float model for quantization, find its structure, merge rotations.
 
     ``rotate``: ``hadamard`` (R1 + R2, randomized Hadamard), ``random`` (random orthogonal) or
-    ``none``; ``online``: run-time rotations to insert (``r3``, ``r4``).
+    ``none``; ``online``: run-time rotations to insert (``r3``, ``r4``); ``outliers``: picks the
+    down_proj input channels to split off (:mod:`rewrites.outliers`) from the rotated float model.
     """
     model = oir.require_opset(model, where)
     ids = next((v for v in model.graph.inputs if v.name == "input_ids"), None)
@@ -140,6 +168,12 @@ def prepare(
         notes += built
         results.append(rotate_residual(model, structure, r1))
         results.append(rotate_heads(model, structure, r2))
+    if outliers is not None:
+        split = split_outlier_channels(model, structure, outliers(model, structure))
+        results.append(split)
+        if split.modified:
+            notes.append("down_proj input channels on the 16-bit side path: " + "; ".join(split.notes))
+            structure = discover(model)
     if online:
         results.append(online_hadamard(model, structure, list(online), seed))
         structure = discover(model)
@@ -161,6 +195,7 @@ def quantize(
     mask_value: float | None = None,
     rotate: str = "hadamard",
     online_hadamard: Sequence[str] = (),
+    split_outliers: float | None = None,
     seed: int = 0,
     learn: LearnConfig | None = None,
     budget: float | None = None,
@@ -199,6 +234,7 @@ def quantize(
                 ("--budget", budget),
                 ("--weight-budget", weight_budget),
                 ("--online-hadamard", online_hadamard),
+                ("--split-outliers", split_outliers),
             )
             if on
         ]
@@ -232,6 +268,9 @@ def quantize(
             f"{model_path} is one graph of a KV-cache pair",
             f"quantize the folder holding prefill.onnx and decode.onnx: onnxq quantize {model_path.parent}",
         )
+    if split_outliers is not None and split_outliers <= 1:
+        raise OnnxqError(f"--split-outliers {split_outliers} is not above 1", "pass a ratio such as 16")
+    splitting = split_outliers is not None and chosen.act_bits < 16  # 16-bit inputs have the range already
     prepared = prepare(
         float_model,
         seq_len=seq_len,
@@ -240,6 +279,9 @@ def quantize(
         online=online_hadamard,
         seed=seed,
         where=str(model_path),
+        outliers=outlier_chooser(lambda: tokenizer_for(model_path, tokenizer), calib, split_outliers)
+        if splitting and split_outliers
+        else None,
     )
     model = prepared.model
     recipe = recipes.for_model_type(model.metadata_props.get("onnxq.model_type"))
@@ -304,7 +346,7 @@ def quantize(
             calib_windows.ids,
             config=learn,
             method=method,
-            online="r4" in online_hadamard,
+            down_in="r4" in online_hadamard or splitting,
             progress=ticks,
             checkpoint=output.parent / f".{output.name}.learn" / "checkpoint.pt",
         )
@@ -323,6 +365,7 @@ def quantize(
             "onnxq.calib": str(calib),
             "onnxq.rotate": rotate,
             "onnxq.online": ",".join(online_hadamard),
+            "onnxq.split_outliers": str(split_outliers) if splitting else "",
             "onnxq.seed": str(seed),
             "onnxq.learned_rotation": "true" if learn is not None and learn.learn_rotation else "false",
         }

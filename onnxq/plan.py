@@ -12,7 +12,9 @@ The HTP's rules are applied here, once:
   emit a signed output, so an FC feeding such an input gets a DQ→Q convert into it;
 - a per-channel FullyConnected runs at one width: its output takes its input's width;
 - a fused RMSNorm (QNN RmsNorm) emits 16 bits; an FC that reads it at 8 bits reads a *convert
-  point*, a requantized copy with its own range, shared by all FCs reading that norm;
+  point*, a requantized copy with its own range, shared by all FCs reading that norm; so does
+  down_proj reading the run-time Hadamard R4, which runs at 16 bits on the 16-bit SwiGLU product
+  (rotating an already 8-bit input would only spread its rounding error);
 - an 8-bit per-channel weight next to an 8-bit activation uses integers in ±63 (beyond that the
   HTP's results are wrong: 12 % error on a 576x64 FC, measured on the QNN EP).
 
@@ -35,6 +37,7 @@ from onnxq.ir import const_array, is_const
 from onnxq.presets import Preset
 from onnxq.qtypes import QType, QuantSpec
 from onnxq.recipes import Recipe
+from rewrites.rotate import ONLINE_KEY
 from rewrites.structure import DATA_MOVEMENT, Role, Structure, as_linear
 
 log = logging.getLogger(__name__)
@@ -44,6 +47,7 @@ HTP_PER_CHANNEL_LIMIT = 63
 #: ops whose output the HTP produces at 16 bits only (QNN RmsNorm/LayerNorm reject 8-bit outputs)
 HTP_16BIT_OUTPUT = frozenset({"SimplifiedLayerNormalization", "RMSNormalization", "LayerNormalization"})
 FORCED_WHY = "htp: norm output is 16-bit"
+OUTLIER_WHY = "outlier channels"
 NORM_OUTPUTS = frozenset({"attn_in", "mlp_in", "head_in"})
 FLOAT_TYPES = {ir.DataType.FLOAT, ir.DataType.FLOAT16, ir.DataType.BFLOAT16}
 #: FullyConnected output roles and the input role whose width they follow
@@ -177,6 +181,8 @@ def act_width(role: Role, preset: Preset, recipe: Recipe, *, fc_input: bool = Fa
     """
     if preset.act_bits >= 16:
         return 16, "preset"
+    if role.kind == "outliers":  # the point of the split (rewrites.outliers): they need the width
+        return 16, OUTLIER_WHY
     kind = FOLLOWS.get(role.kind, role.kind)
     if kind in recipe.kept16:
         return 16, "kept16"
@@ -339,6 +345,8 @@ def build_plan(
         role = roles.get(node.outputs[0].name, Role("other"))
         bits = recipe.lm_head_weight_bits if role.kind == "logits" else preset.weight_bits
         why = "lm_head" if role.kind == "logits" and bits != preset.weight_bits else "preset"
+        if role.kind == "outliers" and bits < 8:  # k rows of down_proj, next to a 16-bit input
+            bits, why = 8, OUTLIER_WHY
         if wname in overrides:
             wanted = overrides.pop(wname)
             if wanted != bits:
@@ -383,7 +391,10 @@ def _plan_fc_inputs(
         src = node.inputs[0]
         assert src is not None
         source = points[point_of[src.name]]
-        if source.why != FORCED_WHY:
+        side = roles.get(node.outputs[0].name, Role("other")).kind == "outliers"  # reads the norm at 16 bits
+        producer = src.producer()
+        rotated = producer is not None and producer.metadata_props.get(ONLINE_KEY) == "r4"
+        if (source.why != FORCED_WHY and not rotated) or side:
             fc_bits[node.name] = source.bits
             continue
         name = f"{src.name}.fc_in"
@@ -398,7 +409,9 @@ def _plan_fc_inputs(
             points[name] = Point(name, "convert", spec, role, roots=source.roots, why=why, source=src.name)
         conv = points[name]
         fc_bits[node.name] = conv.bits
-        if conv.bits != source.bits:
+        # R4's output takes the width R4 reads at (see _follow_fc_widths, which runs after this)
+        source_bits = fc_bits.get(producer.name, source.bits) if rotated and producer is not None else source.bits
+        if conv.bits != source_bits:
             converts.append(Convert(name, src.name, node.name, 0))
     return fc_bits
 

@@ -24,6 +24,9 @@ import onnx_ir as ir
 from onnxq.errors import OnnxqError
 from onnxq.ir import const_array, is_const
 
+#: node metadata key of the outlier-channel split (:mod:`rewrites.outliers`): "side" or "sum"
+SPLIT_KEY = "onnxq.outlier_split"
+
 #: Ops that move or select data without computing new values.
 DATA_MOVEMENT = frozenset(
     {
@@ -426,6 +429,9 @@ def _linear_feeding(value: ir.Value, linears: dict[str, Linear]) -> Linear | Non
         for lin in linears.values():
             if lin.output == node.outputs[0].name or lin.node == node.name:
                 return lin
+        if node.metadata_props.get(SPLIT_KEY) == "sum":  # the main path is the block's linear
+            node = node.inputs[0].producer() if node.inputs[0] is not None else None
+            continue
         if node.op_type in DATA_MOVEMENT:
             node = node.inputs[0].producer() if node.inputs[0] is not None else None
             continue
@@ -469,11 +475,17 @@ def _attention(g: _Graph, readers: list[Linear], o_proj: Linear, layer: int) -> 
     )
 
 
+def _split_side(g: _Graph) -> set[str]:
+    """Nodes of outlier-channel side paths (:mod:`rewrites.outliers`), which lead past down_proj."""
+    return {n.name for n in g.graph if n.metadata_props.get(SPLIT_KEY) in ("side", "sum")}
+
+
 def _mlp(g: _Graph, readers: list[Linear], down: Linear, layer: int) -> Mlp:
     act = None
     gate = up = None
+    stop = {down.node} | _split_side(g)
     for r in readers:
-        region = forward_region(g, r.value, {down.node})
+        region = forward_region(g, r.value, stop)
         kinds = {n.op_type for n in region}
         if kinds & {"Sigmoid", "Erf", "Tanh", "Gelu", "FastGelu", "Relu", "QuickGelu"}:
             gate = r
@@ -492,7 +504,7 @@ def discover(model: ir.Model) -> Structure:
     linears: dict[str, Linear] = {}
     for node in g.graph:
         lin = as_linear(node)
-        if lin is not None:
+        if lin is not None and node.metadata_props.get(SPLIT_KEY) != "side":
             linears[lin.node] = lin
     embeds = [
         n
@@ -595,6 +607,7 @@ ROLE_KINDS = (
     "act",
     "down_in",
     "down_out",
+    "outliers",
     "head_in",
     "logits",
     "other",
@@ -631,6 +644,7 @@ def tensor_roles(model: ir.Model, structure: Structure) -> dict[str, Role]:
         roles[norm.output] = Role(out_kind, layer)
 
     mark_value(g.nodes[structure.embed_node].outputs[0].name, "embed", None)
+    side = _split_side(g)
     for layer in structure.layers:
         i = layer.index
         a, m = layer.attn, layer.mlp
@@ -667,8 +681,13 @@ def tensor_roles(model: ir.Model, structure: Structure) -> dict[str, Role]:
         mark_value(down_in.name, "down_in", i)
         online = down_in.producer()
         if online is not None and online.metadata_props.get("onnxq.online_rotation"):
-            mark_value(online.inputs[0].name, "down_in", i)  # R4's input is the down_proj input too
-        mark(forward_region(g, m.gate.value, {m.down.node}), "act", i)
+            mark_value(online.inputs[0].name, "act", i)  # R4 rotates the 16-bit product; down reads 8
+        mark(forward_region(g, m.gate.value, {m.down.node} | side), "act", i)
+        for name in side:  # the outlier channels' 16-bit path (rewrites.outliers) inside this MLP
+            node = g.nodes[name]
+            if node.name.startswith(f"{m.down.node}/"):
+                for out in node.outputs:
+                    mark_value(out.name, "outliers", i)
         mark_value(g.nodes[layer.attn_residual].outputs[0].name, "residual", i)
         mark_value(g.nodes[layer.mlp_residual].outputs[0].name, "residual", i)
     mark_norm(structure.final_norm, "head_in", None)

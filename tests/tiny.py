@@ -42,8 +42,13 @@ def tiny_llama(
     vocab: int = VOCAB,
     tied: bool = True,
     seed: int = 0,
+    massive: int | None = None,
 ) -> LlamaForCausalLM:
-    """A random Llama with non-trivial norm weights and a few outlier channels, like real ones."""
+    """A random Llama with non-trivial norm weights and a few outlier channels, like real ones.
+
+    ``massive``: an intermediate channel of layer 0 whose gate and up rows are scaled 12x, so the
+    down_proj input carries ~100x values there (the "massive activations" of trained LLMs).
+    """
     config = LlamaConfig(
         vocab_size=vocab,
         hidden_size=hidden,
@@ -65,4 +70,8 @@ def tiny_llama(
                 param[: max(1, hidden // 32)] *= 4.0  # outlier channels, as in trained LLMs
             elif param.dim() == 2:
                 param.normal_(0.0, 0.08, generator=gen)
+        if massive is not None:
+            mlp = model.model.layers[0].mlp
+            mlp.gate_proj.weight[massive] *= 12.0
+            mlp.up_proj.weight[massive] *= 12.0
     return model
