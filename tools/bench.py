@@ -362,13 +362,27 @@ OUTLIERS = (
 )
 
 
+def _step_rows(rows: dict[str, Any], present: list[tuple[str, str]]) -> list[str]:
+    """Table lines ``| step | row | PPL | x FP32 | time | peak RSS |`` for (label, row name) pairs."""
+    fp = rows.get("fp32", {}).get("eval", {}).get("ppl")
+    lines = []
+    for label, name in present:
+        q = rows[name].get("quantize", {})
+        ppl = rows[name]["eval"]["ppl"]
+        ratio = f"{ppl / fp:.3f}" if fp else ""
+        lines.append(
+            f"| {label} | {name} | {ppl:.2f} | {ratio} | {q.get('seconds', 0):.0f} s | "
+            f"{q.get('peak_rss_mb', 0) / 1024:.2f} GB |"
+        )
+    return lines
+
+
 def outliers(results: dict[str, Any]) -> str:
     """The massive-activation section: 8-bit activations with the side path and R4."""
     rows = results["rows"]
     present = [(label, name) for label, name in OUTLIERS if name in rows]
     if not any("split" in name for _, name in present):
         return ""
-    fp = rows.get("fp32", {}).get("eval", {}).get("ppl")
     lines = [
         "## Massive activations (8-bit activations)",
         "",
@@ -381,15 +395,7 @@ def outliers(results: dict[str, Any]) -> str:
         "| step | row | WikiText-2 PPL | × FP32 | time | peak RSS |",
         "|---|---|---:|---:|---:|---:|",
     ]
-    for label, name in present:
-        row = rows[name]
-        q = row.get("quantize", {})
-        ppl = row["eval"]["ppl"]
-        ratio = f"{ppl / fp:.3f}" if fp else ""
-        lines.append(
-            f"| {label} | {name} | {ppl:.2f} | {ratio} | {q.get('seconds', 0):.0f} s | "
-            f"{q.get('peak_rss_mb', 0) / 1024:.2f} GB |"
-        )
+    lines += _step_rows(rows, present)
     return "\n".join(lines) + "\n"
 
 
@@ -399,7 +405,6 @@ def ablation(results: dict[str, Any]) -> str:
     present = [(label, name) for label, name in ABLATION if name in rows]
     if len(present) < 3:
         return ""
-    fp = rows.get("fp32", {}).get("eval", {}).get("ppl")
     lines = [
         "## Ablation (W4A8)",
         "",
@@ -412,15 +417,7 @@ def ablation(results: dict[str, Any]) -> str:
         "rows start from the MSE row). Learning acts on the rotated MatMul inputs and the weights; the",
         "down_proj inputs, where W4A8 loses most (see the per-layer diff below), are neither rotated nor learned.",
     ]
-    for label, name in present:
-        row = rows[name]
-        q = row.get("quantize", {})
-        ppl = row["eval"]["ppl"]
-        ratio = f"{ppl / fp:.3f}" if fp else ""
-        lines.append(
-            f"| {label} | {name} | {ppl:.2f} | {ratio} | {q.get('seconds', 0):.0f} s | "
-            f"{q.get('peak_rss_mb', 0) / 1024:.2f} GB |"
-        )
+    lines += _step_rows(rows, present)
     return "\n".join(lines) + "\n"
 
 
