@@ -476,16 +476,15 @@ def _attention(g: _Graph, readers: list[Linear], o_proj: Linear, layer: int) -> 
 
 
 def _split_side(g: _Graph) -> set[str]:
-    """Nodes of outlier-channel side paths (:mod:`rewrites.outliers`), which lead past down_proj."""
+    """Nodes of outlier-channel side paths (:mod:`rewrites.outliers`)."""
     return {n.name for n in g.graph if n.metadata_props.get(SPLIT_KEY) in ("side", "sum")}
 
 
 def _mlp(g: _Graph, readers: list[Linear], down: Linear, layer: int) -> Mlp:
     act = None
     gate = up = None
-    stop = {down.node} | _split_side(g)
     for r in readers:
-        region = forward_region(g, r.value, stop)
+        region = forward_region(g, r.value, {down.node})
         kinds = {n.op_type for n in region}
         if kinds & {"Sigmoid", "Erf", "Tanh", "Gelu", "FastGelu", "Relu", "QuickGelu"}:
             gate = r
@@ -682,7 +681,7 @@ def tensor_roles(model: ir.Model, structure: Structure) -> dict[str, Role]:
         online = down_in.producer()
         if online is not None and online.metadata_props.get("onnxq.online_rotation"):
             mark_value(online.inputs[0].name, "act", i)  # R4 rotates the 16-bit product; down reads 8
-        mark(forward_region(g, m.gate.value, {m.down.node} | side), "act", i)
+        mark(forward_region(g, m.gate.value, {m.down.node}), "act", i)
         for name in side:  # the outlier channels' 16-bit path (rewrites.outliers) inside this MLP
             node = g.nodes[name]
             if node.name.startswith(f"{m.down.node}/"):
