@@ -155,8 +155,12 @@ def _base(m: int) -> np.ndarray | None:
     return None
 
 
-def hadamard_order(n: int) -> np.ndarray | None:
-    """A ±1 Hadamard matrix of order n built as H_m ⊗ H_{2^k}, or None."""
+def hadamard_parts(n: int) -> tuple[np.ndarray, np.ndarray] | None:
+    """Two ±1 Hadamard matrices (A, B) with A ⊗ B of order n: a base order times a power of two, or None.
+
+    For a power of two the Sylvester matrix is split into two halves (H_{2^a} ⊗ H_{2^b} = H_{2^(a+b)}), so
+    a run-time rotation can be applied as two small MatMuls instead of one n x n MatMul.
+    """
     power = 1
     while n % (power * 2) == 0:
         power *= 2
@@ -165,12 +169,27 @@ def hadamard_order(n: int) -> np.ndarray | None:
     while p >= 1:
         base = _base(n // p)
         if base is not None:
-            sylvester = np.ones((1, 1), dtype=np.int64)
-            while sylvester.shape[0] < p:
-                sylvester = np.kron(np.array([[1, 1], [1, -1]], dtype=np.int64), sylvester)
-            return np.kron(base, sylvester)
+            if base.shape[0] == 1 and p > 1:  # pure power of two: balance the two factors
+                q = 1
+                while q * q < p:
+                    q *= 2
+                base, p = _sylvester(q), p // q
+            return base, _sylvester(p)
         p //= 2
     return None
+
+
+def _sylvester(p: int) -> np.ndarray:
+    out = np.ones((1, 1), dtype=np.int64)
+    while out.shape[0] < p:
+        out = np.kron(np.array([[1, 1], [1, -1]], dtype=np.int64), out)
+    return out
+
+
+def hadamard_order(n: int) -> np.ndarray | None:
+    """A ±1 Hadamard matrix of order n built as H_m ⊗ H_{2^k}, or None."""
+    parts = hadamard_parts(n)
+    return None if parts is None else np.kron(*parts)
 
 
 def random_orthogonal(n: int, seed: int) -> np.ndarray:
@@ -197,6 +216,19 @@ def rotation(n: int, seed: int, kind: str = "hadamard") -> tuple[np.ndarray, str
     elif kind != "random":
         raise OnnxqError(f"unknown rotation kind {kind!r}", "use hadamard or random")
     return random_orthogonal(n, seed), "random"
+
+
+def hadamard_factors(n: int, seed: int) -> tuple[np.ndarray, np.ndarray, np.ndarray] | None:
+    """:func:`rotation`'s Hadamard as ``(d, A, B)``: ``rotation(n, seed)[0] == diag(d) (A ⊗ B)``.
+
+    ``d`` holds the seeded signs over √n; ``A`` and ``B`` are the ±1 factors of :func:`hadamard_parts`.
+    None where :func:`rotation` falls back to a random orthogonal matrix.
+    """
+    parts = hadamard_parts(n)
+    if parts is None:
+        return None
+    signs = np.random.default_rng(seed).choice([-1.0, 1.0], size=n)
+    return signs / np.sqrt(n), parts[0].astype(np.float64), parts[1].astype(np.float64)
 
 
 def check_orthogonal(matrix: np.ndarray, n: int, what: str) -> np.ndarray:

@@ -48,10 +48,28 @@ def test_rotated_float_model_matches_the_original(
 
 def test_online_hadamard_is_exact(tiny_model: Path, tmp_path: Path, eval_ids: np.ndarray) -> None:
     rotated = _rotated(tiny_model, online=("r3", "r4"))
-    assert sum(1 for n in rotated.graph if n.metadata_props.get("onnxq.online_rotation")) == 2 * (2 + 1)
+    tags = [(n.metadata_props.get("onnxq.online_rotation"), n.op_type) for n in rotated.graph]
+    assert tags.count(("r3", "MatMul")) == 2 * 2  # Q and K in each of 2 layers
+    # R4 on 128 channels as 16 x 8 blocks: signs, reshape, two small MatMuls, two transposes, reshape
+    assert tags.count(("r4", "MatMul")) == 2 * 2 and sum(t == "r4" for t, _ in tags) == 2 * 7
     ir.save(rotated, tmp_path / "online.onnx")
     want = cpu_session(tiny_model).run(None, {"input_ids": eval_ids[:1]})[0]
     got = cpu_session(tmp_path / "online.onnx").run(None, {"input_ids": eval_ids[:1]})[0]
+    assert np.abs(got - want).max() < 1e-4
+
+
+@pytest.mark.parametrize(("name", "r4_nodes"), [("mha96", 7), ("inter156", 1)])
+def test_r4_factored_or_dense_is_exact(
+    tiny_dir: Path, tmp_path: Path, eval_ids: np.ndarray, name: str, r4_nodes: int
+) -> None:
+    """160 channels: 20 x 8 blocks (7 nodes per layer); 156: no Hadamard built, one dense random MatMul."""
+    path = export_tiny(tiny_dir, name, **SHAPES.get(name, {"intermediate": 156}))
+    rotated = _rotated(path, online=("r4",))
+    layers = len(discover(rotated).layers)
+    assert sum(n.metadata_props.get("onnxq.online_rotation") == "r4" for n in rotated.graph) == r4_nodes * layers
+    ir.save(rotated, tmp_path / "r4.onnx")
+    want = cpu_session(path).run(None, {"input_ids": eval_ids[:1]})[0]
+    got = cpu_session(tmp_path / "r4.onnx").run(None, {"input_ids": eval_ids[:1]})[0]
     assert np.abs(got - want).max() < 1e-4
 
 
