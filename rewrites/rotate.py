@@ -10,7 +10,8 @@ The algebra, in ONNX's ``[in, out]`` weight layout (``y = x W``):
   everywhere and the logits are unchanged. γ must be folded first (``diag(γ)`` does not commute).
 - R2: V's heads ``v_j ← v_j R2`` (columns of v_proj), and o_proj's input rows of every query head
   ``← R2ᵀ`` (attention mixes tokens, not channels, so R2 passes through it).
-- R3 / R4: ``x ← x H`` at run time as a constant MatMul; for R4 down_proj's weight takes ``Hᵀ``,
+- R3 / R4: ``x ← x H`` at run time as a constant MatMul (R4, where H = diag(d) (A ⊗ B), as two
+  small MatMuls on an m x p view of x); for R4 down_proj's weight takes ``Hᵀ``,
   for R3 both Q and K are rotated, so ``Q Kᵀ`` is unchanged.
 
 All exact up to float rounding: the rewritten float model matches the original to ~1e-5.
