@@ -11,6 +11,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from onnxq.encodings import lpbq_snap
 from onnxq.qtypes import Encoding, QuantSpec, from_range
 
 
@@ -77,35 +78,51 @@ class ActQuant(torch.nn.Module):
 
 
 class WeightQuant(torch.nn.Module):
-    """Symmetric per-channel weight quantizer with a learnable clip ratio per channel (LWC)."""
+    """Symmetric weight quantizer with a learnable clip ratio per channel (LWC), or per block of
+    input rows for LPBQ weights (the two-level snapping of the block scales happens on write-back)."""
 
     def __init__(self, spec: QuantSpec, weight: torch.Tensor, encoding: Encoding) -> None:
         super().__init__()
         assert spec.axis is not None
         self.spec = spec
         self.axis = spec.axis % weight.dim()
-        amax = weight.detach().abs().amax(dim=[d for d in range(weight.dim()) if d != self.axis])
+        amax = self._amax(weight.detach())
         scale = torch.as_tensor(np.asarray(encoding.scale), dtype=torch.float64)
         init = scale * spec.qmax / amax.double().clamp_min(1e-12)
-        self.register_buffer("ratio0", init.clamp(1e-3, 1.0))
+        # LPBQ snapping may round a block's scale up, past its own max: allow that, not more
+        self.max_ratio = 2.0 if spec.block_size else 1.0
+        self.register_buffer("ratio0", init.clamp(1e-3, self.max_ratio))
         self.t = torch.nn.Parameter(torch.zeros_like(self.ratio0))  # clip ratio = ratio0 · e^t, at most 1
 
+    def _amax(self, weight: torch.Tensor) -> torch.Tensor:
+        """Largest magnitude per channel, or per block (shaped like the encoding's scale)."""
+        if self.spec.block_size:
+            rows = weight.movedim(self.axis, 0)  # [in, out]
+            blocks = rows.reshape(rows.shape[0] // self.spec.block_size, self.spec.block_size, -1)
+            amax = blocks.abs().amax(dim=1)
+            return amax if self.axis == 0 else amax.T
+        return weight.abs().amax(dim=[d for d in range(weight.dim()) if d != self.axis])
+
     def scale(self, weight: torch.Tensor) -> torch.Tensor:
-        dims = [d for d in range(weight.dim()) if d != self.axis]
-        amax = weight.abs().amax(dim=dims)
-        ratio = torch.clamp(self.ratio0 * torch.exp(self.t), max=1.0).float()
-        return torch.clamp(ratio * amax / self.spec.qmax, min=1e-12)
+        ratio = torch.clamp(self.ratio0 * torch.exp(self.t), max=self.max_ratio).float()
+        return torch.clamp(ratio * self._amax(weight) / self.spec.qmax, min=1e-12)
 
     def forward(self, weight: torch.Tensor) -> torch.Tensor:
         scale = self.scale(weight)
-        shape = [1] * weight.dim()
-        shape[self.axis] = -1
-        s = scale.reshape(shape)
+        if self.spec.block_size:
+            s = scale.repeat_interleave(self.spec.block_size, dim=self.axis)
+        else:
+            shape = [1] * weight.dim()
+            shape[self.axis] = -1
+            s = scale.reshape(shape)
         q = torch.clamp(round_ste(weight / s), self.spec.qmin, self.spec.qmax)
         return q * s
 
     def encoding(self, weight: torch.Tensor) -> Encoding:
-        scale = self.scale(weight.detach()).detach().double().numpy().astype(np.float32)
+        scale = self.scale(weight.detach()).detach().double().numpy()
+        if self.spec.block_size:
+            return lpbq_snap(weight.detach().double().numpy(), self.spec, scale)
+        scale = scale.astype(np.float32)
         return Encoding(self.spec, scale, np.zeros(scale.shape, dtype=np.int64))
 
 

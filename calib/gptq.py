@@ -3,8 +3,9 @@
 For a linear ``y = x W`` (ONNX layout ``W [in, out]``), quantizing input row ``i`` of W leaves an
 error ``e`` that GPTQ pushes onto the rows not yet quantized, weighted by the inverse Hessian
 ``H = Xᵀ X`` of the calibration inputs: later rows absorb what earlier ones lost. Scales are fixed
-first (per output channel, MSE clipping) and stay fixed, so the result is a grid-aligned float
-weight plus its encoding, which emission quantizes back to exactly the same integers.
+first (per output channel or per block of input rows, MSE clipping) and stay fixed, so the result
+is a grid-aligned float weight plus its encoding, which emission quantizes back to exactly the
+same integers.
 
 The Hessians are gathered by the calibration pass itself (one ``in x in`` sum per distinct linear
 input), so GPTQ adds no extra forward pass.
@@ -15,7 +16,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from onnxq.qtypes import Encoding
+from onnxq.qtypes import Encoding, QuantSpec
 
 BLOCK = 128
 DAMP = 0.01
@@ -40,19 +41,27 @@ class HessianObserver:
         return self.h / max(self.n, 1)
 
 
+def supported(spec: QuantSpec) -> bool:
+    """Weights GPTQ can round: ``[in, out]`` per output channel, or per block of input rows (LPBQ)."""
+    return spec.axis == (0 if spec.block_size else 1)
+
+
 def gptq(weight: np.ndarray, encoding: Encoding, hessian: torch.Tensor, *, act_order: bool = True) -> np.ndarray:
     """GPTQ-rounded weight ``[in, out]`` (values on ``encoding``'s grid, as float32)."""
     spec = encoding.spec
-    assert spec.axis == 1, "GPTQ here quantizes [in, out] weights per output channel"
+    assert supported(spec), "GPTQ here quantizes [in, out] weights per output channel or per input block"
     w = torch.as_tensor(weight, dtype=torch.float64).clone()
-    scale = torch.as_tensor(np.asarray(encoding.scale), dtype=torch.float64).reshape(1, -1)
+    scale = torch.as_tensor(np.asarray(encoding.scale), dtype=torch.float64)
+    # one row of scales per input row: per channel the same row for all, per block its block's row
+    scale = scale.repeat_interleave(spec.block_size, dim=0) if spec.block_size else scale.reshape(1, -1)
+    scale = scale.expand(w.shape[0], -1)
     qmin, qmax = spec.qmin, spec.qmax
     h = hessian.clone()
     dead = torch.diag(h) == 0
     h[dead, dead] = 1.0
     w[dead, :] = 0.0
     order = torch.argsort(torch.diag(h), descending=True) if act_order else torch.arange(h.shape[0])
-    w, h = w[order], h[order][:, order]
+    w, h, scale = w[order], h[order][:, order], scale[order]
     damp = DAMP * torch.mean(torch.diag(h))
     h += damp * torch.eye(h.shape[0], dtype=torch.float64)
     try:
@@ -68,7 +77,8 @@ def gptq(weight: np.ndarray, encoding: Encoding, hessian: torch.Tensor, *, act_o
         hb = hinv[start:end, start:end]
         for i in range(end - start):
             row = block[i]
-            q = torch.clamp(torch.round(row / scale[0]), qmin, qmax) * scale[0]
+            s = scale[start + i]
+            q = torch.clamp(torch.round(row / s), qmin, qmax) * s
             err = (row - q) / hb[i, i]
             block[i:] -= hb[i, i:].unsqueeze(1) * err.unsqueeze(0)
             block[i] = q

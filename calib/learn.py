@@ -375,6 +375,9 @@ def write_back(model: ir.Model, structure: Structure, learner: Learner, seconds:
         elif point.kind == "weight":
             weight = model.graph.initializers[point.name].const_value.numpy().astype(np.float64)
             wq = sim.wq(point.name)
+            if point.spec.block_size:  # LPBQ: learned block clips, snapped to the two-level grid
+                encodings[point.name] = wq.encoding(torch.as_tensor(weight))
+                continue
             axis = point.spec.axis if point.spec.axis is not None else 1
             amax = np.abs(np.moveaxis(weight, axis, -1).reshape(-1, weight.shape[axis])).max(axis=0)
             ratio = torch.clamp(wq.ratio0 * torch.exp(wq.t.detach()), max=1.0).cpu().numpy()

@@ -6,7 +6,8 @@ unsigned, so ``offset = -zero_point`` of the unsigned form: a signed symmetric i
 point 0) has offset -128, int4 -8, int16 -32768.
 
 Formats: 0.6.1 (dicts keyed by tensor name, one entry per channel) and 1.0.0 (lists of entries
-with ``enc_type`` PER_TENSOR / PER_CHANNEL). :func:`read` turns either back into onnxq encodings,
+with ``enc_type`` PER_TENSOR / PER_CHANNEL, and LPBQ for 4-bit blocked weights: a float scale per
+channel plus ``per_block_int_scale``, 1..16 per block). :func:`read` turns either back into onnxq encodings,
 which is how the round trip is tested (float + encodings -> QDQ == the QDQ model, with
 :mod:`onnxq.split`).
 """
@@ -22,7 +23,7 @@ import numpy as np
 
 from onnxq.errors import OnnxqError
 from onnxq.files import write_text
-from onnxq.qtypes import Encoding, QType, QuantSpec
+from onnxq.qtypes import Encoding, QType, QuantSpec, lpbq
 
 VERSIONS = ("1.0.0", "0.6.1")
 
@@ -54,7 +55,33 @@ def write_tensors(
     return data
 
 
+#: LPBQ's block integers take 4 bits: AIMET names the weight width ``compressed_bw`` and the width
+#: of the per-channel grid the blocks decompress to (weight + scale bits) ``bw``
+LPBQ_SCALE_BITS = 4
+
+
+def _entry_lpbq(name: str, enc: Encoding) -> dict[str, Any]:
+    assert enc.channel_scale is not None and enc.spec.axis is not None
+    channels = int(np.asarray(enc.channel_scale).size)
+    bw = enc.qtype.bits + LPBQ_SCALE_BITS
+    return {
+        "name": name,
+        "dtype": "INT",
+        "enc_type": "LPBQ",
+        "bw": bw,
+        "compressed_bw": enc.qtype.bits,
+        "block_size": int(enc.spec.block_size),
+        "is_sym": True,
+        "scale": np.asarray(enc.channel_scale, dtype=np.float64).reshape(-1).tolist(),
+        "offset": [-(1 << (bw - 1))] * channels,
+        "per_block_int_scale": enc.block_ints.reshape(-1).astype(np.int64).tolist(),
+        "axis": int(enc.spec.axis),
+    }
+
+
 def _entry_v1(name: str, enc: Encoding) -> dict[str, Any]:
+    if enc.channel_scale is not None:
+        return _entry_lpbq(name, enc)
     scale = np.atleast_1d(np.asarray(enc.scale, dtype=np.float64))
     per_channel = enc.spec.axis is not None and scale.size > 1
     kind = "PER_BLOCK" if per_channel and enc.spec.block_size else "PER_CHANNEL" if per_channel else "PER_TENSOR"
@@ -80,6 +107,10 @@ def _v1(acts: Mapping[str, Encoding], params: Mapping[str, Encoding]) -> dict[st
 
 
 def _entries_v061(enc: Encoding) -> list[dict[str, Any]]:
+    if enc.spec.block_size:
+        raise OnnxqError(
+            "AIMET's 0.6.1 encodings cannot hold per-block (LPBQ) weights", "use --encodings-version 1.0.0"
+        )
     scales = np.atleast_1d(np.asarray(enc.scale, dtype=np.float64))
     offsets = np.atleast_1d(_unsigned_offset(enc))
     out = []
@@ -155,12 +186,23 @@ def _read_v1(entries: list[dict[str, Any]]) -> dict[str, Encoding]:
     out = {}
     for e in entries:
         kind = e.get("enc_type", "PER_TENSOR")
+        if kind == "LPBQ":
+            out[e["name"]] = _read_lpbq(e)
+            continue
         axis = int(e.get("axis", 1)) if kind in ("PER_CHANNEL", "PER_BLOCK") else None
         scale = np.asarray(e["scale"], dtype=np.float32)
         out[e["name"]] = _make(
             int(e["bw"]), bool(e["is_sym"]), scale, np.asarray(e["offset"]), axis, int(e.get("block_size", 0))
         )
     return out
+
+
+def _read_lpbq(e: dict[str, Any]) -> Encoding:
+    channel = np.asarray(e["scale"], dtype=np.float32)
+    axis = int(e.get("axis", 0))
+    ints = np.asarray(e["per_block_int_scale"]).reshape((-1, channel.size) if axis == 0 else (channel.size, -1))
+    spec = QuantSpec(_qtype(int(e["compressed_bw"]), True), symmetric=True, axis=axis, block_size=int(e["block_size"]))
+    return lpbq(spec, ints, channel)
 
 
 def _read_v061(entries: dict[str, list[dict[str, Any]]]) -> dict[str, Encoding]:

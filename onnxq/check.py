@@ -295,6 +295,8 @@ def quantized_names(graph: ir.Graph) -> set[str]:
                 continue  # a convert: its encoding belongs to the point it converts into
             names.add(src.name.removesuffix(".float") if src.name.endswith(".float") else src.name)
         elif node.op_type == "DequantizeLinear" and node.inputs[0].is_initializer():
+            if any(u.node.op_type == "DequantizeLinear" for u in node.outputs[0].uses()):
+                continue  # LPBQ block scales: part of the weight's encoding
             names.add(node.inputs[0].name.removesuffix(".q"))
     return names
 

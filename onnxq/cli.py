@@ -153,6 +153,7 @@ def cmd_quantize(args: argparse.Namespace) -> int:
             seed=args.seed,
             online_hadamard=[w.strip() for w in args.online_hadamard.split(",") if w.strip()],
             split_outliers=args.split_outliers,
+            weight_block=args.weight_block,
             learn=learn,
             budget=args.budget,
             weight_budget=args.weight_budget,
@@ -187,7 +188,7 @@ def cmd_quantize(args: argparse.Namespace) -> int:
                 f"{counts['activation points']} points: {counts['int16 activations']} int16, "
                 f"{counts['int8 activations']} int8, {counts['converts']} converts",
             ),
-            ("weights", f"{counts['weights int8']} int8, {counts['weights int4']} int4 (per-channel, symmetric)"),
+            ("weights", _weights_line(counts, s)),
             (
                 "calibration",
                 f"{s['calibration']['data']}, {s['calibration']['windows']} windows x "
@@ -236,6 +237,14 @@ def _float_vs_quantized(model: str, qdq: Path, count: int, args: argparse.Namesp
     finally:
         progress.close()
     return {"dataset": "wikitext2", "windows": len(ids), "float": fp, "quantized": q}
+
+
+def _weights_line(counts: dict[str, int], s: dict[str, Any]) -> str:
+    line = f"{counts['weights int8']} int8 per channel, {counts['weights int4']} int4"
+    blocked = counts.get("weights int4 per block", 0)
+    if blocked:
+        return line + f" ({blocked} per block of {s.get('weight_block')} rows, LPBQ), symmetric"
+    return line + " per channel, symmetric"
 
 
 def _mixed_line(mixed: dict[str, Any] | None) -> str:
@@ -688,7 +697,12 @@ def build_parser() -> argparse.ArgumentParser:
         "a8 keeps norms, residual and softmax at 16 bits",
     )
     p.add_argument("--calib", default="c4", help="calibration text: c4, wikitext2-valid, or a .txt/.jsonl path")
-    p.add_argument("--windows", type=int, default=16, help="calibration windows (default 16)")
+    p.add_argument(
+        "--windows",
+        type=int,
+        help="calibration windows of the sequence length (default: 64 when GPTQ rounds the weights, "
+        "as for 4-bit presets, 16 otherwise)",
+    )
     p.add_argument(
         "--method",
         default="auto",
@@ -720,6 +734,13 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="RATIO",
         help="8-bit presets: carry the down_proj input channels whose peak exceeds RATIO x the median "
         "channel's (at most 8 per layer) in a 16-bit side MatMul; e.g. 16",
+    )
+    p.add_argument(
+        "--weight-block",
+        type=int,
+        metavar="N",
+        help="4-bit weights: one scale per block of N input rows, in Qualcomm's LPBQ form (a power of "
+        "two >= 16; 0: per output channel). Default: the model family's recipe",
     )
     p.add_argument("--seed", type=int, default=0, help="seed of the random sign flips / matrices (default 0)")
     p.add_argument("--precision-map", help="precision_map.json to apply (edited from a previous run)")

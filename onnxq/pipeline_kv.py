@@ -41,6 +41,7 @@ def quantize_kv(
     precision_map: str | Path | None,
     mask_value: float | None,
     rotate: str,
+    weight_block: int | None,
     seed: int,
     tokenizer: str | None,
     encodings_version: str,
@@ -52,7 +53,7 @@ def quantize_kv(
     from calib.calibrate import encode, method_for, observe
     from calib.feeds import CacheFeeds
     from onnxq.export_kv import read_shape
-    from onnxq.pipeline import QuantizeResult, apply_gptq, build_summary, gptq_inputs, prepare
+    from onnxq.pipeline import QuantizeResult, apply_gptq, build_summary, gptq_inputs, prepare, with_block
     from onnxq.sources import tokenizer_for
 
     start = time.perf_counter()
@@ -70,7 +71,8 @@ def quantize_kv(
         )
         for g in GRAPHS
     }
-    recipe = recipes.for_model_type(prepared["prefill"].model.metadata_props.get("onnxq.model_type"))
+    model_type = prepared["prefill"].model.metadata_props.get("onnxq.model_type")
+    recipe = with_block(recipes.for_model_type(model_type), weight_block)
     plans = {
         g: build_plan(p.model, chosen, recipe, p.roles, p.structure, dict(overrides) if overrides else None)
         for g, p in prepared.items()
@@ -129,6 +131,7 @@ def quantize_kv(
     summary["seq_len"] = chunk
     summary["kv_cache"] = {"chunk": chunk, "context": shape.slots, "layers": shape.layers}
     summary["calibration"].update(window_tokens=length, steps=len(feeds))
+    summary["weight_block"] = recipe.weight_block
     summary["learning"] = None
     summary["mixed_precision"] = None
     files = write_quantized(

@@ -126,6 +126,7 @@ class QuantPlan:
             "int8 activations": sum(p.bits == 8 for p in acts),
             "weights int8": sum(p.bits == 8 for p in self.weight_points()),
             "weights int4": sum(p.bits == 4 for p in self.weight_points()),
+            "weights int4 per block": sum(p.bits == 4 and p.spec.block_size > 0 for p in self.weight_points()),
             "constants": sum(p.kind == "const" for p in self.points.values()),
             "converts": len({(c.point, c.tensor) for c in self.converts}),
         }
@@ -347,12 +348,17 @@ def build_plan(
         why = "lm_head" if role.kind == "logits" and bits != preset.weight_bits else "preset"
         if role.kind == "outliers" and bits < 8:  # k rows of down_proj, next to a 16-bit input
             bits, why = 8, OUTLIER_WHY
+        if node.metadata_props.get("onnxq.online_rotation") and bits < 8:  # exact for ±1/√n Hadamards,
+            bits, why = 8, "run-time rotation"  # not for the dense random fallback at 4 bits
         if wname in overrides:
             wanted = overrides.pop(wname)
             if wanted != bits:
                 bits, why = wanted, (reasons or {}).get(wname, "user")
         limit = HTP_PER_CHANNEL_LIMIT if bits == 8 and fc_in_bits[node.name] == 8 else None
         spec = QuantSpec(QType.for_bits(bits, signed=True), symmetric=True, axis=axis, limit=limit)
+        rows = _input_rows(node, axis)
+        if bits == 4 and recipe.weight_block and rows % recipe.weight_block == 0:  # LPBQ: blocks along the input
+            spec = QuantSpec(spec.qtype, symmetric=True, axis=1 - axis, block_size=recipe.weight_block)
         points[wname] = Point(wname, "weight", spec, Role("weight", role.layer), consts=(wname,), why=why)
 
     if overrides:
@@ -370,6 +376,14 @@ def build_plan(
     plan = QuantPlan(preset, points, converts, structure)
     log.info("plan: %s", plan.counts())
     return plan
+
+
+def _input_rows(node: ir.Node, channel_axis: int) -> int:
+    """How many input rows (the reduced dimension) a linear's 2-D weight has."""
+    weight = node.inputs[1]
+    assert weight is not None and weight.const_value is not None
+    shape = weight.const_value.shape
+    return int(shape[1 - channel_axis]) if len(shape) == 2 else 0
 
 
 def _plan_fc_inputs(

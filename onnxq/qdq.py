@@ -68,6 +68,28 @@ def _insert_qdq(
     return dq_out
 
 
+def _lpbq_scale(graph: ir.Graph, name: str, enc: Encoding) -> tuple[ir.Node, ir.Value]:
+    """The LPBQ block scales as ``DequantizeLinear(uint8 block integers, per-channel float scale)``,
+    the form the QNN EP fuses into one per-channel FullyConnected with LPBQ encodings."""
+    assert enc.channel_scale is not None and enc.spec.axis is not None
+    ints = add_initializer(graph, f"{name}.block_ints", enc.block_ints)
+    channel = add_initializer(graph, f"{name}.channel_scale", np.asarray(enc.channel_scale, dtype=np.float32))
+    zero = add_initializer(graph, f"{name}.channel_zero_point", np.zeros(enc.channel_scale.shape, np.uint8))
+    out = ir.Value(
+        name=unique_name(graph, f"{name}.scale"),
+        type=ir.TensorType(ir.DataType.FLOAT),
+        shape=ir.Shape(np.asarray(enc.scale).shape),
+    )
+    node = ir.node(
+        "DequantizeLinear",
+        [ints, channel, zero],
+        {"axis": 1 - enc.spec.axis % 2},
+        outputs=[out],
+        name=unique_name(graph, f"{name}/ScaleDQ"),
+    )
+    return node, out
+
+
 def _quantize_const(graph: ir.Graph, name: str, enc: Encoding, scale: ir.Value, zp: ir.Value) -> None:
     """Replace a float initializer by integers behind a DequantizeLinear."""
     value = graph.initializers[name]
@@ -78,16 +100,25 @@ def _quantize_const(graph: ir.Graph, name: str, enc: Encoding, scale: ir.Value, 
     dq_out = ir.Value(
         name=unique_name(graph, f"{name}.dq"), type=ir.TensorType(ir.DataType.FLOAT), shape=ir.Shape(arr.shape)
     )
-    dq = ir.node(
-        "DequantizeLinear",
-        [q_init, scale, zp],
-        _axis_attrs(enc),
-        outputs=[dq_out],
-        name=unique_name(graph, f"{name}/DQ"),
+    nodes: list[ir.Node] = []
+    unused_scale = scale
+    if enc.channel_scale is not None:
+        scale_node, scale = _lpbq_scale(graph, name, enc)
+        nodes.append(scale_node)
+    nodes.append(
+        ir.node(
+            "DequantizeLinear",
+            [q_init, scale, zp],
+            _axis_attrs(enc),
+            outputs=[dq_out],
+            name=unique_name(graph, f"{name}/DQ"),
+        )
     )
     users = [(u.node, u.idx) for u in value.uses()]
     first = min((list(graph).index(n) for n, _ in users), default=0)
-    graph.insert_before(list(graph)[first], dq)
+    graph.insert_before(list(graph)[first], nodes)
+    if enc.channel_scale is not None and not unused_scale.uses():  # the float block scales: now computed
+        graph.initializers.pop(unused_scale.name)
     for node, idx in users:
         node.replace_input_with(idx, dq_out)
     graph.initializers.pop(name)
@@ -156,6 +187,8 @@ def emit_qdq(model: ir.Model, plan: QuantPlan, encodings: Mapping[str, Encoding]
 
 def point_summary(point: Point, enc: Encoding) -> str:
     """One readable line for logs and reports."""
+    if point.kind == "weight" and enc.spec.block_size:
+        return f"{point.name}: {enc.qtype.value} per-block {enc.spec.block_size} (LPBQ)"
     if point.kind == "weight":
         return f"{point.name}: {enc.qtype.value} per-channel"
     lo, hi = enc.range()

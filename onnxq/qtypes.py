@@ -137,10 +137,23 @@ class Encoding:
     spec: QuantSpec
     scale: np.ndarray
     zero_point: np.ndarray
+    #: LPBQ (blocked weights only): one float scale per output channel, ``scale`` being an integer
+    #: multiple of it (1..16) in every block, as Qualcomm's HTP stores 4-bit blocked weights.
+    channel_scale: np.ndarray | None = None
 
     @property
     def qtype(self) -> QType:
         return self.spec.qtype
+
+    @property
+    def block_ints(self) -> np.ndarray:
+        """LPBQ: the per-block integer scales (``scale / channel_scale``), shaped like ``scale``."""
+        assert self.channel_scale is not None and self.spec.axis is not None
+        channel_axis = 1 - self.spec.axis % 2  # 2-D weights: channels run along the other axis
+        shape = [1, 1]
+        shape[channel_axis] = -1
+        ints = np.rint(np.asarray(self.scale, np.float64) / self.channel_scale.reshape(shape))
+        return ints.astype(np.uint8)
 
     def quantize(self, x: np.ndarray) -> np.ndarray:
         """Integers as ONNX QuantizeLinear gives them (float division, round half to even)."""
@@ -181,16 +194,35 @@ class Encoding:
         return from_range(spec, lo, hi)
 
     def to_json(self) -> dict[str, Any]:
-        return {
+        out = {
             **self.spec.to_json(),
             "scale": np.asarray(self.scale, dtype=np.float64).round(12).tolist(),
             "zero_point": np.asarray(self.zero_point).astype(np.int64).tolist(),
         }
+        if self.channel_scale is not None:  # exact float32 values: scale is rebuilt from them
+            out["channel_scale"] = np.asarray(self.channel_scale, dtype=np.float32).astype(np.float64).tolist()
+            out["block_ints"] = self.block_ints.astype(np.int64).tolist()
+        return out
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> Encoding:
         spec = QuantSpec.from_json(data)
-        return cls(spec, np.asarray(data["scale"], dtype=np.float32), np.asarray(data["zero_point"]).astype(np.int64))
+        zp = np.asarray(data["zero_point"]).astype(np.int64)
+        if "channel_scale" in data:
+            return lpbq(spec, np.asarray(data["block_ints"]), np.asarray(data["channel_scale"], dtype=np.float32))
+        return cls(spec, np.asarray(data["scale"], dtype=np.float32), zp)
+
+
+def lpbq(spec: QuantSpec, block_ints: np.ndarray, channel_scale: np.ndarray) -> Encoding:
+    """The LPBQ encoding ``scale = block_ints * channel_scale`` (in float32, as DequantizeLinear computes it)."""
+    assert spec.block_size and spec.axis is not None
+    channel_axis = 1 - spec.axis % 2
+    shape = [1, 1]
+    shape[channel_axis] = -1
+    cs = np.asarray(channel_scale, dtype=np.float32).reshape(-1)
+    ints = np.asarray(block_ints).astype(np.uint8)
+    scale = (ints.astype(np.float32) * cs.reshape(shape)).astype(np.float32)
+    return Encoding(spec, scale, np.zeros(scale.shape, np.int64), cs)
 
 
 def from_range(spec: QuantSpec, lo: float | np.ndarray, hi: float | np.ndarray) -> Encoding:

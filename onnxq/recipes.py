@@ -21,6 +21,7 @@ class Recipe:
     kept16: frozenset[str] = frozenset()
     lm_head_weight_bits: int = 8
     kv_cache_bits: int = 8
+    weight_block: int = 0  # 4-bit weights per block of this many input rows (LPBQ); 0: per channel
     expected: dict[str, dict[str, float]] = field(default_factory=dict)
 
 
@@ -51,6 +52,7 @@ def _parse(path: Path) -> Recipe:
         kept16=frozenset(precision.get("kept16", GENERIC.kept16)),
         lm_head_weight_bits=int(precision.get("lm_head_weight_bits", 8)),
         kv_cache_bits=int(precision.get("kv_cache_bits", 8)),
+        weight_block=int(precision.get("weight_block", 0)),
         expected={k: dict(v) for k, v in data.get("expected", {}).items()},
     )
 

@@ -23,7 +23,7 @@ import onnx_ir as ir
 
 from onnxq.errors import OnnxqError
 from onnxq.ir import take_over, unique_name
-from onnxq.qtypes import Encoding, QType, QuantSpec
+from onnxq.qtypes import Encoding, QType, QuantSpec, lpbq
 
 _QTYPES = {q.onnx: q for q in QType}
 
@@ -37,8 +37,26 @@ class Split:
     params: dict[str, Encoding]
 
 
+def _lpbq_scale(node: ir.Node) -> ir.Node | None:
+    """The ``DequantizeLinear`` computing ``node``'s block scales (LPBQ weights), if there is one."""
+    scale_v = node.inputs[1]
+    producer = scale_v.producer() if scale_v is not None else None
+    return producer if producer is not None and producer.op_type == "DequantizeLinear" else None
+
+
 def _encoding(node: ir.Node) -> Encoding:
     """The encoding a Q or DQ node applies (scale, zero point and axis from its inputs/attributes)."""
+    scale_dq = _lpbq_scale(node)
+    if scale_dq is not None:
+        ints_v, channel_v = scale_dq.inputs[0], scale_dq.inputs[1]
+        zp_v = node.inputs[2] if len(node.inputs) > 2 else None
+        if ints_v is None or ints_v.const_value is None or channel_v is None or channel_v.const_value is None:
+            raise OnnxqError(f"{node.name!r} has computed block scales", "only LPBQ's constant block scales are read")
+        qtype = _QTYPES.get(zp_v.const_value.dtype) if zp_v is not None and zp_v.const_value is not None else None
+        if qtype is None:
+            raise OnnxqError(f"{node.name!r} has no integer zero point", "write the zero point of blocked weights")
+        spec = QuantSpec(qtype, True, node.attributes.get_int("axis", 1), node.attributes.get_int("block_size", 0))
+        return lpbq(spec, np.asarray(ints_v.const_value.numpy()), np.asarray(channel_v.const_value.numpy()))
     scale_v, zp_v = node.inputs[1], node.inputs[2] if len(node.inputs) > 2 else None
     if scale_v is None or scale_v.const_value is None or zp_v is None or zp_v.const_value is None:
         raise OnnxqError(
@@ -71,9 +89,14 @@ def split(model: ir.Model, *, weights: bool = True) -> Split:
     for node in list(graph):
         if node.op_type != "DequantizeLinear" or node.inputs[0] is None:
             continue
+        if any(u.node.op_type == "DequantizeLinear" and u.idx == 1 for u in node.outputs[0].uses()):
+            continue  # LPBQ block scales: read with the weight they scale
         source = node.inputs[0]
         enc = _encoding(node)
+        scale_dq = _lpbq_scale(node)
         qparams.update(v.name for v in node.inputs[1:] if v is not None)
+        if scale_dq is not None:
+            qparams.update(v.name for v in scale_dq.inputs if v is not None)
         if source.const_value is not None:  # weight / constant
             base = source.name.removesuffix(".q")  # the float name, free again in a graph onnxq wrote
             name = base if base not in taken else unique_name(graph, base)
@@ -85,6 +108,8 @@ def split(model: ir.Model, *, weights: bool = True) -> Split:
             graph.register_initializer(init)
             take_over(graph, node.outputs[0], init, suffix=".dq")
             graph.remove(node, safe=True)
+            if scale_dq is not None:
+                graph.remove(scale_dq, safe=True)
             if not source.uses() and source.name in graph.initializers:
                 graph.initializers.pop(source.name)
             params[init.name] = enc

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -34,7 +35,9 @@ def ppl_windows(tiny_dir: Path) -> np.ndarray:
 @pytest.fixture(scope="module")
 def learned_w4a8(tiny_model: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = tmp_path_factory.mktemp("learn") / "w4a8"
-    quantize(tiny_model, out, preset="w4a8", calib="wikitext2-valid", windows=16, learn=CONFIG)
+    # per-channel weights, as measured below (with LPBQ blocks the weights leave less to learn:
+    # -4 % instead of -10 %; test_written_back_model_equals_the_mirror covers learning with blocks)
+    quantize(tiny_model, out, preset="w4a8", calib="wikitext2-valid", windows=16, learn=CONFIG, weight_block=0)
     return out
 
 
@@ -85,7 +88,7 @@ def test_learned_model_runs_on_the_htp(learned_w4a8: Path, ppl_windows: np.ndarr
 
 def test_same_seed_same_bytes_and_resume(tiny_model: Path, learned_w4a8: Path, tmp_path: Path) -> None:
     again = tmp_path / "again"
-    quantize(tiny_model, again, preset="w4a8", calib="wikitext2-valid", windows=16, learn=CONFIG)
+    quantize(tiny_model, again, preset="w4a8", calib="wikitext2-valid", windows=16, learn=CONFIG, weight_block=0)
     digest = lambda p: hashlib.sha256((p / "model.qdq.onnx").read_bytes()).hexdigest()  # noqa: E731
     assert digest(again) == digest(learned_w4a8)
     # an interrupted run leaves a checkpoint; a new run with the same settings resumes from it
@@ -93,13 +96,14 @@ def test_same_seed_same_bytes_and_resume(tiny_model: Path, learned_w4a8: Path, t
     ckpt = tmp_path / ".resumed.learn" / "checkpoint.pt"
     ckpt.parent.mkdir()
     prep = prepare(ir.load(tiny_model))
-    plan = build_plan(prep.model, presets.get("w4a8"), recipes.get("llama"), prep.roles, prep.structure)
+    per_channel = replace(recipes.get("llama"), weight_block=0)
+    plan = build_plan(prep.model, presets.get("w4a8"), per_channel, prep.roles, prep.structure)
     from transformers import AutoTokenizer
 
     cw = windows(AutoTokenizer.from_pretrained(tiny_model.parent), "wikitext2-valid", 64, 16).ids
     enc, _ = calibrate(prep.model, plan, cw)
     learn(prep.model, prep.structure, plan, enc, cw[:8], cw, config=CONFIG, checkpoint=ckpt)
     assert torch.load(ckpt, weights_only=False)["layers_done"] == 2
-    quantize(tiny_model, resumed, preset="w4a8", calib="wikitext2-valid", windows=16, learn=CONFIG)
+    quantize(tiny_model, resumed, preset="w4a8", calib="wikitext2-valid", windows=16, learn=CONFIG, weight_block=0)
     assert digest(resumed) == digest(learned_w4a8)
     assert not ckpt.parent.exists()  # removed once the output is written

@@ -34,16 +34,24 @@ ROWS: dict[str, tuple[str, str, dict[str, Any]]] = {
     "ort-w4a16": ("ort", "w4a16", {}),
     "ort-w4a8": ("ort", "w4a8", {}),
     # the ablation, Quant.npu style: min/max -> + rotation -> + aware init -> + learning (-> + learned R2)
-    "onnxq-w4a8-minmax-norot": ("onnxq", "w4a8", {"rotate": "none", "method": "minmax", "weight_method": "minmax"}),
-    "onnxq-w4a8-minmax": ("onnxq", "w4a8", {"method": "minmax", "weight_method": "minmax"}),
-    "onnxq-w4a8-aware": ("onnxq", "w4a8", {"weight_method": "minmax", "method": "aware"}),
-    "onnxq-w4a8-norot": ("onnxq", "w4a8", {"weight_method": "mse", "rotate": "none"}),
-    "onnxq-w4a8": ("onnxq", "w4a8", {"weight_method": "mse"}),
-    "onnxq-w4a8-learn-fixedrot": ("onnxq", "w4a8", {"weight_method": "mse", "learn": {"learn_rotation": False}}),
-    "onnxq-w4a8-learn": ("onnxq", "w4a8", {"weight_method": "mse", "learn": {}}),
-    "onnxq-w4a8-gptq": ("onnxq", "w4a8", {"weight_method": "gptq"}),
-    "onnxq-w4a8-learn-gptq": ("onnxq", "w4a8", {"weight_method": "gptq", "learn": {}}),
-    "onnxq-w4a8-r3r4": ("onnxq", "w4a8", {"weight_method": "mse", "online_hadamard": ["r3", "r4"]}),
+    "onnxq-w4a8-minmax-norot": (
+        "onnxq",
+        "w4a8",
+        {"rotate": "none", "method": "minmax", "weight_method": "minmax", "weight_block": 0},
+    ),
+    "onnxq-w4a8-minmax": ("onnxq", "w4a8", {"method": "minmax", "weight_method": "minmax", "weight_block": 0}),
+    "onnxq-w4a8-aware": ("onnxq", "w4a8", {"weight_method": "minmax", "method": "aware", "weight_block": 0}),
+    "onnxq-w4a8-norot": ("onnxq", "w4a8", {"weight_method": "mse", "rotate": "none", "weight_block": 0}),
+    "onnxq-w4a8": ("onnxq", "w4a8", {"weight_method": "mse", "weight_block": 0}),
+    "onnxq-w4a8-learn-fixedrot": (
+        "onnxq",
+        "w4a8",
+        {"weight_method": "mse", "learn": {"learn_rotation": False}, "weight_block": 0},
+    ),
+    "onnxq-w4a8-learn": ("onnxq", "w4a8", {"weight_method": "mse", "learn": {}, "weight_block": 0}),
+    "onnxq-w4a8-gptq": ("onnxq", "w4a8", {"weight_method": "gptq", "weight_block": 0}),
+    "onnxq-w4a8-learn-gptq": ("onnxq", "w4a8", {"weight_method": "gptq", "learn": {}, "weight_block": 0}),
+    "onnxq-w4a8-r3r4": ("onnxq", "w4a8", {"weight_method": "mse", "online_hadamard": ["r3", "r4"], "weight_block": 0}),
     "onnxq-w8a16-norot": ("onnxq", "w8a16", {"weight_method": "mse", "rotate": "none"}),
     "onnxq-w8a16": ("onnxq", "w8a16", {"weight_method": "mse"}),
     "onnxq-w8a8-norot": ("onnxq", "w8a8", {"weight_method": "mse", "rotate": "none"}),
@@ -71,28 +79,53 @@ ROWS: dict[str, tuple[str, str, dict[str, Any]]] = {
     "onnxq-w4a8-split-r4": (
         "onnxq",
         "w4a8",
-        {"weight_method": "gptq", "split_outliers": 16.0, "online_hadamard": ["r4"]},
+        {"weight_method": "gptq", "split_outliers": 16.0, "online_hadamard": ["r4"], "weight_block": 0},
     ),
     "onnxq-w4a8-split-r4-learn": (
         "onnxq",
         "w4a8",
-        {"weight_method": "gptq", "split_outliers": 16.0, "online_hadamard": ["r4"], "learn": {}},
+        {"weight_method": "gptq", "split_outliers": 16.0, "online_hadamard": ["r4"], "learn": {}, "weight_block": 0},
+    ),
+    # 4-bit weights per block of 32 input rows (LPBQ, the recipe's default), then more calibration
+    # windows for GPTQ's Hessians
+    "onnxq-w4a8-split-r4-lpbq": (
+        "onnxq",
+        "w4a8",
+        {"weight_method": "gptq", "split_outliers": 16.0, "online_hadamard": ["r4"], "weight_block": 32},
+    ),
+    "onnxq-w4a8-split-r4-lpbq-w64": (
+        "onnxq",
+        "w4a8",
+        {"weight_method": "gptq", "split_outliers": 16.0, "online_hadamard": ["r4"], "weight_block": 32, "windows": 64},
+    ),
+    "onnxq-w4a16-lpbq-w64": (
+        "onnxq",
+        "w4a16",
+        {"weight_method": "gptq", "online_hadamard": ["r4"], "weight_block": 32, "windows": 64},
     ),
     "onnxq-w8a8-mp05-fisher": ("onnxq", "w8a8", {"budget": 0.05}),
     "onnxq-w8a8-mp10-fisher": ("onnxq", "w8a8", {"budget": 0.1}),
     "onnxq-w8a8-mp20-fisher": ("onnxq", "w8a8", {"budget": 0.2}),
-    "onnxq-w4a16-norot": ("onnxq", "w4a16", {"weight_method": "mse", "rotate": "none"}),
-    "onnxq-w4a16": ("onnxq", "w4a16", {"weight_method": "mse"}),
-    "onnxq-w4a16-gptq": ("onnxq", "w4a16", {"weight_method": "gptq"}),
+    "onnxq-w4a16-norot": ("onnxq", "w4a16", {"weight_method": "mse", "rotate": "none", "weight_block": 0}),
+    "onnxq-w4a16": ("onnxq", "w4a16", {"weight_method": "mse", "weight_block": 0}),
+    "onnxq-w4a16-gptq": ("onnxq", "w4a16", {"weight_method": "gptq", "weight_block": 0}),
     # mixed precision (issue: Pareto of W4A8 against the share of 8-bit MatMul inputs promoted to 16 bits)
-    "onnxq-w4a8-mp05-fisher": ("onnxq", "w4a8", {"budget": 0.05}),
-    "onnxq-w4a8-mp10-fisher": ("onnxq", "w4a8", {"budget": 0.1}),
-    "onnxq-w4a8-mp20-fisher": ("onnxq", "w4a8", {"budget": 0.2}),
-    "onnxq-w4a8-mp10-relative": ("onnxq", "w4a8", {"budget": 0.1, "selector": "relative"}),
-    "onnxq-w4a8-mp10-random": ("onnxq", "w4a8", {"budget": 0.1, "selector": "random"}),
-    "onnxq-w4a8-wb10-fisher": ("onnxq", "w4a8", {"weight_budget": 0.1, "budget_by": "macs"}),
-    "onnxq-w4a8-wb10-relative": ("onnxq", "w4a8", {"weight_budget": 0.1, "budget_by": "macs", "selector": "relative"}),
-    "onnxq-w4a8-wb10-random": ("onnxq", "w4a8", {"weight_budget": 0.1, "budget_by": "macs", "selector": "random"}),
+    "onnxq-w4a8-mp05-fisher": ("onnxq", "w4a8", {"budget": 0.05, "weight_block": 0}),
+    "onnxq-w4a8-mp10-fisher": ("onnxq", "w4a8", {"budget": 0.1, "weight_block": 0}),
+    "onnxq-w4a8-mp20-fisher": ("onnxq", "w4a8", {"budget": 0.2, "weight_block": 0}),
+    "onnxq-w4a8-mp10-relative": ("onnxq", "w4a8", {"budget": 0.1, "selector": "relative", "weight_block": 0}),
+    "onnxq-w4a8-mp10-random": ("onnxq", "w4a8", {"budget": 0.1, "selector": "random", "weight_block": 0}),
+    "onnxq-w4a8-wb10-fisher": ("onnxq", "w4a8", {"weight_budget": 0.1, "budget_by": "macs", "weight_block": 0}),
+    "onnxq-w4a8-wb10-relative": (
+        "onnxq",
+        "w4a8",
+        {"weight_budget": 0.1, "budget_by": "macs", "selector": "relative", "weight_block": 0},
+    ),
+    "onnxq-w4a8-wb10-random": (
+        "onnxq",
+        "w4a8",
+        {"weight_budget": 0.1, "budget_by": "macs", "selector": "random", "weight_block": 0},
+    ),
 }
 VALIDATE = ("onnxq-w8a16", "onnxq-w4a8-learn")  # 2 windows on the HTP emulator: ~15 min each
 
@@ -108,6 +141,7 @@ def _run(cmd: list[str]) -> dict[str, Any]:
 def step_quantize_onnxq(model: Path, out: Path, preset: str, calib: str, windows: int, extra: dict) -> dict:
     extra = dict(extra)
     learn = extra.pop("learn", None)
+    windows = extra.pop("windows", windows)  # a row may calibrate on more windows than the setup's
     code = (
         "import json, sys; from onnxq.pipeline import quantize; from calib.learn import LearnConfig; "
         f"r = quantize({str(model)!r}, {str(out)!r}, preset={preset!r}, calib={calib!r}, windows={windows}, "
@@ -307,6 +341,10 @@ def _describe(row: dict[str, Any]) -> tuple[str, str]:
     method += ", weights " + opts.get("weight_method", "auto")
     if opts.get("split_outliers"):
         method += f", outlier channels split (ratio {opts['split_outliers']:g})"
+    if opts.get("weight_block"):
+        method += f", W4 per block of {opts['weight_block']} (LPBQ)"
+    if "windows" in opts:
+        method += f", {opts['windows']} calibration windows"
     if "budget" in opts:
         method += f", {100 * opts['budget']:.0f} % promoted to A16 ({opts.get('selector', 'fisher')})"
     if "weight_budget" in opts:
@@ -359,6 +397,9 @@ OUTLIERS = (
     ("W4A8, GPTQ weights", "onnxq-w4a8-gptq"),
     ("+ outlier channels + R4", "onnxq-w4a8-split-r4"),
     ("+ outlier channels + R4, learning + GPTQ", "onnxq-w4a8-split-r4-learn"),
+    ("+ outlier channels + R4, W4 per block of 32 (LPBQ)", "onnxq-w4a8-split-r4-lpbq"),
+    ("+ outlier channels + R4, LPBQ, 64 calibration windows", "onnxq-w4a8-split-r4-lpbq-w64"),
+    ("W4A16, R4, LPBQ, 64 calibration windows (the weights' share)", "onnxq-w4a16-lpbq-w64"),
 )
 
 
@@ -391,7 +432,9 @@ def outliers(results: dict[str, Any]) -> str:
         "channels whose peak exceeds 16x the median channel's (19 channels in 8 layers here, chosen on 4",
         "calibration windows) to a 16-bit side path of three k-wide MatMuls (gate, up, down rows), exact in",
         "float; `--online-hadamard r4` rotates the 16-bit SwiGLU product before down_proj reads it at 8 bits",
-        "(as two small MatMuls on a 12 x 128 view: H12 ⊗ H128).",
+        "(as two small MatMuls on a 12 x 128 view: H12 ⊗ H128). The last W4 rows put the 4-bit weights",
+        "in blocks of 32 input rows (LPBQ: a float scale per output channel times a 4-bit integer per",
+        "block, which the HTP runs on its per-channel kernels) and give GPTQ 64 calibration windows.",
         "",
         "| step | row | WikiText-2 PPL | × FP32 | time | peak RSS |",
         "|---|---|---:|---:|---:|---:|",
