@@ -89,8 +89,9 @@ class WeightQuant(torch.nn.Module):
         amax = self._amax(weight.detach())
         scale = torch.as_tensor(np.asarray(encoding.scale), dtype=torch.float64)
         init = scale * spec.qmax / amax.double().clamp_min(1e-12)
-        # LPBQ snapping may round a block's scale up, past its own max: allow that, not more
-        self.max_ratio = 2.0 if spec.block_size else 1.0
+        # LPBQ snapping may put a block's scale above its own max (a near-empty block gets the
+        # channel's smallest step): let a sim built from snapped encodings reproduce them
+        self.max_ratio = 1e3 if spec.block_size else 1.0
         self.register_buffer("ratio0", init.clamp(1e-3, self.max_ratio))
         self.t = torch.nn.Parameter(torch.zeros_like(self.ratio0))  # clip ratio = ratio0 · e^t, at most 1
 
@@ -119,9 +120,10 @@ class WeightQuant(torch.nn.Module):
         return q * s
 
     def encoding(self, weight: torch.Tensor) -> Encoding:
-        scale = self.scale(weight.detach()).detach().double().numpy()
+        weight = weight.detach().to(self.ratio0.device)
+        scale = self.scale(weight).detach().double().cpu().numpy()
         if self.spec.block_size:
-            return lpbq_snap(weight.detach().double().numpy(), self.spec, scale)
+            return lpbq_snap(weight.double().cpu().numpy(), self.spec, scale)
         scale = scale.astype(np.float32)
         return Encoding(self.spec, scale, np.zeros(scale.shape, dtype=np.int64))
 

@@ -214,7 +214,9 @@ def widths_meet(graph: ir.Graph) -> Iterator[Finding]:
         out_q = _q_after(node.outputs[0])
         if w_dq is None or x_dq is None or out_q is None or not w_dq.inputs[0].is_initializer():
             continue
-        per_channel = (_scale(w_dq) is not None) and _scale(w_dq).size > 1
+        scale = _scale(w_dq)
+        lpbq = w_dq.attributes.get_int("block_size", 0) > 0  # block scales computed by another DQ
+        per_channel = lpbq or (scale is not None and scale.size > 1)
         bits_in, bits_out = _bits(_qtype(x_dq)), _bits(_qtype(out_q))
         if per_channel and bits_in != bits_out:
             yield Finding(

@@ -131,7 +131,7 @@ def cmd_quantize(args: argparse.Namespace) -> int:
         learn = LearnConfig(
             steps=args.steps,
             lr=args.lr,
-            samples=min(args.samples, args.windows),
+            samples=min(args.samples, args.windows) if args.windows else args.samples,
             learn_rotation=not args.no_learn_rotation,
             seed=args.seed,
             device=args.device,
@@ -701,7 +701,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--windows",
         type=int,
         help="calibration windows of the sequence length (default: 64 when GPTQ rounds the weights, "
-        "as for 4-bit presets, 16 otherwise)",
+        "as for 4-bit presets, 16 otherwise and for KV-cache folders)",
     )
     p.add_argument(
         "--method",

@@ -292,6 +292,7 @@ def quantize(
     model = prepared.model
     recipe = with_block(recipes.for_model_type(model.metadata_props.get("onnxq.model_type")), weight_block)
     plan = build_plan(model, chosen, recipe, prepared.roles, prepared.structure, overrides)
+    check_encodings_version(plan, encodings_version)
     if weight_method == "auto":  # GPTQ halves W4A8 perplexity on SmolLM2 (117 -> 61); at 8 bits RTN suffices
         weight_method = "gptq" if chosen.weight_bits == 4 else "mse"
     use_gptq = weight_method == "gptq"
@@ -350,7 +351,7 @@ def quantize(
             prepared.structure,
             plan,
             encodings,
-            calib_windows.ids[: learn.samples],
+            calib_windows.ids[: learn.samples],  # at most the windows there are
             calib_windows.ids,
             config=learn,
             method=method,
@@ -523,6 +524,15 @@ def check_weight_block(block: int | None) -> None:
     if block is not None and block != 0 and (block < 16 or block & (block - 1)):
         raise OnnxqError(
             f"--weight-block {block} is not a power of two >= 16", "pass 32, 64 or 128, or 0 for per-channel"
+        )
+
+
+def check_encodings_version(plan: QuantPlan, version: str) -> None:
+    """Before calibrating: AIMET's 0.6.1 format has no way to write per-block weights."""
+    if version == "0.6.1" and any(p.spec.block_size for p in plan.weight_points()):
+        raise OnnxqError(
+            "AIMET's 0.6.1 encodings cannot hold per-block (LPBQ) weights",
+            "use --encodings-version 1.0.0, or --weight-block 0 for per-channel 4-bit weights",
         )
 
 

@@ -53,7 +53,15 @@ def quantize_kv(
     from calib.calibrate import encode, method_for, observe
     from calib.feeds import CacheFeeds
     from onnxq.export_kv import read_shape
-    from onnxq.pipeline import QuantizeResult, apply_gptq, build_summary, gptq_inputs, prepare, with_block
+    from onnxq.pipeline import (
+        QuantizeResult,
+        apply_gptq,
+        build_summary,
+        check_encodings_version,
+        gptq_inputs,
+        prepare,
+        with_block,
+    )
     from onnxq.sources import tokenizer_for
 
     start = time.perf_counter()
@@ -77,6 +85,7 @@ def quantize_kv(
         g: build_plan(p.model, chosen, recipe, p.roles, p.structure, dict(overrides) if overrides else None)
         for g, p in prepared.items()
     }
+    check_encodings_version(plans["prefill"], encodings_version)
     if set(plans["prefill"].points) != set(plans["decode"].points):
         odd = sorted(set(plans["prefill"].points) ^ set(plans["decode"].points))[:3]
         raise OnnxqError(

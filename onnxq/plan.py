@@ -357,8 +357,9 @@ def build_plan(
         limit = HTP_PER_CHANNEL_LIMIT if bits == 8 and fc_in_bits[node.name] == 8 else None
         spec = QuantSpec(QType.for_bits(bits, signed=True), symmetric=True, axis=axis, limit=limit)
         rows = _input_rows(node, axis)
-        if bits == 4 and recipe.weight_block and rows % recipe.weight_block == 0:  # LPBQ: blocks along the input
-            spec = QuantSpec(spec.qtype, symmetric=True, axis=1 - axis, block_size=recipe.weight_block)
+        block = recipe.weight_block
+        if bits == 4 and block and rows > 0 and rows % block == 0:  # LPBQ: blocks along the input rows
+            spec = QuantSpec(spec.qtype, symmetric=True, axis=1 - axis, block_size=block)
         points[wname] = Point(wname, "weight", spec, Role("weight", role.layer), consts=(wname,), why=why)
 
     if overrides:
