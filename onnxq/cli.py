@@ -240,7 +240,10 @@ def _float_vs_quantized(model: str, qdq: Path, count: int, args: argparse.Namesp
 
 
 def _weights_line(counts: dict[str, int], s: dict[str, Any]) -> str:
-    line = f"{counts['weights int8']} int8 per channel, {counts['weights int4']} int4"
+    line = f"{counts['weights int8']} int8 per channel"
+    if not counts["weights int4"]:
+        return line + ", symmetric"
+    line += f", {counts['weights int4']} int4"
     blocked = counts.get("weights int4 per block", 0)
     if blocked:
         return line + f" ({blocked} per block of {s.get('weight_block')} rows, LPBQ), symmetric"

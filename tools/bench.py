@@ -86,8 +86,8 @@ ROWS: dict[str, tuple[str, str, dict[str, Any]]] = {
         "w4a8",
         {"weight_method": "gptq", "split_outliers": 16.0, "online_hadamard": ["r4"], "learn": {}, "weight_block": 0},
     ),
-    # 4-bit weights per block of 32 input rows (LPBQ, the recipe's default), then more calibration
-    # windows for GPTQ's Hessians
+    # 4-bit weights per block of input rows (LPBQ; the recipe's default is 16), then more
+    # calibration windows for GPTQ's Hessians
     "onnxq-w4a8-split-r4-lpbq": (
         "onnxq",
         "w4a8",
@@ -97,6 +97,22 @@ ROWS: dict[str, tuple[str, str, dict[str, Any]]] = {
         "onnxq",
         "w4a8",
         {"weight_method": "gptq", "split_outliers": 16.0, "online_hadamard": ["r4"], "weight_block": 32, "windows": 64},
+    ),
+    "onnxq-w4a8-split-r4-lpbq16-w64": (
+        "onnxq",
+        "w4a8",
+        {"weight_method": "gptq", "split_outliers": 16.0, "online_hadamard": ["r4"], "weight_block": 16, "windows": 64},
+    ),
+    "onnxq-w4a8-split-r4-lpbq16-w128": (
+        "onnxq",
+        "w4a8",
+        {
+            "weight_method": "gptq",
+            "split_outliers": 16.0,
+            "online_hadamard": ["r4"],
+            "weight_block": 16,
+            "windows": 128,
+        },
     ),
     "onnxq-w4a16-lpbq-w64": (
         "onnxq",
@@ -399,6 +415,8 @@ OUTLIERS = (
     ("+ outlier channels + R4, learning + GPTQ", "onnxq-w4a8-split-r4-learn"),
     ("+ outlier channels + R4, W4 per block of 32 (LPBQ)", "onnxq-w4a8-split-r4-lpbq"),
     ("+ outlier channels + R4, LPBQ, 64 calibration windows", "onnxq-w4a8-split-r4-lpbq-w64"),
+    ("+ outlier channels + R4, LPBQ blocks of 16, 64 calibration windows", "onnxq-w4a8-split-r4-lpbq16-w64"),
+    ("+ outlier channels + R4, LPBQ blocks of 16, 128 calibration windows", "onnxq-w4a8-split-r4-lpbq16-w128"),
     ("W4A16, R4, LPBQ, 64 calibration windows (the weights' share)", "onnxq-w4a16-lpbq-w64"),
 )
 
