@@ -436,15 +436,26 @@ def _step_rows(rows: dict[str, Any], present: list[tuple[str, str]]) -> list[str
     return lines
 
 
+def _step_section(title: str, prose: list[str], rows: dict[str, Any], present: list[tuple[str, str]]) -> str:
+    """A titled section: prose, then the step table of ``present``."""
+    lines = [
+        title,
+        "",
+        *prose,
+        "",
+        "| step | row | WikiText-2 PPL | × FP32 | time | peak RSS |",
+        "|---|---|---:|---:|---:|---:|",
+    ]
+    return "\n".join(lines + _step_rows(rows, present)) + "\n"
+
+
 def outliers(results: dict[str, Any]) -> str:
     """The massive-activation section: 8-bit activations with the side path and R4."""
     rows = results["rows"]
     present = [(label, name) for label, name in OUTLIERS if name in rows]
     if not any("split" in name for _, name in present):
         return ""
-    lines = [
-        "## Massive activations (8-bit activations)",
-        "",
+    prose = [
         "A few intermediate MLP channels carry values 100-1000x the rest at the first token (SmolLM2 layer 11:",
         "3069 in one of 1536 down_proj input channels, against ~16 elsewhere). `--split-outliers 16` moves the",
         "channels whose peak exceeds 16x the median channel's (19 channels in 8 layers here, chosen on 4",
@@ -453,12 +464,8 @@ def outliers(results: dict[str, Any]) -> str:
         "(as two small MatMuls on a 12 x 128 view: H12 ⊗ H128). The last W4 rows put the 4-bit weights",
         "in blocks of 32 or 16 input rows (LPBQ: a float scale per output channel times a 4-bit integer",
         "per block, which the HTP runs on its per-channel kernels) and give GPTQ 64 calibration windows.",
-        "",
-        "| step | row | WikiText-2 PPL | × FP32 | time | peak RSS |",
-        "|---|---|---:|---:|---:|---:|",
     ]
-    lines += _step_rows(rows, present)
-    return "\n".join(lines) + "\n"
+    return _step_section("## Massive activations (8-bit activations)", prose, rows, present)
 
 
 def ablation(results: dict[str, Any]) -> str:
@@ -467,20 +474,12 @@ def ablation(results: dict[str, Any]) -> str:
     present = [(label, name) for label, name in ABLATION if name in rows]
     if len(present) < 3:
         return ""
-    lines = [
-        "## Ablation (W4A8)",
-        "",
-        "| step | row | WikiText-2 PPL | × FP32 | time | peak RSS |",
-        "|---|---|---:|---:|---:|---:|",
-    ]
-    lines[1:1] = [
-        "",
+    prose = [
         "Each step changes one thing (min/max rows: 4-bit weights by per-channel min/max too; the learning",
         "rows start from the MSE row). Learning acts on the rotated MatMul inputs and the weights; the",
         "down_proj inputs, where W4A8 loses most (see the per-layer diff below), are neither rotated nor learned.",
     ]
-    lines += _step_rows(rows, present)
-    return "\n".join(lines) + "\n"
+    return _step_section("## Ablation (W4A8)", prose, rows, present)
 
 
 def pareto(results: dict[str, Any]) -> str:
