@@ -351,7 +351,7 @@ def quantize(
             prepared.structure,
             plan,
             encodings,
-            calib_windows.ids[: learn.samples],  # at most the windows there are
+            calib_windows.ids[: learn.samples],
             calib_windows.ids,
             config=learn,
             method=method,

@@ -71,7 +71,7 @@ def _insert_qdq(
 def _lpbq_scale(graph: ir.Graph, name: str, enc: Encoding) -> tuple[ir.Node, ir.Value]:
     """The LPBQ block scales as ``DequantizeLinear(uint8 block integers, per-channel float scale)``,
     the form the QNN EP fuses into one per-channel FullyConnected with LPBQ encodings."""
-    assert enc.channel_scale is not None and enc.spec.axis is not None
+    assert enc.channel_scale is not None
     ints = add_initializer(graph, f"{name}.block_ints", enc.block_ints)
     channel = add_initializer(graph, f"{name}.channel_scale", np.asarray(enc.channel_scale, dtype=np.float32))
     zero = add_initializer(graph, f"{name}.channel_zero_point", np.zeros(enc.channel_scale.shape, np.uint8))
@@ -83,7 +83,7 @@ def _lpbq_scale(graph: ir.Graph, name: str, enc: Encoding) -> tuple[ir.Node, ir.
     node = ir.node(
         "DequantizeLinear",
         [ints, channel, zero],
-        {"axis": 1 - enc.spec.axis % 2},
+        {"axis": enc.spec.channel_axis},
         outputs=[out],
         name=unique_name(graph, f"{name}/ScaleDQ"),
     )

@@ -102,6 +102,12 @@ class QuantSpec:
         return self.qtype.bits
 
     @property
+    def channel_axis(self) -> int:
+        """Blocked 2-D weights: the output-channel axis, the one the blocks do not run along."""
+        assert self.block_size and self.axis is not None
+        return 1 - self.axis % 2
+
+    @property
     def qmin(self) -> int:
         return -self.limit if self.limit is not None else self.qtype.qmin
 
@@ -148,10 +154,9 @@ class Encoding:
     @property
     def block_ints(self) -> np.ndarray:
         """LPBQ: the per-block integer scales (``scale / channel_scale``), shaped like ``scale``."""
-        assert self.channel_scale is not None and self.spec.axis is not None
-        channel_axis = 1 - self.spec.axis % 2  # 2-D weights: channels run along the other axis
+        assert self.channel_scale is not None
         shape = [1, 1]
-        shape[channel_axis] = -1
+        shape[self.spec.channel_axis] = -1
         ints = np.rint(np.asarray(self.scale, np.float64) / self.channel_scale.reshape(shape))
         return ints.astype(np.uint8)
 
@@ -215,10 +220,8 @@ class Encoding:
 
 def lpbq(spec: QuantSpec, block_ints: np.ndarray, channel_scale: np.ndarray) -> Encoding:
     """The LPBQ encoding ``scale = block_ints * channel_scale`` (in float32, as DequantizeLinear computes it)."""
-    assert spec.block_size and spec.axis is not None
-    channel_axis = 1 - spec.axis % 2
     shape = [1, 1]
-    shape[channel_axis] = -1
+    shape[spec.channel_axis] = -1
     cs = np.asarray(channel_scale, dtype=np.float32).reshape(-1)
     ints = np.asarray(block_ints).astype(np.uint8)
     scale = (ints.astype(np.float32) * cs.reshape(shape)).astype(np.float32)
