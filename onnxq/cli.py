@@ -154,6 +154,7 @@ def cmd_quantize(args: argparse.Namespace) -> int:
             online_hadamard=[w.strip() for w in args.online_hadamard.split(",") if w.strip()],
             split_outliers=args.split_outliers,
             weight_block=args.weight_block,
+            gptq_sweeps=args.gptq_sweeps,
             learn=learn,
             budget=args.budget,
             weight_budget=args.weight_budget,
@@ -245,9 +246,9 @@ def _weights_line(counts: dict[str, int], s: dict[str, Any]) -> str:
         return line + ", symmetric"
     line += f", {counts['weights int4']} int4"
     blocked = counts.get("weights int4 per block", 0)
-    if blocked:
-        return line + f" ({blocked} per block of {s.get('weight_block')} rows, LPBQ), symmetric"
-    return line + " per channel, symmetric"
+    line += f" ({blocked} per block of {s.get('weight_block')} rows, LPBQ)" if blocked else " per channel"
+    sweeps = s.get("gptq_sweeps")
+    return line + ", symmetric" + (f", GPTQ + {sweeps} refinement sweeps" if sweeps is not None else "")
 
 
 def _mixed_line(mixed: dict[str, Any] | None) -> str:
@@ -744,6 +745,13 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="N",
         help="4-bit weights: one scale per block of N input rows, in Qualcomm's LPBQ form (a power of "
         "two >= 16; 0: per output channel). Default: the model family's recipe",
+    )
+    p.add_argument(
+        "--gptq-sweeps",
+        type=int,
+        metavar="N",
+        help="GPTQ on 4-bit weights: N coordinate-descent sweeps after it, each re-rounding every input row "
+        "against the layer-output error the others leave (default 3; 0: plain GPTQ)",
     )
     p.add_argument("--seed", type=int, default=0, help="seed of the random sign flips / matrices (default 0)")
     p.add_argument("--precision-map", help="precision_map.json to apply (edited from a previous run)")

@@ -200,6 +200,7 @@ def quantize(
     online_hadamard: Sequence[str] = (),
     split_outliers: float | None = None,
     weight_block: int | None = None,
+    gptq_sweeps: int | None = None,
     seed: int = 0,
     learn: LearnConfig | None = None,
     budget: float | None = None,
@@ -231,6 +232,8 @@ def quantize(
     if encodings_version not in aimet.VERSIONS:
         raise OnnxqError(f"unknown encodings version {encodings_version!r}", f"use one of: {', '.join(aimet.VERSIONS)}")
     check_weight_block(weight_block)
+    if gptq_sweeps is not None and gptq_sweeps < 0:
+        raise OnnxqError(f"--gptq-sweeps {gptq_sweeps} is negative", "pass 0 (plain GPTQ) or more, e.g. 3")
     if is_kv_folder(model_path):
         unsupported = [
             f
@@ -260,6 +263,7 @@ def quantize(
             mask_value=mask_value,
             rotate=rotate,
             weight_block=weight_block,
+            gptq_sweeps=gptq_sweeps,
             seed=seed,
             tokenizer=tokenizer,
             encodings_version=encodings_version,
@@ -366,7 +370,7 @@ def quantize(
             hessians = gptq_inputs(model, plan)
             tick = progress("GPTQ inputs", len(calib_windows)) if progress else None
             observe(model, plan, calib_windows.ids, histogram=lambda _: False, hessians=hessians, progress=tick)
-        apply_gptq(model, plan, encodings, hessians)
+        apply_gptq(model, plan, encodings, hessians, sweeps=gptq_sweeps)
     emit_qdq(model, plan, encodings)
     model.metadata_props.update(
         {
@@ -394,6 +398,7 @@ def quantize(
         {"offline": rotate, "online": list(online_hadamard), "seed": seed},
     )
     summary["weight_block"] = recipe.weight_block
+    summary["gptq_sweeps"] = gptq_sweeps_used(gptq_sweeps) if use_gptq else None
     summary["learning"] = learned
     summary["mixed_precision"] = mixed
     files = write_quantized(
@@ -556,8 +561,26 @@ def gptq_inputs(model: ir.Model, plan: QuantPlan) -> dict[str, Any]:
     return inputs
 
 
-def apply_gptq(model: ir.Model, plan: QuantPlan, encodings: dict[str, Encoding], hessians: dict[str, Any]) -> int:
-    """Replace each planned weight by its GPTQ rounding (on its encoding's grid); returns how many."""
+def gptq_sweeps_used(sweeps: int | None) -> int:
+    """The refinement sweeps GPTQ runs on 4-bit weights (None: the default)."""
+    from calib.gptq import SWEEPS
+
+    return SWEEPS if sweeps is None else sweeps
+
+
+def apply_gptq(
+    model: ir.Model,
+    plan: QuantPlan,
+    encodings: dict[str, Encoding],
+    hessians: dict[str, Any],
+    *,
+    sweeps: int | None = None,
+) -> int:
+    """Replace each planned weight by its GPTQ rounding (on its encoding's grid); returns how many.
+
+    The coordinate-descent sweeps after GPTQ (``sweeps``, default :data:`calib.gptq.SWEEPS`) run on
+    4-bit weights only: at 8 bits rounding is already fine, and lm_head's 49k columns make them slow.
+    """
     from calib.gptq import gptq, supported
 
     done = 0
@@ -569,7 +592,8 @@ def apply_gptq(model: ir.Model, plan: QuantPlan, encodings: dict[str, Encoding],
         obs = hessians.get(node.inputs[0].name)
         if point is None or point.kind != "weight" or not supported(point.spec) or obs is None or obs.h is None:
             continue
-        values = gptq(weight.const_value.numpy(), encodings[point.name], obs.hessian())
+        polish = gptq_sweeps_used(sweeps) if point.spec.bits <= 4 else 0
+        values = gptq(weight.const_value.numpy(), encodings[point.name], obs.hessian(), sweeps=polish)
         weight.const_value = ir.tensor(values, name=weight.name)
         done += 1
     log.info("GPTQ rounded %d weights", done)

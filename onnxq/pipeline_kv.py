@@ -42,6 +42,7 @@ def quantize_kv(
     mask_value: float | None,
     rotate: str,
     weight_block: int | None,
+    gptq_sweeps: int | None,
     seed: int,
     tokenizer: str | None,
     encodings_version: str,
@@ -59,6 +60,7 @@ def quantize_kv(
         build_summary,
         check_encodings_version,
         gptq_inputs,
+        gptq_sweeps_used,
         prepare,
         with_block,
     )
@@ -115,7 +117,7 @@ def quantize_kv(
     encodings, stats = encode(prefill, plan, observers, method=method, weight_method=scale_method, rotated=rotated)
     t_cal = time.perf_counter() - t_cal
     if hessians is not None:
-        apply_gptq(prefill, plan, encodings, hessians)
+        apply_gptq(prefill, plan, encodings, hessians, sweeps=gptq_sweeps)
         decode_inits = prepared["decode"].model.graph.initializers
         for point in plan.weight_points():
             for name in point.consts:  # the same rounding in both graphs
@@ -141,6 +143,7 @@ def quantize_kv(
     summary["kv_cache"] = {"chunk": chunk, "context": shape.slots, "layers": shape.layers}
     summary["calibration"].update(window_tokens=length, steps=len(feeds))
     summary["weight_block"] = recipe.weight_block
+    summary["gptq_sweeps"] = gptq_sweeps_used(gptq_sweeps) if hessians is not None else None
     summary["learning"] = None
     summary["mixed_precision"] = None
     files = write_quantized(

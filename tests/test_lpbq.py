@@ -180,3 +180,39 @@ def test_run_time_rotations_keep_8bit_weights(tiny_model: Path, tmp_path: Path) 
 def test_old_aimet_format_is_refused_before_calibrating(tiny_model: Path, tmp_path: Path) -> None:
     with pytest.raises(OnnxqError, match="cannot hold per-block"):
         quantize(tiny_model, tmp_path / "q", preset="w4a8", calib="no-such-file.txt", encodings_version="0.6.1")
+
+
+def test_gptq_sweeps_change_only_the_4bit_rounding(
+    tiny_w4a8_lpbq: Path, tiny_model: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The default refinement sweeps re-round 4-bit weights; 8-bit weights (lm_head) are left as GPTQ gave them."""
+    from onnxq.cli import main
+
+    plain = quantize(
+        tiny_model,
+        tmp_path / "plain",
+        preset="w4a8",
+        calib="wikitext2-valid",
+        windows=4,
+        weight_block=BLOCK,
+        gptq_sweeps=0,
+    )
+    assert plain.summary["gptq_sweeps"] == 0
+    assert json.loads((tiny_w4a8_lpbq / "summary.json").read_text())["gptq_sweeps"] == 3
+
+    def weights(path: Path, dtype: ir.DataType) -> dict[str, np.ndarray]:
+        inits = ir.load(path).graph.initializers
+        return {n: v.const_value.numpy() for n, v in inits.items() if v.const_value.dtype == dtype}
+
+    swept_qdq, plain_qdq = tiny_w4a8_lpbq / "model.qdq.onnx", plain.output / "model.qdq.onnx"
+    swept, base = weights(swept_qdq, ir.DataType.INT4), weights(plain_qdq, ir.DataType.INT4)
+    assert swept and swept.keys() == base.keys()
+    assert sum(not np.array_equal(swept[n], base[n]) for n in swept) >= len(swept) // 2  # measured: all
+    eights, eights_base = weights(swept_qdq, ir.DataType.INT8), weights(plain_qdq, ir.DataType.INT8)
+    assert eights and all(np.array_equal(v, eights_base[n]) for n, v in eights.items())
+
+    with pytest.raises(OnnxqError, match="--gptq-sweeps -1 is negative"):
+        quantize(tiny_model, tmp_path / "bad", preset="w4a8", gptq_sweeps=-1)
+    code = main(["quantize", str(tiny_model), "-o", str(tmp_path / "c"), "--gptq-sweeps", "-1"])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and len(err.splitlines()) == 1 and "--gptq-sweeps" in err and "Traceback" not in err

@@ -49,8 +49,12 @@ ROWS: dict[str, tuple[str, str, dict[str, Any]]] = {
         {"weight_method": "mse", "learn": {"learn_rotation": False}, "weight_block": 0},
     ),
     "onnxq-w4a8-learn": ("onnxq", "w4a8", {"weight_method": "mse", "learn": {}, "weight_block": 0}),
-    "onnxq-w4a8-gptq": ("onnxq", "w4a8", {"weight_method": "gptq", "weight_block": 0}),
-    "onnxq-w4a8-learn-gptq": ("onnxq", "w4a8", {"weight_method": "gptq", "learn": {}, "weight_block": 0}),
+    "onnxq-w4a8-gptq": ("onnxq", "w4a8", {"weight_method": "gptq", "weight_block": 0, "gptq_sweeps": 0}),
+    "onnxq-w4a8-learn-gptq": (
+        "onnxq",
+        "w4a8",
+        {"weight_method": "gptq", "learn": {}, "weight_block": 0, "gptq_sweeps": 0},
+    ),
     "onnxq-w4a8-r3r4": ("onnxq", "w4a8", {"weight_method": "mse", "online_hadamard": ["r3", "r4"], "weight_block": 0}),
     "onnxq-w8a16-norot": ("onnxq", "w8a16", {"weight_method": "mse", "rotate": "none"}),
     "onnxq-w8a16": ("onnxq", "w8a16", {"weight_method": "mse"}),
@@ -79,29 +83,62 @@ ROWS: dict[str, tuple[str, str, dict[str, Any]]] = {
     "onnxq-w4a8-split-r4": (
         "onnxq",
         "w4a8",
-        {"weight_method": "gptq", "split_outliers": 16.0, "online_hadamard": ["r4"], "weight_block": 0},
+        {
+            "weight_method": "gptq",
+            "split_outliers": 16.0,
+            "online_hadamard": ["r4"],
+            "weight_block": 0,
+            "gptq_sweeps": 0,
+        },
     ),
     "onnxq-w4a8-split-r4-learn": (
         "onnxq",
         "w4a8",
-        {"weight_method": "gptq", "split_outliers": 16.0, "online_hadamard": ["r4"], "learn": {}, "weight_block": 0},
+        {
+            "weight_method": "gptq",
+            "split_outliers": 16.0,
+            "online_hadamard": ["r4"],
+            "learn": {},
+            "weight_block": 0,
+            "gptq_sweeps": 0,
+        },
     ),
     # 4-bit weights per block of input rows (LPBQ; the recipe's default is 16), then more
     # calibration windows for GPTQ's Hessians
     "onnxq-w4a8-split-r4-lpbq": (
         "onnxq",
         "w4a8",
-        {"weight_method": "gptq", "split_outliers": 16.0, "online_hadamard": ["r4"], "weight_block": 32},
+        {
+            "weight_method": "gptq",
+            "split_outliers": 16.0,
+            "online_hadamard": ["r4"],
+            "weight_block": 32,
+            "gptq_sweeps": 0,
+        },
     ),
     "onnxq-w4a8-split-r4-lpbq-w64": (
         "onnxq",
         "w4a8",
-        {"weight_method": "gptq", "split_outliers": 16.0, "online_hadamard": ["r4"], "weight_block": 32, "windows": 64},
+        {
+            "weight_method": "gptq",
+            "split_outliers": 16.0,
+            "online_hadamard": ["r4"],
+            "weight_block": 32,
+            "gptq_sweeps": 0,
+            "windows": 64,
+        },
     ),
     "onnxq-w4a8-split-r4-lpbq16-w64": (
         "onnxq",
         "w4a8",
-        {"weight_method": "gptq", "split_outliers": 16.0, "online_hadamard": ["r4"], "weight_block": 16, "windows": 64},
+        {
+            "weight_method": "gptq",
+            "split_outliers": 16.0,
+            "online_hadamard": ["r4"],
+            "weight_block": 16,
+            "gptq_sweeps": 0,
+            "windows": 64,
+        },
     ),
     "onnxq-w4a8-split-r4-lpbq16-w128": (
         "onnxq",
@@ -111,36 +148,67 @@ ROWS: dict[str, tuple[str, str, dict[str, Any]]] = {
             "split_outliers": 16.0,
             "online_hadamard": ["r4"],
             "weight_block": 16,
+            "gptq_sweeps": 0,
             "windows": 128,
+        },
+    ),
+    # GPTQ, then coordinate-descent sweeps over its rounding (the default since they landed)
+    "onnxq-w4a8-split-r4-lpbq16-w64-sweeps": (
+        "onnxq",
+        "w4a8",
+        {
+            "weight_method": "gptq",
+            "split_outliers": 16.0,
+            "online_hadamard": ["r4"],
+            "weight_block": 16,
+            "gptq_sweeps": 3,
+            "windows": 64,
         },
     ),
     "onnxq-w4a16-lpbq-w64": (
         "onnxq",
         "w4a16",
-        {"weight_method": "gptq", "online_hadamard": ["r4"], "weight_block": 32, "windows": 64},
+        {"weight_method": "gptq", "online_hadamard": ["r4"], "weight_block": 32, "gptq_sweeps": 0, "windows": 64},
+    ),
+    "onnxq-w4a16-lpbq16-w64-sweeps": (
+        "onnxq",
+        "w4a16",
+        {"weight_method": "gptq", "online_hadamard": ["r4"], "weight_block": 16, "gptq_sweeps": 3, "windows": 64},
     ),
     "onnxq-w8a8-mp05-fisher": ("onnxq", "w8a8", {"budget": 0.05}),
     "onnxq-w8a8-mp10-fisher": ("onnxq", "w8a8", {"budget": 0.1}),
     "onnxq-w8a8-mp20-fisher": ("onnxq", "w8a8", {"budget": 0.2}),
     "onnxq-w4a16-norot": ("onnxq", "w4a16", {"weight_method": "mse", "rotate": "none", "weight_block": 0}),
     "onnxq-w4a16": ("onnxq", "w4a16", {"weight_method": "mse", "weight_block": 0}),
-    "onnxq-w4a16-gptq": ("onnxq", "w4a16", {"weight_method": "gptq", "weight_block": 0}),
+    "onnxq-w4a16-gptq": ("onnxq", "w4a16", {"weight_method": "gptq", "weight_block": 0, "gptq_sweeps": 0}),
     # mixed precision (issue: Pareto of W4A8 against the share of 8-bit MatMul inputs promoted to 16 bits)
-    "onnxq-w4a8-mp05-fisher": ("onnxq", "w4a8", {"budget": 0.05, "weight_block": 0}),
-    "onnxq-w4a8-mp10-fisher": ("onnxq", "w4a8", {"budget": 0.1, "weight_block": 0}),
-    "onnxq-w4a8-mp20-fisher": ("onnxq", "w4a8", {"budget": 0.2, "weight_block": 0}),
-    "onnxq-w4a8-mp10-relative": ("onnxq", "w4a8", {"budget": 0.1, "selector": "relative", "weight_block": 0}),
-    "onnxq-w4a8-mp10-random": ("onnxq", "w4a8", {"budget": 0.1, "selector": "random", "weight_block": 0}),
-    "onnxq-w4a8-wb10-fisher": ("onnxq", "w4a8", {"weight_budget": 0.1, "budget_by": "macs", "weight_block": 0}),
+    "onnxq-w4a8-mp05-fisher": ("onnxq", "w4a8", {"budget": 0.05, "weight_block": 0, "gptq_sweeps": 0}),
+    "onnxq-w4a8-mp10-fisher": ("onnxq", "w4a8", {"budget": 0.1, "weight_block": 0, "gptq_sweeps": 0}),
+    "onnxq-w4a8-mp20-fisher": ("onnxq", "w4a8", {"budget": 0.2, "weight_block": 0, "gptq_sweeps": 0}),
+    "onnxq-w4a8-mp10-relative": (
+        "onnxq",
+        "w4a8",
+        {"budget": 0.1, "selector": "relative", "weight_block": 0, "gptq_sweeps": 0},
+    ),
+    "onnxq-w4a8-mp10-random": (
+        "onnxq",
+        "w4a8",
+        {"budget": 0.1, "selector": "random", "weight_block": 0, "gptq_sweeps": 0},
+    ),
+    "onnxq-w4a8-wb10-fisher": (
+        "onnxq",
+        "w4a8",
+        {"weight_budget": 0.1, "budget_by": "macs", "weight_block": 0, "gptq_sweeps": 0},
+    ),
     "onnxq-w4a8-wb10-relative": (
         "onnxq",
         "w4a8",
-        {"weight_budget": 0.1, "budget_by": "macs", "selector": "relative", "weight_block": 0},
+        {"weight_budget": 0.1, "budget_by": "macs", "selector": "relative", "weight_block": 0, "gptq_sweeps": 0},
     ),
     "onnxq-w4a8-wb10-random": (
         "onnxq",
         "w4a8",
-        {"weight_budget": 0.1, "budget_by": "macs", "selector": "random", "weight_block": 0},
+        {"weight_budget": 0.1, "budget_by": "macs", "selector": "random", "weight_block": 0, "gptq_sweeps": 0},
     ),
 }
 VALIDATE = ("onnxq-w8a16", "onnxq-w4a8-learn")  # 2 windows on the HTP emulator: ~15 min each
@@ -359,6 +427,8 @@ def _describe(row: dict[str, Any]) -> tuple[str, str]:
         method += f", outlier channels split (ratio {opts['split_outliers']:g})"
     if opts.get("weight_block"):
         method += f", W4 per block of {opts['weight_block']} (LPBQ)"
+    if opts.get("gptq_sweeps"):
+        method += f" + {opts['gptq_sweeps']} sweeps"
     if "windows" in opts:
         method += f", {opts['windows']} calibration windows"
     if "budget" in opts:
@@ -417,7 +487,12 @@ OUTLIERS = (
     ("+ outlier channels + R4, LPBQ, 64 calibration windows", "onnxq-w4a8-split-r4-lpbq-w64"),
     ("+ outlier channels + R4, LPBQ blocks of 16, 64 calibration windows", "onnxq-w4a8-split-r4-lpbq16-w64"),
     ("+ outlier channels + R4, LPBQ blocks of 16, 128 calibration windows", "onnxq-w4a8-split-r4-lpbq16-w128"),
+    (
+        "+ outlier channels + R4, LPBQ blocks of 16, 64 windows, GPTQ + 3 sweeps",
+        "onnxq-w4a8-split-r4-lpbq16-w64-sweeps",
+    ),
     ("W4A16, R4, LPBQ, 64 calibration windows (the weights' share)", "onnxq-w4a16-lpbq-w64"),
+    ("W4A16, R4, LPBQ blocks of 16, 64 windows, GPTQ + 3 sweeps (the weights' share)", "onnxq-w4a16-lpbq16-w64-sweeps"),
 )
 
 
