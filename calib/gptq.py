@@ -53,7 +53,11 @@ def supported(spec: QuantSpec) -> bool:
 def gptq(
     weight: np.ndarray, encoding: Encoding, hessian: torch.Tensor, *, act_order: bool = True, sweeps: int | None = None
 ) -> np.ndarray:
-    """GPTQ-rounded weight ``[in, out]`` (values on ``encoding``'s grid, as float32)."""
+    """GPTQ-rounded weight ``[in, out]`` (values on ``encoding``'s grid, as float32).
+
+    ``sweeps``: coordinate-descent passes of :func:`refine` afterwards (None: :data:`SWEEPS`, at any
+    width; the pipeline gives 8-bit weights none).
+    """
     spec = encoding.spec
     assert supported(spec), "GPTQ here quantizes [in, out] weights per output channel or per input block"
     w = torch.as_tensor(weight, dtype=torch.float64).clone()
@@ -105,8 +109,9 @@ def refine(
 
     GPTQ only pushes each row's error onto *later* rows, so its result is not a minimum in any single
     row; re-rounding every row against the others' current error can only lower the (undamped)
-    objective. ``g = H (Q - W)`` is kept up to date lazily, as GPTQ does: within a block of rows only
-    the block's own rows, then the whole of ``g`` in one matrix product (memory-bound otherwise).
+    objective on the calibration inputs (on new inputs too, given enough tokens per input channel).
+    ``g = H (Q - W)`` is kept up to date lazily, as GPTQ does: within a block of rows only the
+    block's own rows, then the whole of ``g`` in one matrix product (memory-bound otherwise).
     """
     if sweeps <= 0:
         return q

@@ -248,7 +248,8 @@ def _weights_line(counts: dict[str, int], s: dict[str, Any]) -> str:
     blocked = counts.get("weights int4 per block", 0)
     line += f" ({blocked} per block of {s.get('weight_block')} rows, LPBQ)" if blocked else " per channel"
     sweeps = s.get("gptq_sweeps")
-    return line + ", symmetric" + (f", GPTQ + {sweeps} refinement sweeps" if sweeps is not None else "")
+    rounding = "" if sweeps is None else ", GPTQ" + (f" + {sweeps} refinement sweeps" if sweeps else "")
+    return line + ", symmetric" + rounding
 
 
 def _mixed_line(mixed: dict[str, Any] | None) -> str:

@@ -398,7 +398,7 @@ def quantize(
         {"offline": rotate, "online": list(online_hadamard), "seed": seed},
     )
     summary["weight_block"] = recipe.weight_block
-    summary["gptq_sweeps"] = gptq_sweeps_used(gptq_sweeps) if use_gptq else None
+    summary["gptq_sweeps"] = gptq_sweeps_used(gptq_sweeps) if use_gptq and has_4bit_weights(plan) else None
     summary["learning"] = learned
     summary["mixed_precision"] = mixed
     files = write_quantized(
@@ -561,6 +561,14 @@ def gptq_inputs(model: ir.Model, plan: QuantPlan) -> dict[str, Any]:
     return inputs
 
 
+#: calibration tokens per input channel below which GPTQ's refinement sweeps are skipped
+SWEEP_TOKENS_PER_INPUT = 2
+
+
+def has_4bit_weights(plan: QuantPlan) -> bool:
+    return any(p.spec.bits <= 4 for p in plan.weight_points())
+
+
 def gptq_sweeps_used(sweeps: int | None) -> int:
     """The refinement sweeps GPTQ runs on 4-bit weights (None: the default)."""
     from calib.gptq import SWEEPS
@@ -580,6 +588,9 @@ def apply_gptq(
 
     The coordinate-descent sweeps after GPTQ (``sweeps``, default :data:`calib.gptq.SWEEPS`) run on
     4-bit weights only: at 8 bits rounding is already fine, and lm_head's 49k columns make them slow.
+    They minimise the error on the calibration inputs exactly, so with fewer than
+    :data:`SWEEP_TOKENS_PER_INPUT` tokens per input channel they are skipped: on synthetic layers
+    they then raise the error on new inputs (0.75 tokens per input: +2 %; 2: -2 %; 16: -6 %).
     """
     from calib.gptq import gptq, supported
 
@@ -593,6 +604,8 @@ def apply_gptq(
         if point is None or point.kind != "weight" or not supported(point.spec) or obs is None or obs.h is None:
             continue
         polish = gptq_sweeps_used(sweeps) if point.spec.bits <= 4 else 0
+        if obs.n < SWEEP_TOKENS_PER_INPUT * obs.h.shape[0]:  # too few tokens: the sweeps would fit noise
+            polish = 0
         values = gptq(weight.const_value.numpy(), encodings[point.name], obs.hessian(), sweeps=polish)
         weight.const_value = ir.tensor(values, name=weight.name)
         done += 1

@@ -61,6 +61,7 @@ def quantize_kv(
         check_encodings_version,
         gptq_inputs,
         gptq_sweeps_used,
+        has_4bit_weights,
         prepare,
         with_block,
     )
@@ -143,7 +144,7 @@ def quantize_kv(
     summary["kv_cache"] = {"chunk": chunk, "context": shape.slots, "layers": shape.layers}
     summary["calibration"].update(window_tokens=length, steps=len(feeds))
     summary["weight_block"] = recipe.weight_block
-    summary["gptq_sweeps"] = gptq_sweeps_used(gptq_sweeps) if hessians is not None else None
+    summary["gptq_sweeps"] = gptq_sweeps_used(gptq_sweeps) if hessians is not None and has_4bit_weights(plan) else None
     summary["learning"] = None
     summary["mixed_precision"] = None
     files = write_quantized(

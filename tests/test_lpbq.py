@@ -211,6 +211,23 @@ def test_gptq_sweeps_change_only_the_4bit_rounding(
     eights, eights_base = weights(swept_qdq, ir.DataType.INT8), weights(plain_qdq, ir.DataType.INT8)
     assert eights and all(np.array_equal(v, eights_base[n]) for n, v in eights.items())
 
+    # one window (64 tokens) is under 2 tokens per input channel: the sweeps would fit noise, so none run
+    thin = [
+        quantize(
+            tiny_model,
+            tmp_path / f"thin{n}",
+            preset="w4a8",
+            calib="wikitext2-valid",
+            windows=1,
+            weight_block=BLOCK,
+            gptq_sweeps=n,
+        ).output
+        / "model.qdq.onnx"
+        for n in (0, 3)
+    ]
+    a, b = weights(thin[0], ir.DataType.INT4), weights(thin[1], ir.DataType.INT4)
+    assert a and all(np.array_equal(v, b[n]) for n, v in a.items())
+
     with pytest.raises(OnnxqError, match="--gptq-sweeps -1 is negative"):
         quantize(tiny_model, tmp_path / "bad", preset="w4a8", gptq_sweeps=-1)
     code = main(["quantize", str(tiny_model), "-o", str(tmp_path / "c"), "--gptq-sweeps", "-1"])
