@@ -27,6 +27,8 @@ RESULTS = ROOT / "tools" / "results" / "bench.json"
 TABLE = ROOT / "BENCHMARKS.md"
 
 #: row name -> (tool, preset, extra quantize options); ``learn`` holds LearnConfig fields
+#: the options of the rows that split outlier channels, add R4 and round weights with GPTQ
+SPLIT_R4_GPTQ: dict[str, Any] = {"weight_method": "gptq", "split_outliers": 16.0, "online_hadamard": ["r4"]}
 ROWS: dict[str, tuple[str, str, dict[str, Any]]] = {
     "fp32": ("float", "", {}),
     "ort-w8a16": ("ort", "w8a16", {}),
@@ -73,7 +75,7 @@ ROWS: dict[str, tuple[str, str, dict[str, Any]]] = {
     "onnxq-w8a8-split-r4-gptq": (
         "onnxq",
         "w8a8",
-        {"weight_method": "gptq", "split_outliers": 16.0, "online_hadamard": ["r4"]},
+        dict(SPLIT_R4_GPTQ),
     ),
     "onnxq-w8a8-split-r4-learn": (
         "onnxq",
@@ -83,87 +85,40 @@ ROWS: dict[str, tuple[str, str, dict[str, Any]]] = {
     "onnxq-w4a8-split-r4": (
         "onnxq",
         "w4a8",
-        {
-            "weight_method": "gptq",
-            "split_outliers": 16.0,
-            "online_hadamard": ["r4"],
-            "weight_block": 0,
-            "gptq_sweeps": 0,
-        },
+        {**SPLIT_R4_GPTQ, "weight_block": 0, "gptq_sweeps": 0},
     ),
     "onnxq-w4a8-split-r4-learn": (
         "onnxq",
         "w4a8",
-        {
-            "weight_method": "gptq",
-            "split_outliers": 16.0,
-            "online_hadamard": ["r4"],
-            "learn": {},
-            "weight_block": 0,
-            "gptq_sweeps": 0,
-        },
+        {**SPLIT_R4_GPTQ, "learn": {}, "weight_block": 0, "gptq_sweeps": 0},
     ),
     # 4-bit weights per block of input rows (LPBQ; the recipe's default is 16), then more
     # calibration windows for GPTQ's Hessians
     "onnxq-w4a8-split-r4-lpbq": (
         "onnxq",
         "w4a8",
-        {
-            "weight_method": "gptq",
-            "split_outliers": 16.0,
-            "online_hadamard": ["r4"],
-            "weight_block": 32,
-            "gptq_sweeps": 0,
-        },
+        {**SPLIT_R4_GPTQ, "weight_block": 32, "gptq_sweeps": 0},
     ),
     "onnxq-w4a8-split-r4-lpbq-w64": (
         "onnxq",
         "w4a8",
-        {
-            "weight_method": "gptq",
-            "split_outliers": 16.0,
-            "online_hadamard": ["r4"],
-            "weight_block": 32,
-            "gptq_sweeps": 0,
-            "windows": 64,
-        },
+        {**SPLIT_R4_GPTQ, "weight_block": 32, "gptq_sweeps": 0, "windows": 64},
     ),
     "onnxq-w4a8-split-r4-lpbq16-w64": (
         "onnxq",
         "w4a8",
-        {
-            "weight_method": "gptq",
-            "split_outliers": 16.0,
-            "online_hadamard": ["r4"],
-            "weight_block": 16,
-            "gptq_sweeps": 0,
-            "windows": 64,
-        },
+        {**SPLIT_R4_GPTQ, "weight_block": 16, "gptq_sweeps": 0, "windows": 64},
     ),
     "onnxq-w4a8-split-r4-lpbq16-w128": (
         "onnxq",
         "w4a8",
-        {
-            "weight_method": "gptq",
-            "split_outliers": 16.0,
-            "online_hadamard": ["r4"],
-            "weight_block": 16,
-            "gptq_sweeps": 0,
-            "windows": 128,
-        },
+        {**SPLIT_R4_GPTQ, "weight_block": 16, "gptq_sweeps": 0, "windows": 128},
     ),
     # GPTQ, then coordinate-descent sweeps over its rounding (the default since they landed)
     "onnxq-w4a8-split-r4-lpbq16-w64-sweeps": (
         "onnxq",
         "w4a8",
-        {
-            "weight_method": "gptq",
-            "split_outliers": 16.0,
-            "online_hadamard": ["r4"],
-            "weight_block": 16,
-            "gptq_sweeps": 3,
-            "windows": 64,
-        },
+        {**SPLIT_R4_GPTQ, "weight_block": 16, "gptq_sweeps": 3, "windows": 64},
     ),
     "onnxq-w4a16-lpbq-w64": (
         "onnxq",
