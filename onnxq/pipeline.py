@@ -365,12 +365,13 @@ def quantize(
         )
         encodings = result.encodings
         learned = {"config": asdict(learn), "seconds": round(result.seconds, 1), "layers": result.history}
+    swept: int | None = None
     if use_gptq:
         if hessians is None:
             hessians = gptq_inputs(model, plan)
             tick = progress("GPTQ inputs", len(calib_windows)) if progress else None
             observe(model, plan, calib_windows.ids, histogram=lambda _: False, hessians=hessians, progress=tick)
-        apply_gptq(model, plan, encodings, hessians, sweeps=gptq_sweeps)
+        swept = apply_gptq(model, plan, encodings, hessians, sweeps=gptq_sweeps)
     emit_qdq(model, plan, encodings)
     model.metadata_props.update(
         {
@@ -398,7 +399,7 @@ def quantize(
         {"offline": rotate, "online": list(online_hadamard), "seed": seed},
     )
     summary["weight_block"] = recipe.weight_block
-    summary["gptq_sweeps"] = gptq_sweeps_used(gptq_sweeps) if use_gptq and has_4bit_weights(plan) else None
+    summary["gptq_sweeps"] = swept
     summary["learning"] = learned
     summary["mixed_precision"] = mixed
     files = write_quantized(
@@ -565,17 +566,6 @@ def gptq_inputs(model: ir.Model, plan: QuantPlan) -> dict[str, Any]:
 SWEEP_TOKENS_PER_INPUT = 2
 
 
-def has_4bit_weights(plan: QuantPlan) -> bool:
-    return any(p.spec.bits <= 4 for p in plan.weight_points())
-
-
-def gptq_sweeps_used(sweeps: int | None) -> int:
-    """The refinement sweeps GPTQ runs on 4-bit weights (None: the default)."""
-    from calib.gptq import SWEEPS
-
-    return SWEEPS if sweeps is None else sweeps
-
-
 def apply_gptq(
     model: ir.Model,
     plan: QuantPlan,
@@ -583,8 +573,11 @@ def apply_gptq(
     hessians: dict[str, Any],
     *,
     sweeps: int | None = None,
-) -> int:
-    """Replace each planned weight by its GPTQ rounding (on its encoding's grid); returns how many.
+) -> int | None:
+    """Replace each planned weight by its GPTQ rounding (on its encoding's grid).
+
+    Returns the refinement sweeps run on the 4-bit weights (the most any got; None: no 4-bit weight),
+    which is what summary.json reports.
 
     The coordinate-descent sweeps after GPTQ (``sweeps``, default :data:`calib.gptq.SWEEPS`) run on
     4-bit weights only: at 8 bits rounding is already fine, and lm_head's 49k columns make them slow.
@@ -592,9 +585,10 @@ def apply_gptq(
     :data:`SWEEP_TOKENS_PER_INPUT` tokens per input channel they are skipped: on synthetic layers
     they then raise the error on new inputs (0.75 tokens per input: +2 %; 2: -2 %; 16: -6 %).
     """
-    from calib.gptq import gptq, supported
+    from calib.gptq import SWEEPS, gptq, supported
 
     done = 0
+    swept: int | None = None
     for node in model.graph:
         if node.op_type != "MatMul" or node.metadata_props.get("onnxq.online_rotation"):
             continue
@@ -603,11 +597,13 @@ def apply_gptq(
         obs = hessians.get(node.inputs[0].name)
         if point is None or point.kind != "weight" or not supported(point.spec) or obs is None or obs.h is None:
             continue
-        polish = gptq_sweeps_used(sweeps) if point.spec.bits <= 4 else 0
-        if obs.n < SWEEP_TOKENS_PER_INPUT * obs.h.shape[0]:  # too few tokens: the sweeps would fit noise
-            polish = 0
+        polish = 0
+        if point.spec.bits <= 4:
+            enough = obs.n >= SWEEP_TOKENS_PER_INPUT * obs.h.shape[0]  # else the sweeps would fit noise
+            polish = (SWEEPS if sweeps is None else sweeps) if enough else 0
+            swept = max(swept or 0, polish)
         values = gptq(weight.const_value.numpy(), encodings[point.name], obs.hessian(), sweeps=polish)
         weight.const_value = ir.tensor(values, name=weight.name)
         done += 1
-    log.info("GPTQ rounded %d weights", done)
-    return done
+    log.info("GPTQ rounded %d weights (refinement sweeps on 4-bit weights: %s)", done, swept)
+    return swept

@@ -60,8 +60,6 @@ def quantize_kv(
         build_summary,
         check_encodings_version,
         gptq_inputs,
-        gptq_sweeps_used,
-        has_4bit_weights,
         prepare,
         with_block,
     )
@@ -117,8 +115,9 @@ def quantize_kv(
     scale_method = "mse" if weight_method == "gptq" else weight_method
     encodings, stats = encode(prefill, plan, observers, method=method, weight_method=scale_method, rotated=rotated)
     t_cal = time.perf_counter() - t_cal
+    swept: int | None = None
     if hessians is not None:
-        apply_gptq(prefill, plan, encodings, hessians, sweeps=gptq_sweeps)
+        swept = apply_gptq(prefill, plan, encodings, hessians, sweeps=gptq_sweeps)
         decode_inits = prepared["decode"].model.graph.initializers
         for point in plan.weight_points():
             for name in point.consts:  # the same rounding in both graphs
@@ -144,7 +143,7 @@ def quantize_kv(
     summary["kv_cache"] = {"chunk": chunk, "context": shape.slots, "layers": shape.layers}
     summary["calibration"].update(window_tokens=length, steps=len(feeds))
     summary["weight_block"] = recipe.weight_block
-    summary["gptq_sweeps"] = gptq_sweeps_used(gptq_sweeps) if hessians is not None and has_4bit_weights(plan) else None
+    summary["gptq_sweeps"] = swept
     summary["learning"] = None
     summary["mixed_precision"] = None
     files = write_quantized(
