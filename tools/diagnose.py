@@ -3,10 +3,10 @@ each 8-bit activation role of the best W4A8 model costs, and the memory of calib
 length.
 
 Runs after ``tools/bench.py`` (it reads the bench's work folder: the exported SmolLM2 graph, the
-token windows and the ``onnxq-w4a8`` / ``onnxq-w4a8-norot`` outputs) and writes
+token windows and the ``onnxq-w4a8`` / ``onnxq-w4a8-norot`` / :data:`ROLES_ROW` outputs) and writes
 ``tools/results/diagnostics.json``; ``BENCHMARKS.md`` is regenerated with a section from it.
 
-    python tools/diagnose.py                  # diff (1 window) + calibration RSS at 16 and 128 windows
+    python tools/diagnose.py                  # diff (1 window), activation roles (40 windows), calibration RSS
     python tools/diagnose.py --skip-rss       # only the diff and the activation roles
 """
 
