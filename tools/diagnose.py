@@ -89,13 +89,12 @@ def act_roles(folder: Path, ids: np.ndarray, scratch: Path) -> dict[str, Any]:
     qdq = onnx.load(folder / "model.qdq.onnx")
     points = json.loads((folder / "precision_map.json").read_text(encoding="utf-8"))["points"]
     scratch.mkdir(parents=True, exist_ok=True)
+    path = scratch / "widened.onnx"
+    groups = [("none", set()), *((" + ".join(sorted(g)), set(g)) for g in ROLE_GROUPS), ("all", None)]
     rows = []
-    for group in (None, *(set(g) for g in ROLE_GROUPS), "all"):
-        roles = set() if group is None else None if group == "all" else group
+    for label, roles in groups:
         model, changed = widen(qdq, points, roles)
-        path = scratch / "widened.onnx"
         onnx.save(model, path)
-        label = "none" if group is None else "all" if group == "all" else " + ".join(sorted(group))
         rows.append({"widened": label, "points": changed, "ppl": perplexity(path, ids).ppl})
         print(rows[-1], flush=True)
     path.unlink()
