@@ -190,6 +190,7 @@ def cmd_quantize(args: argparse.Namespace) -> int:
                 f"{counts['int8 activations']} int8, {counts['converts']} converts",
             ),
             ("weights", _weights_line(counts, s)),
+            ("MatMul work", ", ".join(f"{k} {v:g} %" for k, v in s.get("macs", {}).items()) or "not measured"),
             (
                 "calibration",
                 f"{s['calibration']['data']}, {s['calibration']['windows']} windows x "
@@ -738,7 +739,8 @@ def build_parser() -> argparse.ArgumentParser:
         type=float,
         metavar="RATIO",
         help="8-bit presets: carry the down_proj input channels whose peak exceeds RATIO x the median "
-        "channel's (at most 8 per layer) in a 16-bit side MatMul; e.g. 16",
+        "channel's (at most 8 per layer) in a 16-bit side MatMul (default: the model family's recipe, "
+        "16 for Llama-family models; 0: no split)",
     )
     p.add_argument(
         "--weight-block",

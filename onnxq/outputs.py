@@ -9,21 +9,26 @@ peak memory of the whole run.
 from __future__ import annotations
 
 import json
+import logging
 import shutil
 import time
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+import onnx
 import onnx_ir as ir
 
 from onnxq import aimet
 from onnxq import ir as oir
 from onnxq.files import SIDE_FILES, atomic_dir
+from onnxq.macs import mac_widths
 from onnxq.metrics import peak_rss_mb
 from onnxq.plan import QuantPlan
 from onnxq.qtypes import Encoding
 from onnxq.split import split
+
+log = logging.getLogger(__name__)
 
 
 def encodings_json(plan: QuantPlan, encodings: Mapping[str, Encoding]) -> dict[str, Any]:
@@ -54,7 +59,8 @@ def write_quantized(
     """Write ``graphs`` (file name -> QDQ model) and their side files into ``output``; returns the files.
 
     The AIMET encodings are taken from the first graph (``<stem>.encodings``): the graphs of one
-    run share their quantizers. ``summary`` gains ``files``, ``seconds`` and ``peak_rss_mb``.
+    run share their quantizers. ``summary`` gains ``macs`` (the share of MatMul multiply-adds per
+    pair of operand widths, :func:`~onnxq.macs.mac_widths`), ``files``, ``seconds`` and ``peak_rss_mb``.
     """
     first_name, first = next(iter(graphs.items()))
     with atomic_dir(output, overwrite=overwrite) as tmp:
@@ -64,6 +70,10 @@ def write_quantized(
         stem = first_name.removesuffix(".onnx").removesuffix(".qdq")
         aimet.write_tensors(parts.activations, parts.params, tmp / f"{stem}.encodings", encodings_version)
         del parts
+        try:  # where the MatMul work runs, by operand widths (the first graph's)
+            summary["macs"] = mac_widths(onnx.load(tmp / first_name))
+        except ValueError as exc:
+            log.warning("MAC shares not computed: %s", exc)
         (tmp / "precision_map.json").write_text(json.dumps(plan.precision_map(), indent=1) + "\n", encoding="utf-8")
         enc = encodings_json(plan, encodings)
         (tmp / "encodings.json").write_text(json.dumps(enc, indent=1) + "\n", encoding="utf-8")

@@ -278,9 +278,16 @@ def quantize(
             f"{model_path} is one graph of a KV-cache pair",
             f"quantize the folder holding prefill.onnx and decode.onnx: onnxq quantize {model_path.parent}",
         )
-    if split_outliers is not None and split_outliers <= 1:
-        raise OnnxqError(f"--split-outliers {split_outliers} is not above 1", "pass a ratio such as 16")
-    splitting = split_outliers is not None and chosen.act_bits < 16  # 16-bit inputs have the range already
+    recipe = with_block(recipes.for_model_type(float_model.metadata_props.get("onnxq.model_type")), weight_block)
+    if chosen.weight_bits == 4 and recipe.weight_block:  # before any data is read (outliers, calibration)
+        check_encodings_version(encodings_version, blocked=True)
+    if split_outliers is None:  # the family's default (Llama: 16); 16-bit inputs have the range already
+        split_outliers = recipe.split_outliers
+    if split_outliers < 0 or 0 < split_outliers <= 1:
+        raise OnnxqError(
+            f"--split-outliers {split_outliers:g} is not above 1", "pass a ratio such as 16, or 0 for no split"
+        )
+    splitting = split_outliers > 0 and chosen.act_bits < 16
     prepared = prepare(
         float_model,
         seq_len=seq_len,
@@ -290,13 +297,12 @@ def quantize(
         seed=seed,
         where=str(model_path),
         outliers=outlier_chooser(lambda: tokenizer_for(model_path, tokenizer), calib, split_outliers)
-        if splitting and split_outliers
+        if splitting
         else None,
     )
     model = prepared.model
-    recipe = with_block(recipes.for_model_type(model.metadata_props.get("onnxq.model_type")), weight_block)
     plan = build_plan(model, chosen, recipe, prepared.roles, prepared.structure, overrides)
-    check_encodings_version(plan, encodings_version)
+    check_encodings_version(encodings_version, blocked=any(p.spec.block_size for p in plan.weight_points()))
     if weight_method == "auto":  # GPTQ halves W4A8 perplexity on SmolLM2 (117 -> 61); at 8 bits RTN suffices
         weight_method = "gptq" if chosen.weight_bits == 4 else "mse"
     use_gptq = weight_method == "gptq"
@@ -533,9 +539,9 @@ def check_weight_block(block: int | None) -> None:
         )
 
 
-def check_encodings_version(plan: QuantPlan, version: str) -> None:
-    """Before calibrating: AIMET's 0.6.1 format has no way to write per-block weights."""
-    if version == "0.6.1" and any(p.spec.block_size for p in plan.weight_points()):
+def check_encodings_version(version: str, *, blocked: bool) -> None:
+    """Before calibrating: AIMET's 0.6.1 format has no way to write per-block (``blocked``) weights."""
+    if version == "0.6.1" and blocked:
         raise OnnxqError(
             "AIMET's 0.6.1 encodings cannot hold per-block (LPBQ) weights",
             "use --encodings-version 1.0.0, or --weight-block 0 for per-channel 4-bit weights",

@@ -22,6 +22,7 @@ class Recipe:
     lm_head_weight_bits: int = 8
     kv_cache_bits: int = 8
     weight_block: int = 0  # 4-bit weights per block of this many input rows (LPBQ); 0: per channel
+    split_outliers: float = 0.0  # 8-bit presets: ratio for the 16-bit outlier side path; 0: off
     expected: dict[str, dict[str, float]] = field(default_factory=dict)
 
 
@@ -53,6 +54,7 @@ def _parse(path: Path) -> Recipe:
         lm_head_weight_bits=int(precision.get("lm_head_weight_bits", 8)),
         kv_cache_bits=int(precision.get("kv_cache_bits", 8)),
         weight_block=int(precision.get("weight_block", 0)),
+        split_outliers=float(precision.get("split_outliers", 0.0)),
         expected={k: dict(v) for k, v in data.get("expected", {}).items()},
     )
 

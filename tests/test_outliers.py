@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -54,8 +55,6 @@ def test_channels_are_chosen_by_peak_over_the_median() -> None:
 
 
 def test_split_finds_the_massive_channel_and_keeps_it_at_16_bits(split_w8a8: Path) -> None:
-    import json
-
     summary = json.loads((split_w8a8 / "summary.json").read_text())
     assert any(f"layer 0: {MASSIVE}" in note for note in summary["notes"])
     points = json.loads((split_w8a8 / "precision_map.json").read_text())["points"]
@@ -66,7 +65,8 @@ def test_split_finds_the_massive_channel_and_keeps_it_at_16_bits(split_w8a8: Pat
 
 def test_split_cuts_the_w8a8_error(massive_model: Path, split_w8a8: Path, tmp_path: Path, eval_ids: np.ndarray) -> None:
     plain = tmp_path / "plain"
-    quantize(massive_model, plain, preset="w8a8", calib="wikitext2-valid", windows=4)
+    quantize(massive_model, plain, preset="w8a8", calib="wikitext2-valid", windows=4, split_outliers=0.0)
+    assert not any("side path" in note for note in json.loads((plain / "summary.json").read_text())["notes"])
 
     def logits(path: Path) -> np.ndarray:
         session = cpu_session(path)
@@ -79,6 +79,13 @@ def test_split_cuts_the_w8a8_error(massive_model: Path, split_w8a8: Path, tmp_pa
         return float(np.linalg.norm(got - want) / np.linalg.norm(want))
 
     assert rel_error(split_w8a8) < 0.5 * rel_error(plain)  # measured 0.145 vs 0.408
+
+
+def test_split_is_the_a8_default_of_the_llama_recipe(massive_model: Path, split_w8a8: Path, tmp_path: Path) -> None:
+    """Without --split-outliers, an 8-bit preset splits at the recipe's ratio (16): the same bytes."""
+    out = tmp_path / "default"
+    quantize(massive_model, out, preset="w8a8", calib="wikitext2-valid", windows=4)
+    assert (out / "model.qdq.onnx").read_bytes() == (split_w8a8 / "model.qdq.onnx").read_bytes()
 
 
 def test_split_model_runs_whole_on_the_htp(split_w8a8: Path, eval_ids: np.ndarray) -> None:
@@ -109,5 +116,6 @@ def test_split_with_r4_runs_whole_on_the_htp(massive_model: Path, tmp_path: Path
 
 
 def test_split_ratio_must_exceed_one(tiny_model: Path, tmp_path: Path) -> None:
-    with pytest.raises(OnnxqError, match="not above 1"):
-        quantize(tiny_model, tmp_path / "q", preset="w8a8", split_outliers=0.5)
+    for ratio in (0.5, -1.0):
+        with pytest.raises(OnnxqError, match="not above 1"):
+            quantize(tiny_model, tmp_path / "q", preset="w8a8", split_outliers=ratio)
