@@ -6,6 +6,7 @@ import hashlib
 import json
 from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import onnx_ir as ir
@@ -23,6 +24,16 @@ from onnxq.qdq import emit_qdq
 from onnxq.qnn import cpu_session, validate
 
 CONFIG = LearnConfig(steps=30, samples=8, seed=0)
+#: the learned W4A8 run of these tests, repeated for determinism and resume: per-channel weights and
+#: no outlier split, as the checkpoint that test_same_seed_same_bytes_and_resume builds by hand
+LEARNED: dict[str, Any] = {
+    "preset": "w4a8",
+    "calib": "wikitext2-valid",
+    "windows": 16,
+    "learn": CONFIG,
+    "weight_block": 0,
+    "split_outliers": 0.0,
+}
 
 
 @pytest.fixture(scope="module")
@@ -36,18 +47,8 @@ def ppl_windows(tiny_dir: Path) -> np.ndarray:
 def learned_w4a8(tiny_model: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = tmp_path_factory.mktemp("learn") / "w4a8"
     # per-channel weights, as measured below (with LPBQ blocks the weights leave less to learn:
-    # -4 % instead of -10 %; test_written_back_model_equals_the_mirror covers learning with blocks);
-    # no outlier split, as the checkpoint that test_same_seed_same_bytes_and_resume builds by hand
-    quantize(
-        tiny_model,
-        out,
-        preset="w4a8",
-        calib="wikitext2-valid",
-        windows=16,
-        learn=CONFIG,
-        weight_block=0,
-        split_outliers=0.0,
-    )
+    # -4 % instead of -10 %; test_written_back_model_equals_the_mirror covers learning with blocks)
+    quantize(tiny_model, out, **LEARNED)
     return out
 
 
@@ -98,16 +99,7 @@ def test_learned_model_runs_on_the_htp(learned_w4a8: Path, ppl_windows: np.ndarr
 
 def test_same_seed_same_bytes_and_resume(tiny_model: Path, learned_w4a8: Path, tmp_path: Path) -> None:
     again = tmp_path / "again"
-    quantize(
-        tiny_model,
-        again,
-        preset="w4a8",
-        calib="wikitext2-valid",
-        windows=16,
-        learn=CONFIG,
-        weight_block=0,
-        split_outliers=0.0,
-    )
+    quantize(tiny_model, again, **LEARNED)
     digest = lambda p: hashlib.sha256((p / "model.qdq.onnx").read_bytes()).hexdigest()  # noqa: E731
     assert digest(again) == digest(learned_w4a8)
     # an interrupted run leaves a checkpoint; a new run with the same settings resumes from it
@@ -123,15 +115,6 @@ def test_same_seed_same_bytes_and_resume(tiny_model: Path, learned_w4a8: Path, t
     enc, _ = calibrate(prep.model, plan, cw)
     learn(prep.model, prep.structure, plan, enc, cw[:8], cw, config=CONFIG, checkpoint=ckpt)
     assert torch.load(ckpt, weights_only=False)["layers_done"] == 2
-    quantize(
-        tiny_model,
-        resumed,
-        preset="w4a8",
-        calib="wikitext2-valid",
-        windows=16,
-        learn=CONFIG,
-        weight_block=0,
-        split_outliers=0.0,
-    )
+    quantize(tiny_model, resumed, **LEARNED)
     assert digest(resumed) == digest(learned_w4a8)
     assert not ckpt.parent.exists()  # removed once the output is written
