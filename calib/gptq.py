@@ -72,7 +72,9 @@ def gptq(
     w[dead, :] = 0.0
     exact = h.clone()
     order = torch.argsort(torch.diag(h), descending=True) if act_order else torch.arange(h.shape[0])
-    w, h, scale = w[order], h[order][:, order], scale[order]
+    # per channel every row has the same scales: leave that view unpermuted (lm_head: 49k columns)
+    w, h = w[order], h[order][:, order]
+    scale = scale[order] if spec.block_size else scale
     damp = DAMP * torch.mean(torch.diag(h))
     h += damp * torch.eye(h.shape[0], dtype=torch.float64)
     try:
@@ -96,9 +98,11 @@ def gptq(
             errors[i] = err
         w[start:end] = block
         w[end:] -= hinv[start:end, end:].T @ errors
-    target = torch.as_tensor(weight, dtype=torch.float64)[order]
-    target[dead[order], :] = 0.0
-    w = refine(w, target, exact[order][:, order], scale, qmin, qmax, SWEEPS if sweeps is None else sweeps)
+    sweeps = SWEEPS if sweeps is None else sweeps
+    if sweeps > 0:
+        target = torch.as_tensor(weight, dtype=torch.float64)[order]
+        target[dead[order], :] = 0.0
+        w = refine(w, target, exact[order][:, order], scale, qmin, qmax, sweeps)
     return w[torch.argsort(order)].float().numpy()
 
 

@@ -52,6 +52,8 @@ ROWS: dict[str, tuple[str, str, dict[str, Any]]] = {
     ),
     "onnxq-w4a8-learn": ("onnxq", "w4a8", {"weight_method": "mse", "learn": {}, "weight_block": 0}),
     "onnxq-w4a8-gptq": ("onnxq", "w4a8", {"weight_method": "gptq", "weight_block": 0, "gptq_sweeps": 0}),
+    # `onnxq quantize --preset w4a8 --learn`, all else default (outlier split, LPBQ 16, GPTQ + sweeps, 64 windows)
+    "onnxq-w4a8-learn-defaults": ("onnxq", "w4a8", {"learn": {}, "split_outliers": 16.0, "windows": 64}),
     "onnxq-w4a8-learn-gptq": (
         "onnxq",
         "w4a8",
