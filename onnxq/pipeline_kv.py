@@ -86,7 +86,7 @@ def quantize_kv(
         g: build_plan(p.model, chosen, recipe, p.roles, p.structure, dict(overrides) if overrides else None)
         for g, p in prepared.items()
     }
-    check_encodings_version(encodings_version, blocked=any(p.spec.block_size for p in plans["prefill"].weight_points()))
+    check_encodings_version(encodings_version, blocked=plans["prefill"].has_blocked_weights())
     if set(plans["prefill"].points) != set(plans["decode"].points):
         odd = sorted(set(plans["prefill"].points) ^ set(plans["decode"].points))[:3]
         raise OnnxqError(

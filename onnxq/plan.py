@@ -110,6 +110,10 @@ class QuantPlan:
     def weight_points(self) -> list[Point]:
         return [p for p in self.points.values() if p.kind == "weight"]
 
+    def has_blocked_weights(self) -> bool:
+        """Whether any weight has per-block scales (LPBQ), which AIMET's 0.6.1 encodings cannot hold."""
+        return any(p.spec.block_size for p in self.weight_points())
+
     def point_of(self) -> dict[str, str]:
         """tensor/initializer name -> point name"""
         out = {}
