@@ -37,6 +37,7 @@ import torch
 from calib.layers import layer_ranges
 from calib.observers import Observer
 from calib.qsim import QuantSim
+from onnxq import memory
 from onnxq.errors import OnnxqError
 from onnxq.plan import Point, QuantPlan
 from onnxq.qtypes import Encoding, from_range
@@ -260,6 +261,8 @@ class Learner:
                 end = self._eval(i, x_q[:2], y_fp[:2])
             with torch.no_grad():
                 x_q = [self.run_layer(i, x, quantized=True) for x in x_q]
+            for name in self.layer_weights(i):  # the layer's fake-quantized copies: stage 2 makes them again
+                sim.mirror.consts[name] = sim.base[name]
             x_fp = y_fp
             self.history.append(
                 {
@@ -357,6 +360,7 @@ def learn(
         sim.mirror.to_device(config.device)
         sim.to(config.device)
     learner.stage1_run(train_windows, progress, checkpoint)
+    memory.release()  # stage 1's per-step tensors, before stage 2 runs the whole model
     learner.stage2_run(calib_windows, method)
     return write_back(model, structure, learner, time.perf_counter() - start)
 

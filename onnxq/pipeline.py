@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 import shutil
 import time
+from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
@@ -16,7 +17,7 @@ from typing import TYPE_CHECKING, Any
 
 import onnx_ir as ir
 
-from onnxq import aimet, recipes
+from onnxq import aimet, memory, recipes
 from onnxq import ir as oir
 from onnxq import presets as presets_mod
 from onnxq.errors import OnnxqError
@@ -346,6 +347,7 @@ def quantize(
         encodings, stats = encode(
             model, plan, observers, method=method, weight_method=scale_method, rotated=rotated, previous=encodings
         )
+        memory.release()  # the sensitivity pass's QuantSim and per-window tensors
     t_cal = time.perf_counter() - t_cal
     learned: dict[str, Any] | None = None
     if learn is not None:
@@ -371,6 +373,8 @@ def quantize(
         )
         encodings = result.encodings
         learned = {"config": asdict(learn), "seconds": round(result.seconds, 1), "layers": result.history}
+        del result
+        memory.release()  # what learning freed, before GPTQ's Hessians (~0.8 GB) are gathered
     swept: int | None = None
     if use_gptq:
         if hessians is None:
@@ -378,6 +382,7 @@ def quantize(
             tick = progress("GPTQ inputs", len(calib_windows)) if progress else None
             observe(model, plan, calib_windows.ids, histogram=lambda _: False, hessians=hessians, progress=tick)
         swept = apply_gptq(model, plan, encodings, hessians, sweeps=gptq_sweeps)
+        memory.release()  # GPTQ's temporaries, before the QDQ model and its serialised copy are made
     emit_qdq(model, plan, encodings)
     model.metadata_props.update(
         {
@@ -583,7 +588,7 @@ def apply_gptq(
     """Replace each planned weight by its GPTQ rounding (on its encoding's grid).
 
     Returns the refinement sweeps run on the 4-bit weights (the most any got; None: no 4-bit weight),
-    which is what summary.json reports.
+    which is what summary.json reports. ``hessians`` is consumed: each goes once its last linear is rounded.
 
     The coordinate-descent sweeps after GPTQ (``sweeps``, default :data:`calib.gptq.SWEEPS`) run on
     4-bit weights only: at 8 bits rounding is already fine, and lm_head's 49k columns make them slow.
@@ -595,13 +600,21 @@ def apply_gptq(
 
     done = 0
     swept: int | None = None
+    linears = []
     for node in model.graph:
         if node.op_type != "MatMul" or node.metadata_props.get("onnxq.online_rotation"):
             continue
         weight = node.inputs[1]
         point = plan.points.get(weight.name) if weight is not None else None
-        obs = hessians.get(node.inputs[0].name)
-        if point is None or point.kind != "weight" or not supported(point.spec) or obs is None or obs.h is None:
+        if point is not None and point.kind == "weight" and supported(point.spec):
+            linears.append((node.inputs[0].name, weight, point))
+    readers = Counter(name for name, _, _ in linears)
+    for name, weight, point in linears:
+        obs = hessians.get(name)
+        readers[name] -= 1
+        if not readers[name]:  # its last reader (q/k/v share one): the Hessian goes before lm_head's big one
+            hessians.pop(name, None)
+        if obs is None or obs.h is None:
             continue
         polish = 0
         if point.spec.bits <= 4:

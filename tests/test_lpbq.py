@@ -233,3 +233,37 @@ def test_gptq_sweeps_change_only_the_4bit_rounding(
     code = main(["quantize", str(tiny_model), "-o", str(tmp_path / "c"), "--gptq-sweeps", "-1"])
     err = capsys.readouterr().err.strip()
     assert code == 2 and len(err.splitlines()) == 1 and "--gptq-sweeps" in err and "Traceback" not in err
+
+
+def test_gptq_rounds_every_linear_and_frees_each_hessian(tiny_model: Path, tiny_dir: Path) -> None:
+    """apply_gptq drops a Hessian once its last reader is rounded (memory before lm_head's big one):
+    q, k and v share one, so freeing it after q would leave k and v unrounded, off their grids."""
+    from dataclasses import replace
+
+    from transformers import AutoTokenizer
+
+    from calib.calibrate import encode, observe
+    from calib.data import windows
+    from onnxq import presets, recipes
+    from onnxq.pipeline import apply_gptq, gptq_inputs, prepare
+    from onnxq.plan import build_plan
+
+    prep = prepare(ir.load(tiny_model))
+    recipe = replace(recipes.get("llama"), weight_block=0)
+    plan = build_plan(prep.model, presets.get("w4a8"), recipe, prep.roles, prep.structure)
+    ids = windows(AutoTokenizer.from_pretrained(tiny_dir), "wikitext2-valid", 64, 4).ids
+    hessians = gptq_inputs(prep.model, plan)
+    observers = observe(prep.model, plan, ids, histogram=False, hessians=hessians)
+    encodings, _ = encode(prep.model, plan, observers, weight_method="mse")
+    shared = {n for n in hessians if sum(node.inputs[0].name == n for node in prep.model.graph) > 1}
+    assert shared  # the tiny model's q/k/v and gate/up read one input each
+
+    apply_gptq(prep.model, plan, encodings, hessians)
+
+    assert hessians == {}
+    inits = prep.model.graph.initializers
+    rounded = [p for p in plan.weight_points() if p.spec.axis == 1]
+    assert len(rounded) >= 7 * 2  # 7 linears per layer, 2 layers (+ lm_head)
+    for point in rounded:
+        steps = inits[point.name].const_value.numpy() / np.asarray(encodings[point.name].scale).reshape(1, -1)
+        assert np.abs(steps - np.round(steps)).max() < 1e-3, point.name  # on the grid: GPTQ rounded it
