@@ -24,6 +24,7 @@ import numpy as np
 import torch
 
 from calib.qsim import QuantSim
+from onnxq import memory
 from onnxq.plan import Point
 
 #: checkpoint segments of the backward pass (about one per decoder layer on a 30-layer model): only
@@ -152,6 +153,7 @@ def relative_and_fisher(
                 if leaf.grad is not None:
                     upstream[k] = upstream[k] + leaf.grad if k in upstream else leaf.grad
             collect()
+            memory.trim()  # else each segment's freed temporaries stay resident: +1.9 GB over 32 on SmolLM2
         for q, terms in pending.items():  # a point's roots (in one segment or several) add up per token
             same = all(t.shape == terms[0].shape for t in terms)
             fisher[q] += 0.5 * float((sum(terms) ** 2).sum() if same else sum((t**2).sum() for t in terms))

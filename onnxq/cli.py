@@ -725,8 +725,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--rotate",
         default="hadamard",
-        choices=["hadamard", "random", "none"],
-        help="rotations merged into the weights: R1 (residual) and R2 (per head); default hadamard",
+        choices=["hadamard", "learned", "random", "none"],
+        help="rotations merged into the weights: R1 (residual) and R2 (per head); default hadamard; "
+        "learned: Hadamard, then R1 learned on top against the stream linears' quantization error (~1 min)",
     )
     p.add_argument(
         "--online-hadamard",

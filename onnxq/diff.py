@@ -32,6 +32,8 @@ from rewrites.structure import Structure, StructureError, discover
 JUMP_FACTOR = 3.0
 #: points whose basis a learned rotation changes (not comparable to float then)
 R2_KINDS = frozenset({"v", "attn_out"})
+#: values in the residual stream's basis: a learned R1 (``--rotate learned``) is not rebuilt for the reference
+R1_KINDS = frozenset({"attn_in", "o_out", "resid_attn", "mlp_in", "down_out", "resid_mlp", "embed", "head_in"})
 
 
 @dataclass
@@ -148,7 +150,9 @@ def diff(float_path: str | Path, qdq_path: str | Path, windows: np.ndarray, *, e
     learned = meta.get("onnxq.learned_rotation") == "true"
     notes = []
     seq = windows.shape[1]
-    ref = prepare(oir.load(float_path), seq_len=seq, rotate=rotate, online=online, seed=seed).model
+    learned_r1 = rotate == "learned"  # the reference gets the Hadamard R1 under it; q/k/v, gate/up see no R1
+    reference_rotation = "hadamard" if learned_r1 else rotate
+    ref = prepare(oir.load(float_path), seq_len=seq, rotate=reference_rotation, online=online, seed=seed).model
     view = oir.load(qdq_path)
     strip_qdq(view)
     try:
@@ -158,9 +162,13 @@ def diff(float_path: str | Path, qdq_path: str | Path, windows: np.ndarray, *, e
             f"diff needs the transformer structure: {exc.problem}", "diff models onnxq can parse"
         ) from None
     p_ref, p_q = structural_points(s_ref, ref.graph), structural_points(s_q, view.graph)
-    keys = [k for k in p_ref if k in p_q and not (learned and k[1] in R2_KINDS)]
+    keys = [
+        k for k in p_ref if k in p_q and not (learned and k[1] in R2_KINDS) and not (learned_r1 and k[1] in R1_KINDS)
+    ]
     if learned:
         notes.append("learned R2: v and attn_out are in another basis than float and are not compared")
+    if learned_r1:
+        notes.append("learned R1: the residual stream, its norms and writers are in another basis and are not compared")
     if rotate != "none":
         notes.append(
             f"float reference rotated like the QDQ model ({rotate}, seed {seed}"

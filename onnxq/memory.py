@@ -28,11 +28,16 @@ def _malloc_trim() -> Callable[[int], int] | None:
         return None
 
 
-def release() -> bool:
-    """Collect garbage cycles and hand free heap pages back to the OS; True where that was possible."""
-    gc.collect()
-    trim = _malloc_trim()
-    if trim is None:
+def trim() -> bool:
+    """Hand free heap pages back to the OS (a few ms); True where that was possible."""
+    fn = _malloc_trim()
+    if fn is None:
         return False
-    trim(0)
+    fn(0)
     return True
+
+
+def release() -> bool:
+    """Collect garbage cycles, then :func:`trim`: between stages, where a stage's objects just died."""
+    gc.collect()
+    return trim()

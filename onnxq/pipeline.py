@@ -15,6 +15,7 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import numpy as np
 import onnx_ir as ir
 
 from onnxq import aimet, memory, recipes
@@ -48,7 +49,11 @@ GPTQ_WINDOWS = 64
 Progress = Callable[[str, int], Callable[[int], None]]
 #: (rotated float model, its structure) -> layer -> down_proj input channels to split off
 OutlierChooser = Callable[[ir.Model, Structure], dict[int, list[int]]]
+#: returns an orthogonal hidden x hidden matrix to merge on top of R1, and a note for the summary
+R1Refiner = Callable[[ir.Model, Structure], tuple[np.ndarray, str]]
+R1_WINDOWS = 4
 DEFAULT_OUTLIER_LIMIT = 8
+ROTATIONS = ("hadamard", "learned", "random", "none")
 OUTLIER_WINDOWS = 4
 
 
@@ -71,6 +76,23 @@ def outlier_chooser(
         return {i: choose_channels(peaks[name], ratio, limit) for i, name in inputs.items()}
 
     return choose
+
+
+def r1_refiner(tokenizer: Callable[[], Any], calib: str, widths: Any, seed: int) -> R1Refiner:
+    """Learn R1 on top of the Hadamard one (:mod:`calib.residual`) from a few calibration windows."""
+    from calib import data
+    from calib.residual import learn_r1
+
+    def refine(model: ir.Model, structure: Structure) -> tuple[np.ndarray, str]:
+        ids = next(v for v in model.graph.inputs if v.name == "input_ids")
+        assert ids.shape is not None
+        windows = data.windows(tokenizer(), calib, int(ids.shape[1]), R1_WINDOWS)
+        result = learn_r1(model, structure, windows.ids, widths, seed=seed)
+        verdict = "kept" if result.kept else "not kept (no lower)"
+        note = f"R1 learned on top: stream linears' error {result.before:.4g} -> {result.after:.4g}, {verdict}"
+        return result.rotation, note
+
+    return refine
 
 
 @dataclass
@@ -106,12 +128,14 @@ def prepare(
     seed: int = 0,
     where: str = "model",
     outliers: OutlierChooser | None = None,
+    refine_r1: R1Refiner | None = None,
 ) -> Prepared:
     """Canonicalize a float model for quantization, find its structure, merge rotations.
 
-    ``rotate``: ``hadamard`` (R1 + R2, randomized Hadamard), ``random`` (random orthogonal) or
-    ``none``; ``online``: run-time rotations to insert (``r3``, ``r4``); ``outliers``: picks the
-    down_proj input channels to split off (:mod:`rewrites.outliers`) from the rotated float model.
+    ``rotate``: ``hadamard`` (R1 + R2, randomized Hadamard), ``learned`` (the same, then R1 refined
+    by ``refine_r1`` on the rotated float model), ``random`` (random orthogonal) or ``none``;
+    ``online``: run-time rotations to insert (``r3``, ``r4``); ``outliers``: picks the down_proj
+    input channels to split off (:mod:`rewrites.outliers`) from the rotated float model.
     """
     model = oir.require_opset(model, where)
     ids = next((v for v in model.graph.inputs if v.name == "input_ids"), None)
@@ -141,8 +165,10 @@ def prepare(
     oir.require_static(model, where)
     oir.ensure_names(model)
     notes = []
-    if rotate not in ("hadamard", "random", "none"):
-        raise OnnxqError(f"unknown rotation {rotate!r}", "use --rotate hadamard, random or none")
+    if rotate not in ROTATIONS:
+        raise OnnxqError(f"unknown rotation {rotate!r}", f"use --rotate {', '.join(ROTATIONS)}")
+    if rotate == "learned" and refine_r1 is None:
+        raise OnnxqError("--rotate learned needs calibration data to learn from", "quantize with onnxq quantize")
     try:
         structure: Structure | None = discover(model)
     except StructureError as exc:
@@ -161,7 +187,7 @@ def prepare(
     if rotate != "none":
         results.append(fold_norm_weights(model, structure))
         structure = discover(model)
-        if rotate == "hadamard":
+        if rotate in ("hadamard", "learned"):
             r1, r2, built = hadamard_rotations(structure, seed)
         else:
             r1 = random_orthogonal(structure.hidden_size, seed)
@@ -172,6 +198,10 @@ def prepare(
         notes += built
         results.append(rotate_residual(model, structure, r1))
         results.append(rotate_heads(model, structure, r2))
+        if refine_r1 is not None and rotate == "learned":
+            extra, note = refine_r1(model, structure)
+            results.append(rotate_residual(model, structure, extra))
+            notes.append(note)
     if outliers is not None:
         split = split_outlier_channels(model, structure, outliers(model, structure))
         results.append(split)
@@ -244,6 +274,7 @@ def quantize(
                 ("--weight-budget", weight_budget),
                 ("--online-hadamard", online_hadamard),
                 ("--split-outliers", split_outliers),
+                ("--rotate learned", rotate == "learned"),
             )
             if on
         ]
@@ -299,6 +330,9 @@ def quantize(
         where=str(model_path),
         outliers=outlier_chooser(lambda: tokenizer_for(model_path, tokenizer), calib, split_outliers)
         if splitting
+        else None,
+        refine_r1=r1_refiner(lambda: tokenizer_for(model_path, tokenizer), calib, r1_widths(chosen, recipe), seed)
+        if rotate == "learned"
         else None,
     )
     model = prepared.model
@@ -551,6 +585,14 @@ def check_encodings_version(version: str, *, blocked: bool) -> None:
             "AIMET's 0.6.1 encodings cannot hold per-block (LPBQ) weights",
             "use --encodings-version 1.0.0, or --weight-block 0 for per-channel 4-bit weights",
         )
+
+
+def r1_widths(chosen: Any, recipe: recipes.Recipe) -> Any:
+    """The widths R1 is learned for: the preset's FC inputs and weights, 4-bit weights per the recipe's block."""
+    from calib.residual import Widths
+
+    block = recipe.weight_block if chosen.weight_bits == 4 else 0
+    return Widths(chosen.act_bits, chosen.weight_bits, block)
 
 
 def with_block(recipe: recipes.Recipe, block: int | None) -> recipes.Recipe:

@@ -145,3 +145,11 @@ def test_the_quantized_pair_compiles_to_two_context_binaries(kv_w8a16: Path, tmp
     assert result.files["prefill_ctx.onnx"] > 0 and result.files["decode_ctx.onnx"] > 0
     assert result.files["prefill_ctx_qnn.bin"] > 10_000 and result.files["decode_ctx_qnn.bin"] > 10_000
     assert result.rerun_max_abs_error == 0.0  # each reloaded binary computes what was compiled
+
+
+def test_scoring_graph_options_are_refused_on_a_kv_folder(kv_folder: Path, tmp_path: Path) -> None:
+    from onnxq.errors import OnnxqError
+    from onnxq.pipeline import quantize
+
+    with pytest.raises(OnnxqError, match="--split-outliers, --rotate learned is not supported for KV-cache graphs"):
+        quantize(kv_folder, tmp_path / "q", preset="w8a8", split_outliers=16, rotate="learned")

@@ -122,6 +122,12 @@ ROWS: dict[str, tuple[str, str, dict[str, Any]]] = {
         "w4a8",
         {**SPLIT_R4_GPTQ, "weight_block": 16, "gptq_sweeps": 3, "windows": 64},
     ),
+    # the same with R1 learned on top of the Hadamard one (--rotate learned)
+    "onnxq-w4a8-split-r4-lpbq16-w64-sweeps-r1": (
+        "onnxq",
+        "w4a8",
+        {**SPLIT_R4_GPTQ, "weight_block": 16, "gptq_sweeps": 3, "windows": 64, "rotate": "learned"},
+    ),
     # the same with Quant.npu's mixed precision: 5 or 10 % of the 8-bit MatMul inputs promoted to 16 bits
     "onnxq-w4a8-split-r4-lpbq16-w64-sweeps-mp05": (
         "onnxq",
@@ -388,6 +394,7 @@ def _describe(row: dict[str, Any]) -> tuple[str, str]:
         return "", "min/max" if row["tool"] == "ort" else ""
     opts = row.get("options", {})
     rot = opts.get("rotate", "hadamard")
+    rot = "hadamard + learned R1" if rot == "learned" else rot
     if opts.get("online_hadamard"):
         rot += " + online " + ",".join(opts["online_hadamard"])
     chosen = opts.get("method", "auto")
