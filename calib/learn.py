@@ -205,7 +205,7 @@ class Learner:
 
     # ------------------------------------------------------------------ stages
     def stage1_run(
-        self, windows: np.ndarray, progress: Callable[[int], None] | None = None, checkpoint: Path | None = None
+        self, windows: np.ndarray, progress: Callable[..., None] | None = None, checkpoint: Path | None = None
     ) -> None:
         cfg = self.config
         sim = self.sim
@@ -288,8 +288,8 @@ class Learner:
                     },
                     checkpoint,
                 )
-            if progress is not None:
-                progress(1)
+            if progress is not None:  # the CLI shows the note after the bar
+                progress(1, f"layer {i} error {start:.3g} -> {end:.3g}")
 
     def stage2_run(self, windows: np.ndarray, method: str) -> None:
         """Calibrate every other activation on the model with stage 1 applied (no gradients)."""
@@ -342,7 +342,7 @@ def learn(
     config: LearnConfig,
     method: str = "auto",
     down_in: bool = False,
-    progress: Callable[[int], None] | None = None,
+    progress: Callable[..., None] | None = None,
     checkpoint: Path | None = None,
 ) -> LearnResult:
     """Run both stages and write back: returns the model with learned rotations merged, and encodings.

@@ -48,7 +48,13 @@ class _Progress:
 
         bar = tqdm(total=total, desc=label, unit="win", leave=False, file=sys.stderr, dynamic_ncols=True)
         self.bars.append(bar)
-        return bar.update
+
+        def tick(n: int, note: str | None = None) -> None:
+            if note is not None:  # e.g. learning's loss, shown after the bar
+                bar.set_postfix_str(note, refresh=False)
+            bar.update(n)
+
+        return tick
 
     def close(self) -> None:
         for bar in self.bars:

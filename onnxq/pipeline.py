@@ -46,7 +46,7 @@ DEFAULT_WINDOWS = 16
 #: calibration windows when GPTQ rounds the weights (4-bit presets by default). SmolLM2 W4A8: 16 ->
 #: 64 took blocks of 32 from 33.99 to 33.12; 128 gave no more (blocks of 16: 32.45 against 32.28)
 GPTQ_WINDOWS = 64
-Progress = Callable[[str, int], Callable[[int], None]]
+Progress = Callable[[str, int], Callable[..., None]]  # a tick: (count, optional note)
 #: (rotated float model, its structure) -> layer -> down_proj input channels to split off
 OutlierChooser = Callable[[ir.Model, Structure], dict[int, list[int]]]
 #: returns an orthogonal hidden x hidden matrix to merge on top of R1, and a note for the summary

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -97,10 +98,15 @@ def test_quantize_and_eval_json(tmp_path: Path, tiny_model: Path, capsys: pytest
     assert result["dataset"] == "wikitext2" and 1 < result["ppl"] < 1e4
 
 
-def test_learn_from_the_cli_with_the_default_windows(tiny_model: Path, tmp_path: Path) -> None:
+def test_learn_from_the_cli_with_the_default_windows(
+    tiny_model: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     out = tmp_path / "learned"
     argv = ["quantize", str(tiny_model), "-o", str(out), "--preset", "w4a8", "--calib", "wikitext2-valid"]
-    assert main([*argv, "--learn", "--steps", "1", "--samples", "2", "--no-report", "-q"]) == 0
+    assert main([*argv, "--learn", "--steps", "1", "--samples", "2", "--no-report"]) == 0
+    assert re.search(
+        r"learning \(layers\).*layer 1 error [0-9.e-]+ -> [0-9.e-]+", capsys.readouterr().err
+    )  # the bar's loss
     summary = json.loads((out / "summary.json").read_text())
     assert summary["calibration"]["windows"] == 64  # GPTQ rounds 4-bit weights: 64 windows by default
     assert summary["learning"]["config"]["samples"] == 2
