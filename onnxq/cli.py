@@ -43,7 +43,7 @@ class _Progress:
 
     def __call__(self, label: str, total: int) -> Callable[[int], None]:
         if not self.enabled:
-            return lambda _n: None
+            return lambda _n, _note=None: None
         from tqdm import tqdm
 
         bar = tqdm(total=total, desc=label, unit="win", leave=False, file=sys.stderr, dynamic_ncols=True)

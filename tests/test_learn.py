@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -79,7 +80,11 @@ def test_written_back_model_equals_the_mirror(tiny_model: Path, tiny_dir: Path, 
     cw = windows(AutoTokenizer.from_pretrained(tiny_dir), "wikitext2-valid", 64, 8).ids
     enc, _ = calibrate(prep.model, plan, cw)
     config = LearnConfig(steps=10, samples=4)
-    result = learn(prep.model, prep.structure, plan, enc, cw[:4], cw, config=config)
+    notes: list[str] = []
+    result = learn(
+        prep.model, prep.structure, plan, enc, cw[:4], cw, config=config, progress=lambda _n, note: notes.append(note)
+    )
+    assert len(notes) == 2 and re.fullmatch(r"layer 1 error [0-9.e-]+ -> [0-9.e-]+", notes[1])  # the CLI bar's note
     sim = QuantSim(result.model, plan, result.encodings)  # the learned model, simulated
     with torch.no_grad():
         simulated = sim(ppl_windows[0]).numpy()
