@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -144,7 +143,6 @@ def learn_r1(
     tokens: int = 64,
     layers_per_step: int = 6,
     seed: int = 0,
-    progress: Callable[[int], None] | None = None,
 ) -> R1Result:
     """An orthogonal Q to merge as ``R1 ← R1·Q`` (by :func:`rewrites.rotate.rotate_residual`)."""
     start = time.perf_counter()
@@ -168,12 +166,10 @@ def learn_r1(
         loss = torch.stack([layers[int(i)].loss(q, widths) for i in chosen]).mean()
         loss.backward()
         opt.step()
-        if progress is not None:
-            progress(1)
-    q = cayley(gen.detach()).float()
-    after = full(q)
+    learned = cayley(gen.detach())
+    after = full(learned.float())
     kept = after < before
-    rotation = cayley(gen.detach()).numpy() if kept else np.eye(hidden)
+    rotation = learned.numpy() if kept else np.eye(hidden)
     seconds = time.perf_counter() - start
     log.info(
         "R1: stream linears' error %.4g -> %.4g (%s, %.0f s)", before, after, "kept" if kept else "dropped", seconds

@@ -41,7 +41,7 @@ class _Progress:
         self.enabled = enabled
         self.bars: list[Any] = []
 
-    def __call__(self, label: str, total: int) -> Callable[[int], None]:
+    def __call__(self, label: str, total: int) -> Callable[..., None]:  # a tick: (count, optional note)
         if not self.enabled:
             return lambda _n, _note=None: None
         from tqdm import tqdm

@@ -31,6 +31,7 @@ from onnxq.qtypes import Encoding
 
 if TYPE_CHECKING:
     from calib.learn import LearnConfig
+    from calib.residual import Widths
 from rewrites import canonical
 from rewrites.base import RewriteResult, apply
 from rewrites.gqa import group_query_attention
@@ -53,8 +54,17 @@ OutlierChooser = Callable[[ir.Model, Structure], dict[int, list[int]]]
 R1Refiner = Callable[[ir.Model, Structure], tuple[np.ndarray, str]]
 R1_WINDOWS = 4
 DEFAULT_OUTLIER_LIMIT = 8
-ROTATIONS = ("hadamard", "learned", "random", "none")
 OUTLIER_WINDOWS = 4
+ROTATIONS = ("hadamard", "learned", "random", "none")
+
+
+def _windows_of(model: ir.Model, tokenizer: Callable[[], Any], calib: str, count: int) -> Any:
+    """``count`` calibration windows at the model's own (static) sequence length."""
+    from calib import data
+
+    ids = next(v for v in model.graph.inputs if v.name == "input_ids")
+    assert ids.shape is not None
+    return data.windows(tokenizer(), calib, int(ids.shape[1]), count).ids
 
 
 def outlier_chooser(
@@ -64,30 +74,24 @@ def outlier_chooser(
 
     ``tokenizer`` is loaded only when the chooser runs, after the model's own checks.
     """
-    from calib import data
     from calib.peaks import channel_peaks
 
     def choose(model: ir.Model, structure: Structure) -> dict[int, list[int]]:
-        ids = next(v for v in model.graph.inputs if v.name == "input_ids")
-        assert ids.shape is not None
-        windows = data.windows(tokenizer(), calib, int(ids.shape[1]), OUTLIER_WINDOWS)
+        windows = _windows_of(model, tokenizer, calib, OUTLIER_WINDOWS)
         inputs = {layer.index: layer.mlp.down.input for layer in structure.layers}
-        peaks = channel_peaks(model, list(inputs.values()), windows.ids)
+        peaks = channel_peaks(model, list(inputs.values()), windows)
         return {i: choose_channels(peaks[name], ratio, limit) for i, name in inputs.items()}
 
     return choose
 
 
-def r1_refiner(tokenizer: Callable[[], Any], calib: str, widths: Any, seed: int) -> R1Refiner:
+def r1_refiner(tokenizer: Callable[[], Any], calib: str, widths: Widths, seed: int) -> R1Refiner:
     """Learn R1 on top of the Hadamard one (:mod:`calib.residual`) from a few calibration windows."""
-    from calib import data
     from calib.residual import learn_r1
 
     def refine(model: ir.Model, structure: Structure) -> tuple[np.ndarray, str]:
-        ids = next(v for v in model.graph.inputs if v.name == "input_ids")
-        assert ids.shape is not None
-        windows = data.windows(tokenizer(), calib, int(ids.shape[1]), R1_WINDOWS)
-        result = learn_r1(model, structure, windows.ids, widths, seed=seed)
+        windows = _windows_of(model, tokenizer, calib, R1_WINDOWS)
+        result = learn_r1(model, structure, windows, widths, seed=seed)
         verdict = "kept" if result.kept else "not kept (no lower)"
         note = f"R1 learned on top: stream linears' error {result.before:.4g} -> {result.after:.4g}, {verdict}"
         return result.rotation, note
@@ -198,7 +202,8 @@ def prepare(
         notes += built
         results.append(rotate_residual(model, structure, r1))
         results.append(rotate_heads(model, structure, r2))
-        if refine_r1 is not None and rotate == "learned":
+        if rotate == "learned":
+            assert refine_r1 is not None  # checked above
             extra, note = refine_r1(model, structure)
             results.append(rotate_residual(model, structure, extra))
             notes.append(note)
@@ -587,7 +592,7 @@ def check_encodings_version(version: str, *, blocked: bool) -> None:
         )
 
 
-def r1_widths(chosen: Any, recipe: recipes.Recipe) -> Any:
+def r1_widths(chosen: Any, recipe: recipes.Recipe) -> Widths:
     """The widths R1 is learned for: the preset's FC inputs and weights, 4-bit weights per the recipe's block."""
     from calib.residual import Widths
 
