@@ -74,6 +74,7 @@ class LearnResult:
     history: list[dict[str, float]] = field(default_factory=list)
     seconds: float = 0.0
     rotations: list[np.ndarray] | None = None  # the learned R2 per layer, merged into the model
+    mirror: QuantSim | None = field(default=None, repr=False)  # what was learned: R2 applied in torch
 
 
 def cayley(a: torch.Tensor) -> torch.Tensor:
@@ -391,4 +392,4 @@ def write_back(model: ir.Model, structure: Structure, learner: Learner, seconds:
 
             arrays = [model.graph.initializers[c].const_value.numpy() for c in point.consts]
             encodings[point.name] = const_encoding(point.spec, *arrays)
-    return LearnResult(model, encodings, learner.history, seconds, rotations)
+    return LearnResult(model, encodings, learner.history, seconds, rotations, sim)

@@ -16,8 +16,9 @@ import torch
 
 from calib.calibrate import calibrate
 from calib.data import windows
+from calib.fakequant import WeightQuant
 from calib.learn import LearnConfig, cayley, learn
-from calib.qsim import QuantSim
+from calib.qsim import _key
 from onnxq import presets, recipes
 from onnxq.pipeline import prepare, quantize
 from onnxq.plan import build_plan
@@ -72,29 +73,79 @@ def test_learning_lowers_the_layer_error(learned_w4a8: Path) -> None:
     assert after.sum() < 0.95 * before.sum()  # measured 0.170 vs 0.190 (-10 %) at seed 0, 30 steps
 
 
+def _codes(weight: np.ndarray, scale: np.ndarray, point: Any) -> np.ndarray:
+    """Integer codes of ``weight`` under a per-channel or per-block ``scale``."""
+    spec = point.spec
+    axis = spec.axis % weight.ndim
+    if spec.block_size:
+        full = np.repeat(scale, spec.block_size, axis=axis)
+    else:
+        full = scale.reshape([-1 if d == axis else 1 for d in range(weight.ndim)])
+    return np.clip(np.rint(weight / full), spec.qmin, spec.qmax).astype(np.int64)
+
+
 def test_written_back_model_equals_the_mirror(tiny_model: Path, tiny_dir: Path, ppl_windows: np.ndarray) -> None:
+    """What learning wrote back is what its mirror learned: integer codes and encodings exactly, logits
+    within the spread that float summation order alone gives through chained quantizers."""
     from transformers import AutoTokenizer
 
     prep = prepare(ir.load(tiny_model))
     plan = build_plan(prep.model, presets.get("w4a8"), recipes.get("llama"), prep.roles, prep.structure)
     cw = windows(AutoTokenizer.from_pretrained(tiny_dir), "wikitext2-valid", 64, 8).ids
     enc, _ = calibrate(prep.model, plan, cw)
+    unlearned = ir.from_proto(ir.to_proto(prep.model))
+    emit_qdq(unlearned, plan, enc)
     config = LearnConfig(steps=10, samples=4)
     notes: list[str] = []
     result = learn(
         prep.model, prep.structure, plan, enc, cw[:4], cw, config=config, progress=lambda _n, note: notes.append(note)
     )
     assert len(notes) == 2 and re.fullmatch(r"layer 1 error [0-9.e-]+ -> [0-9.e-]+", notes[1])  # the CLI bar's note
-    sim = QuantSim(result.model, plan, result.encodings)  # the learned model, simulated
+    # the learner's own mirror: the unrotated weights with each learned R2 applied in torch, its weight
+    # quantizers set to the encodings as written (LPBQ block scales snapped to the two-level grid)
+    sim = result.mirror
+    assert sim is not None
+    for point in plan.weight_points():
+        sim.weights[_key(point.name)] = WeightQuant(
+            point.spec, sim.effective_weight(point.name).detach(), result.encodings[point.name]
+        )
+    # exact: every weight's integer codes (learned rotation and clipping merged) and every activation's
+    # scale and zero point
     with torch.no_grad():
-        simulated = sim(ppl_windows[0]).numpy()
+        for point in plan.weight_points():
+            written = result.model.graph.initializers[point.name].const_value.numpy()
+            scale = np.asarray(result.encodings[point.name].scale, dtype=np.float32)
+            mirror_scale = sim.wq(point.name).scale(sim.effective_weight(point.name)).numpy()
+            mirrored = _codes(sim.effective_weight(point.name).numpy(), mirror_scale, point)
+            assert np.array_equal(_codes(written, scale, point), mirrored), point.name
+        for point in plan.points.values():
+            if point.kind in ("act", "convert"):
+                s, z = sim.act(point.name).scale_zero()
+                e = result.encodings[point.name]
+                assert np.float32(s) == np.float32(np.asarray(e.scale).reshape(-1)[0]), point.name
+                assert int(z) == int(np.asarray(e.zero_point).reshape(-1)[0]), point.name
     emit_qdq(result.model, plan, result.encodings)
-    path = Path(str(tiny_model).replace("model.onnx", "learned.qdq.onnx"))
-    ir.save(result.model, path)
-    onnx = cpu_session(path, optimized=False).run(None, {"input_ids": ppl_windows[:1]})[0]
-    diff = np.abs(simulated - onnx)
-    assert diff.max() < 0.01 * np.abs(onnx).max()  # float summation order only; measured ~1e-4
-    path.unlink()
+    folder = tiny_model.parent
+    ir.save(result.model, folder / "learned.qdq.onnx")
+    ir.save(unlearned, folder / "unlearned.qdq.onnx")
+    learned_ort = cpu_session(folder / "learned.qdq.onnx", optimized=False)
+    unlearned_ort = cpu_session(folder / "unlearned.qdq.onnx", optimized=False)
+    diffs, lost = [], []
+    for ids in ppl_windows:
+        with torch.no_grad():
+            simulated = sim(ids).numpy()
+        diffs.append(np.abs(simulated - learned_ort.run(None, {"input_ids": ids[None]})[0]).mean())
+        lost.append(np.abs(simulated - unlearned_ort.run(None, {"input_ids": ids[None]})[0]).mean())
+    # Float summation order differs between torch and ONNX Runtime (and between CPUs) by an ulp; at a
+    # value on a 16-bit rounding tie that is one 16-bit step, and where an 8-bit requantization's
+    # boundary falls in that step, one 8-bit step, which then cascades through later layers. Measured
+    # on 8 windows: 7 agree to one output step (mean |diff| 1e-6), 1 cascades from a single flip
+    # (mean 0.008, max 0.128). A model without what was learned differs by mean 0.12-0.17. The bound
+    # sits between: every window cascading passes, losing the learned state fails.
+    assert float(np.mean(diffs)) < 0.03, diffs
+    assert min(lost) > 0.05, lost  # the bound above can fail
+    (folder / "learned.qdq.onnx").unlink()
+    (folder / "unlearned.qdq.onnx").unlink()
 
 
 def test_learned_model_runs_on_the_htp(learned_w4a8: Path, ppl_windows: np.ndarray) -> None:
