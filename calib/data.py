@@ -1,8 +1,9 @@
 """Text for calibration and evaluation, cut into fixed-length token windows.
 
-Named datasets resolve to the files in the shared data folder (``$ONNXQ_DATA`` or ``../shared/data``
-next to the working directory or the checkout); on a machine with internet they fall back to the
-Hugging Face Hub. Any ``.txt`` or ``.jsonl`` (``text`` field) path works too.
+Named datasets resolve to a data folder (``$ONNXQ_DATA``, or ``shared/data`` in or next to the working
+directory or the checkout), then to the copies shipped in ``calib/datasets`` (compressed), then, with
+the ``hub`` extra installed, to the Hugging Face Hub. Any ``.txt`` or ``.jsonl`` (``text`` field)
+path works too, compressed (``.gz``, ``.bz2``) or not.
 
 WikiText-2 follows the convention of ``shared/data/README.md``: rows are the file's lines, a
 non-blank line becomes ``line + "\\n"``, a blank one ``""``, rows are joined with ``"\\n\\n"`` and
@@ -11,12 +12,14 @@ tokenized once; windows are consecutive and non-overlapping.
 
 from __future__ import annotations
 
+import bz2
+import gzip
 import json
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 import numpy as np
 
@@ -28,6 +31,8 @@ NAMED = {
     "wikitext2-valid": "wikitext-2/wiki.valid.tokens",
     "c4": "c4/c4_validation_1k.jsonl",
 }
+#: the copies shipped with onnxq (licences and sources in its README)
+SHIPPED = Path(__file__).resolve().parent / "datasets"
 #: name -> (dataset, config, split, field) on the Hub, for machines with internet
 HUB = {
     "wikitext2": ("wikitext", "wikitext-2-raw-v1", "test", "text"),
@@ -44,16 +49,35 @@ def data_dirs() -> list[Path]:
     here = Path(__file__).resolve().parent.parent
     for base in (Path.cwd(), here):
         dirs += [base / "shared" / "data", base.parent / "shared" / "data"]
-    return dirs
+    return [*dirs, SHIPPED]
+
+
+def find_data(rel: str) -> Path | None:
+    """``rel`` in the first data folder that has it, as is or gzip-compressed."""
+    for folder in data_dirs():
+        for candidate in (folder / rel, folder / f"{rel}.gz"):
+            if candidate.exists():
+                return candidate
+    return None
 
 
 def find_named(name: str) -> Path | None:
     """The local file for a named dataset, if present."""
-    rel = NAMED[name]
-    for folder in data_dirs():
-        if (folder / rel).exists():
-            return folder / rel
-    return None
+    return find_data(NAMED[name])
+
+
+def open_text(path: Path) -> IO[str]:
+    """A text file, read through gzip or bz2 when its name says it is compressed."""
+    if path.suffix == ".gz":
+        return gzip.open(path, "rt", encoding="utf-8")
+    if path.suffix == ".bz2":
+        return bz2.open(path, "rt", encoding="utf-8")
+    return path.open(encoding="utf-8")
+
+
+def _stem(path: Path) -> Path:
+    """``path`` without a compression suffix."""
+    return path.with_suffix("") if path.suffix in (".gz", ".bz2") else path
 
 
 def wikitext_rows(lines: Sequence[str]) -> str:
@@ -78,9 +102,9 @@ def read_text(source: str | os.PathLike) -> str:
         )
     if path.is_dir():
         raise OnnxqError(f"{path} is a folder", "pass a .txt or .jsonl file")
-    if path.suffix == ".jsonl":
+    if _stem(path).suffix == ".jsonl":
         texts = []
-        with path.open(encoding="utf-8") as fh:
+        with open_text(path) as fh:
             for i, line in enumerate(fh, 1):
                 if not line.strip():
                     continue
@@ -93,7 +117,8 @@ def read_text(source: str | os.PathLike) -> str:
                 texts.append(str(record["text"]))
         text = "\n\n".join(texts)
     else:
-        raw = path.read_text(encoding="utf-8")
+        with open_text(path) as fh:
+            raw = fh.read()
         text = wikitext_rows(raw.splitlines()) if path.name.startswith("wiki.") else raw
     if not text.strip():
         raise OnnxqError(f"{path} holds no text", "pass a file with calibration text")
@@ -106,8 +131,8 @@ def _hub_text(name: str) -> str:
         import datasets  # optional: only for machines with internet and no local copy
     except ImportError:
         raise OnnxqError(
-            f"dataset {name!r} is not in the shared data folder and `datasets` is not installed",
-            "set ONNXQ_DATA to the shared data folder, or `pip install datasets` on a machine with internet",
+            f"dataset {name!r} is in no data folder and `datasets` is not installed",
+            "set ONNXQ_DATA to a folder holding it, or `pip install 'onnxq[hub]'` on a machine with internet",
         ) from None
     try:
         ds = datasets.load_dataset(dataset, config, split=split)

@@ -14,7 +14,6 @@ stores the context as one line, so its second part is not re-capitalised as lm-e
 
 from __future__ import annotations
 
-import bz2
 import json
 import re
 import time
@@ -49,17 +48,17 @@ class TaskResult:
 
 
 def _find(task: str, path: str | Path | None) -> Path:
-    from calib.data import data_dirs
+    from calib.data import find_data
 
     if path is not None:
         p = Path(path)
         if not p.exists():
-            raise OnnxqError(f"{task} data {p} does not exist", "pass the file from shared/data")
+            raise OnnxqError(f"{task} data {p} does not exist", f"pass the task's file ({FILES[task]})")
         return p
-    for folder in data_dirs():
-        if (folder / FILES[task]).exists():
-            return folder / FILES[task]
-    raise OnnxqError(f"{task} data not found", "set ONNXQ_DATA to the shared data folder")
+    found = find_data(FILES[task])
+    if found is None:  # only when the shipped copy was removed
+        raise OnnxqError(f"{task} data not found", f"set ONNXQ_DATA to a folder holding {FILES[task]}")
+    return found
 
 
 def _hellaswag_clean(text: str) -> str:
@@ -72,18 +71,20 @@ def load(task: str, path: str | Path | None = None, limit: int | None = None) ->
     """The first ``limit`` items of ``task`` (validation split) from the shared data folder."""
     if task not in TASKS:
         raise OnnxqError(f"unknown task {task!r}", f"use one of: {', '.join(TASKS)}")
+    from calib.data import open_text
+
     file = _find(task, path)
     items: list[Item] = []
     if task == "piqa":
-        labels = file.with_name(file.name.replace(".jsonl", "-labels.lst")).read_text().split()
-        with file.open(encoding="utf-8") as f:
+        labels = file.with_name(file.name.split(".jsonl")[0] + "-labels.lst").read_text().split()
+        with open_text(file) as f:
             for line, label in zip(f, labels, strict=False):
                 doc = json.loads(line)
                 items.append(Item(f"Question: {doc['goal']}\nAnswer:", (doc["sol1"], doc["sol2"]), int(label)))
                 if limit is not None and len(items) >= limit:
                     break
     else:
-        with bz2.open(file, "rt", encoding="utf-8") as f:
+        with open_text(file) as f:
             lines = f.read().splitlines()
         for i in range(0, len(lines) - 5, 6):
             context, gold, *endings = lines[i : i + 6]

@@ -10,8 +10,6 @@ from pathlib import Path
 
 import pytest
 
-from calib.data import find_named
-
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 for _noisy in ("onnxscript", "onnx_ir", "transformers"):
     logging.getLogger(_noisy).setLevel(logging.ERROR)
@@ -19,12 +17,6 @@ warnings.filterwarnings("ignore", category=FutureWarning)
 warnings.filterwarnings("ignore", category=UserWarning)
 
 SEQ = 64
-
-
-def pytest_sessionstart(session: pytest.Session) -> None:
-    del session
-    if find_named("wikitext2") is None:
-        pytest.exit("shared data not found: set ONNXQ_DATA to the shared/data folder", returncode=4)
 
 
 @pytest.fixture(scope="session")

@@ -8,16 +8,14 @@ import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
-from calib.data import find_named
+from calib.data import read_text
 
 VOCAB = 384
 
 
 def tiny_tokenizer(folder: Path, vocab: int = VOCAB) -> PreTrainedTokenizerFast:
     """A byte-level BPE tokenizer trained on WikiText-2 validation text (never the test split)."""
-    path = find_named("wikitext2-valid")
-    assert path is not None, "shared data not found: set ONNXQ_DATA"
-    text = path.read_text(encoding="utf-8")[:400_000]
+    text = read_text("wikitext2-valid")[:400_000]
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
