@@ -339,7 +339,25 @@ def _encoded_names(data: object) -> set[str]:
 
 
 def run_checks(model: ir.Model, encodings: Path | None = None) -> list[Finding]:
-    """Every rule over ``model``; findings sorted by rule."""
+    """Every rule over ``model``; findings sorted by rule.
+
+    A graph written without value types (some exporters and hand edits) gets them inferred first:
+    the rules tell float tensors from integer ones by their type. Ops that ONNX's inference does not
+    know (ORT's SimplifiedLayerNormalization) keep the type of their data input.
+    """
+    if not any(node.op_type in QDQ for node in model.graph):
+        raise OnnxqError(
+            "the model has no QuantizeLinear/DequantizeLinear nodes: it is not a QDQ model",
+            "quantize it first (onnxq quantize MODEL -o OUT), then check OUT/model.qdq.onnx",
+        )
+    if any(v.dtype is None for node in model.graph for v in node.outputs):
+        from onnx_ir.passes.common import ShapeInferencePass
+
+        model = ShapeInferencePass()(model).model
+        for node in model.graph:  # ops ONNX does not know (ORT's norms): the type of their data input
+            for value in node.outputs:
+                if value.dtype is None and node.inputs and node.inputs[0] is not None:
+                    value.dtype = node.inputs[0].dtype
     findings = [f for fn in RULES.values() for f in fn(model.graph)]
     if encodings is not None:
         findings += list(check_encodings(model.graph, encodings))

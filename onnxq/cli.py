@@ -7,13 +7,14 @@ the work is done by the library functions it calls, which are the same ones the 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import os
 import sys
 import time
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -75,7 +76,7 @@ def _stages(args: argparse.Namespace) -> Callable[[str], None] | None:
 
 def _emit(args: argparse.Namespace, data: dict[str, Any], lines: Sequence[str]) -> None:
     if args.json:
-        print(json.dumps(data, indent=1, default=str))
+        print(json.dumps(data, indent=1, default=str), file=args.json_out, flush=True)
     elif not args.quiet:
         print("\n".join(lines))
 
@@ -370,6 +371,9 @@ def _model_seq_len(model: str) -> int:
     except Exception:
         oir.load(model)  # raises "is not an ONNX model"
         raise
+    if not proto.graph.input:  # an empty file parses as an empty model
+        oir.load(model)
+        raise OnnxqError(f"{model} has no inputs", "pass the .onnx file written by `onnxq export` or `onnxq quantize`")
     dims = [d.dim_value if d.HasField("dim_value") else None for d in proto.graph.input[0].type.tensor_type.shape.dim]
     if len(dims) == 2 and dims[1]:
         return int(dims[1])
@@ -510,10 +514,7 @@ def cmd_check(args: argparse.Namespace) -> int:
     findings = run_checks(model, Path(args.encodings) if args.encodings else None)
     data = {"model": args.model, "findings": [f.__dict__ for f in findings]}
     lines = [f.line() for f in findings] or [f"onnxq check: {args.model}: no findings"]
-    if args.json:
-        print(json.dumps(data, indent=1))
-    else:
-        print("\n".join(lines))
+    _emit(args, data, lines)
     return 1 if findings else 0
 
 
@@ -937,13 +938,52 @@ def _configure_logging(verbose: int, quiet: bool) -> None:
         warnings.filterwarnings("ignore")
 
 
+#: counts that must be at least 1 (``--eval-windows`` may be 0: it means "skip")
+COUNTS = ("windows", "limit", "max_new_tokens", "steps", "samples")
+
+
+@contextlib.contextmanager
+def _json_stdout(args: argparse.Namespace) -> Iterator[None]:
+    """With ``--json``, stdout carries the JSON alone: whatever else reaches file descriptor 1 (native
+    libraries such as QNN's print there) goes to stderr while the command runs."""
+    args.json_out = sys.stdout
+    if not getattr(args, "json", False) or not _is_fd1(sys.stdout):
+        yield
+        return
+    sys.stdout.flush()
+    saved = os.dup(1)
+    os.dup2(2, 1)
+    args.json_out = os.fdopen(os.dup(saved), "w", encoding="utf-8")
+    try:
+        yield
+    finally:
+        sys.stdout.flush()
+        os.dup2(saved, 1)
+        os.close(saved)
+        args.json_out.close()
+
+
+def _is_fd1(stream: Any) -> bool:
+    """Whether ``stream`` writes to file descriptor 1 (not a capture object)."""
+    try:
+        return int(stream.fileno()) == 1
+    except (AttributeError, OSError, ValueError):
+        return False
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     _configure_logging(args.verbose, args.quiet)
     start = time.perf_counter()
     try:
-        code = int(args.func(args))
+        for name in COUNTS:
+            value = getattr(args, name, None)
+            if value is not None and value < 1:
+                flag = "--" + name.replace("_", "-")
+                raise OnnxqError(f"{flag} {value} is not a positive count", f"pass {flag} 1 or more")
+        with _json_stdout(args):
+            code = int(args.func(args))
     except OnnxqError as exc:
         print(f"onnxq {args.command}: error: {exc}", file=sys.stderr)
         return exc.exit_code

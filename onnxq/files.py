@@ -36,6 +36,22 @@ def check_new_output(path: Path, *, overwrite: bool, inputs: Iterable[Path] = ()
             raise OnnxqError(f"output {path} would overwrite the input {src}", "choose another output path")
     if path.exists() and not overwrite:
         raise OnnxqError(f"output {path} already exists", "pass --overwrite or choose another path")
+    _check_writable(path)
+
+
+def _check_writable(path: Path) -> None:
+    """Refuse, before any work, an output whose folder cannot be created or written."""
+    folder = path.absolute().parent
+    while not folder.exists():
+        folder = folder.parent
+    fix = "choose an output path in a folder you can write to"
+    if not folder.is_dir():
+        raise OnnxqError(f"cannot write {path}: {folder} is a file, not a folder", fix)
+    try:
+        with tempfile.TemporaryFile(dir=folder):
+            pass
+    except OSError as exc:
+        raise OnnxqError(f"cannot write {path}: {folder} is not writable ({exc.strerror})", fix) from None
 
 
 @contextlib.contextmanager

@@ -502,6 +502,11 @@ def read_precision_map(path: str | Path) -> dict[str, int]:
         bits = entry["bits"]
         kind = entry.get("kind", "act")
         allowed = (4, 8) if kind == "weight" else (8, 16)
+        if not isinstance(bits, int) or isinstance(bits, bool):
+            raise OnnxqError(
+                f"precision map: {name!r} has bits {bits!r}, a {type(bits).__name__}, not a number",
+                f'write the width as a JSON number, e.g. "bits": {allowed[-1]} (no quotes)',
+            )
         if bits not in allowed:
             raise OnnxqError(
                 f"precision map: {name!r} asks for {bits}-bit {kind}", f"use {' or '.join(map(str, allowed))} bits"

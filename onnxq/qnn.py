@@ -84,7 +84,7 @@ def session(
         if "fallback to CPU EP has been explicitly disabled" in first or "assigned to the default CPU EP" in first:
             raise OnnxqError(
                 "the HTP does not take every node of this model (CPU fallback is disabled)",
-                "run `onnxq check` on it, or quantize it with `onnxq quantize` (see docs/QNN.md)",
+                "run `onnxq check` on it (it names each node the HTP refuses), or quantize it with `onnxq quantize`",
             ) from None
         raise OnnxqError(f"the QNN EP could not load the model: {first[:300]}", "run `onnxq check` on it") from None
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -51,12 +52,15 @@ def resolve(model: str | None) -> Source:
     if path.suffix == ".gguf":
         if not path.is_file():
             raise OnnxqError(f"{path} does not exist", "check the path to the .gguf file")
+        _check_gguf(path)
         return Source(str(path.parent.resolve()), path.name, label=path.stem)
     if path.is_dir():
         if (path / "config.json").exists():
+            _check_config(path / "config.json")
             return Source(str(path.resolve()), label=path.name)
         ggufs = sorted(path.glob("*.gguf"))
         if len(ggufs) == 1:
+            _check_gguf(ggufs[0])
             return Source(str(path.resolve()), ggufs[0].name, label=ggufs[0].stem)
         raise OnnxqError(
             f"{path} is neither a Hugging Face model folder (no config.json) nor holds exactly one .gguf",
@@ -69,6 +73,29 @@ def resolve(model: str | None) -> Source:
     return Source(model, label=model)  # a Hub id; transformers reports a wrong one itself
 
 
+def _check_gguf(path: Path) -> None:
+    """Refuse a file that is not GGUF before transformers reads it."""
+    with path.open("rb") as fh:
+        magic = fh.read(4)
+    if magic != b"GGUF":
+        raise OnnxqError(
+            f"{path} is not a GGUF file (it does not start with the GGUF magic bytes)",
+            "pass a complete .gguf file (download it again), or the model's Hugging Face folder",
+        )
+
+
+def _check_config(path: Path) -> None:
+    """Refuse a config.json that transformers cannot map to a model class."""
+    try:
+        config = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        raise OnnxqError(f"{path} is not valid JSON", "pass the folder written by save_pretrained") from None
+    if not isinstance(config, dict) or "model_type" not in config:
+        raise OnnxqError(
+            f"{path} has no 'model_type'", "pass the folder written by save_pretrained (its config names the model)"
+        )
+
+
 def load_model(source: Source) -> Any:
     """Load the float32 causal LM behind ``source``."""
     import torch
@@ -77,9 +104,10 @@ def load_model(source: Source) -> Any:
     ref, kwargs = source.from_pretrained_args()
     try:
         model = AutoModelForCausalLM.from_pretrained(ref, dtype=torch.float32, **kwargs)
-    except OSError as exc:
+    except (OSError, ValueError, KeyError) as exc:  # a missing file, a truncated GGUF, an unknown architecture
         raise OnnxqError(
-            f"could not load {source.label or ref} ({exc})".splitlines()[0], "check the model id or path"
+            f"could not load {source.label or ref} ({type(exc).__name__}: {exc})".splitlines()[0],
+            "check the model id or path; a .gguf file may be truncated",
         ) from None
     return model.eval()
 

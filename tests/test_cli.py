@@ -115,3 +115,94 @@ def test_progress_ticks_carry_a_note_after_the_bar() -> None:
     tick(1)
     assert progress.bars[0].n == 2 and progress.bars[0].postfix == "layer 0 error 0.1 -> 0.05"
     progress.close()
+
+
+def test_an_empty_model_to_eval(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    empty = tmp_path / "model.onnx"
+    empty.write_bytes(b"")
+    line = _error_line(capsys, ["eval", str(empty), "--windows", "1"])
+    assert "is not an ONNX model" in line
+
+
+@pytest.mark.parametrize("argv", [["eval", "--windows", "0"], ["validate", "--windows", "-1"]])
+def test_a_count_below_one(argv: list[str], tiny_model: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    line = _error_line(capsys, [argv[0], str(tiny_model), *argv[1:]])
+    assert f"--windows {argv[2]} is not a positive count" in line and "--windows 1 or more" in line
+
+
+def test_a_corrupt_gguf_and_a_config_without_model_type(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    gguf = tmp_path / "model.gguf"
+    gguf.write_bytes(bytes(range(256)) * 4)
+    line = _error_line(capsys, ["export", str(gguf), "-o", str(tmp_path / "a.onnx")])
+    assert "is not a GGUF file" in line
+    folder = tmp_path / "hf"
+    folder.mkdir()
+    (folder / "config.json").write_text("{}")
+    line = _error_line(capsys, ["export", str(folder), "-o", str(tmp_path / "b.onnx")])
+    assert "has no 'model_type'" in line and "save_pretrained" in line
+
+
+def test_an_unwritable_output_is_refused_before_the_work(
+    tmp_path: Path, tiny_model: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import os
+
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    line = _error_line(capsys, ["quantize", str(tiny_model), "-o", str(blocker / "out")])
+    assert "is a file, not a folder" in line
+    if os.geteuid() == 0:  # root writes through permission bits: take a folder no one can write
+        readonly = Path("/proc")
+    else:
+        readonly = tmp_path / "readonly"
+        readonly.mkdir()
+        readonly.chmod(0o555)
+    line = _error_line(capsys, ["export", "-o", str(readonly / "x" / "model.onnx")])
+    assert "is not writable" in line and "choose an output path" in line
+
+
+def test_a_precision_map_width_given_as_text(
+    tmp_path: Path, tiny_model: Path, tiny_w8a8: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    pm = json.loads((tiny_w8a8 / "precision_map.json").read_text())
+    name = next(iter(pm["points"]))
+    pm["points"][name]["bits"] = "16"
+    edited = tmp_path / "map.json"
+    edited.write_text(json.dumps(pm))
+    line = _error_line(capsys, ["quantize", str(tiny_model), "-o", str(tmp_path / "o"), "--precision-map", str(edited)])
+    assert "has bits '16', a str, not a number" in line and '"bits": 16 (no quotes)' in line
+
+
+def test_check_on_a_float_model(tiny_model: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    line = _error_line(capsys, ["check", str(tiny_model)])
+    assert "not a QDQ model" in line and "onnxq quantize" in line
+
+
+def test_check_finds_an_unquantized_tensor_in_a_graph_without_types(
+    tmp_path: Path, tiny_w8a8: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import onnx
+
+    proto = onnx.load(tiny_w8a8 / "model.qdq.onnx")
+    del proto.graph.value_info[:]  # as some exporters and hand edits leave it
+    producer = {o: n for n in proto.graph.node for o in n.output}
+    matmul = next(n for n in proto.graph.node if n.op_type == "MatMul")
+    name = matmul.input[0]
+    while producer[name].op_type == "DequantizeLinear":  # back through the 8-bit copy and the 16-bit pair
+        name = producer[producer[name].input[0]].input[0]
+    matmul.input[0] = name  # the float tensor, around its Q/DQ pairs
+    path = tmp_path / "bypassed.onnx"
+    onnx.save(proto, path)
+    assert main(["check", str(path), "--json"]) == 1
+    findings = json.loads(capsys.readouterr().out)["findings"]
+    assert any(f["rule"] == "unquantized" and f["tensor"] == name for f in findings), findings
+
+
+def test_eval_json_on_the_htp_is_json_alone(tiny_w8a8: Path) -> None:
+    """The QNN library prints to file descriptor 1 when it loads: a fresh process sees it."""
+    import subprocess
+    import sys
+
+    argv = [sys.executable, "-m", "onnxq", "eval", str(tiny_w8a8 / "model.qdq.onnx"), "--ep", "qnn"]
+    proc = subprocess.run([*argv, "--windows", "1", "--json"], capture_output=True, text=True, check=True)
+    assert json.loads(proc.stdout)["results"][0]["windows"] == 1
