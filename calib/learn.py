@@ -22,12 +22,10 @@ every learned quantizer into an encoding, so :func:`onnxq.qdq.emit_qdq` builds t
 
 from __future__ import annotations
 
-import hashlib
-import json
 import logging
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -39,6 +37,7 @@ from calib.observers import Observer
 from calib.qsim import QuantSim
 from onnxq import memory
 from onnxq.errors import OnnxqError
+from onnxq.options import LearnConfig
 from onnxq.plan import Point, QuantPlan
 from onnxq.qtypes import Encoding, from_range
 from rewrites.rotate import rotate_heads
@@ -48,23 +47,6 @@ log = logging.getLogger(__name__)
 
 #: roles whose quantizers stage 1 learns: the inputs of MatMuls that a rotation makes near-Gaussian
 STAGE1_ROLES = frozenset({"attn_in", "mlp_in", "attn_out"})
-
-
-@dataclass(frozen=True)
-class LearnConfig:
-    """What ``onnxq quantize --learn`` trains (defaults fit SmolLM2-135M in minutes on 2 cores)."""
-
-    steps: int = 30  # per decoder layer
-    lr: float = 5e-3  # Adam, on log-factors of ranges and clip ratios
-    rotation_lr: float = 2e-3  # Adam, on the skew-symmetric generator of each layer's extra R2
-    samples: int = 8  # calibration windows used for learning
-    warmup: int = 5  # steps of local quantization-error loss per layer
-    learn_rotation: bool = True
-    seed: int = 0
-    device: str = "cpu"
-
-    def digest(self) -> str:
-        return hashlib.sha256(json.dumps(asdict(self), sort_keys=True).encode()).hexdigest()[:12]
 
 
 @dataclass

@@ -5,6 +5,9 @@ The Python API mirrors the CLI::
     import onnxq
     onnxq.export(None, "smollm2/model.onnx")                     # embedded SmolLM2-135M
     result = onnxq.quantize("smollm2/model.onnx", "smollm2-w8a16", preset="w8a16")
+    options = onnxq.QuantizeOptions(preset="w4a8", budget=0.1)   # validated once; it is the recipe
+    onnxq.quantize("smollm2/model.onnx", "smollm2-w4a8", options)
+    again = onnxq.read_recipe("smollm2-w4a8/recipe.toml").options    # what that run resolved
     ppl = onnxq.perplexity("smollm2-w8a16/model.qdq.onnx", windows)
     report = onnxq.validate("smollm2-w8a16/model.qdq.onnx", windows, context_dir=Path("htp"))
 
@@ -16,7 +19,16 @@ from __future__ import annotations
 from typing import Any
 
 __version__ = "0.1.0"
-__all__ = ["OnnxqError", "export", "perplexity", "quantize", "validate"]
+__all__ = [
+    "LearnConfig",
+    "OnnxqError",
+    "QuantizeOptions",
+    "export",
+    "perplexity",
+    "quantize",
+    "read_recipe",
+    "validate",
+]
 
 _LAZY = {
     "export": ("onnxq.export", "export"),
@@ -24,6 +36,9 @@ _LAZY = {
     "perplexity": ("onnxq.evaluate", "perplexity"),
     "validate": ("onnxq.qnn", "validate"),
     "OnnxqError": ("onnxq.errors", "OnnxqError"),
+    "QuantizeOptions": ("onnxq.options", "QuantizeOptions"),
+    "LearnConfig": ("onnxq.options", "LearnConfig"),
+    "read_recipe": ("onnxq.options", "read_recipe"),
 }
 
 

@@ -127,14 +127,33 @@ def cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_quantize(args: argparse.Namespace) -> int:
-    from onnxq.pipeline import quantize
+#: quantize's flags that are options of the recipe (argparse dests); --recipe refuses them
+RECIPE_FLAGS = (
+    "preset", "calib", "windows", "method", "weight_method", "precision_map", "seq_len", "mask_value", "rotate",
+    "seed", "online_hadamard", "split_outliers", "weight_block", "gptq_sweeps", "learn", "steps", "lr", "samples",
+    "no_learn_rotation", "device", "budget", "weight_budget", "budget_by", "selector", "sensitivity_windows",
+    "tokenizer", "encodings_version",
+)  # fmt: skip
 
-    output = Path(args.output) if args.output else Path(args.model).with_name(f"{Path(args.model).stem}-{args.preset}")
+
+def _quantize_options(args: argparse.Namespace) -> Any:
+    """The options of ``onnxq quantize``: from ``--recipe``, or from the flags."""
+    from onnxq.options import LearnConfig, QuantizeOptions, read_recipe, sha256_file
+
+    if args.recipe:
+        given = [f"--{d.replace('_', '-')}" for d in RECIPE_FLAGS if getattr(args, d) != args.parser.get_default(d)]
+        if given:
+            raise OnnxqError(
+                f"--recipe sets every option, and {', '.join(given)} would change it",
+                "edit the recipe (or a copy), or drop --recipe",
+            )
+        recipe = read_recipe(args.recipe)
+        model = Path(args.model)
+        if model.is_file() and sha256_file(model) not in recipe.inputs.values():
+            log.warning("%s is not the model %s was written for (sha256 differs)", model, args.recipe)
+        return recipe.options
     learn = None
     if args.learn:
-        from calib.learn import LearnConfig
-
         learn = LearnConfig(
             steps=args.steps,
             lr=args.lr,
@@ -143,36 +162,41 @@ def cmd_quantize(args: argparse.Namespace) -> int:
             seed=args.seed,
             device=args.device,
         )
+    return QuantizeOptions(
+        preset=args.preset,
+        calib=args.calib,
+        windows=args.windows,
+        method=args.method,
+        weight_method=args.weight_method,
+        precision_map=args.precision_map,
+        seq_len=args.seq_len,
+        mask_value=args.mask_value,
+        rotate=args.rotate,
+        seed=args.seed,
+        online_hadamard=tuple(w.strip() for w in args.online_hadamard.split(",") if w.strip()),
+        split_outliers=args.split_outliers,
+        weight_block=args.weight_block,
+        gptq_sweeps=args.gptq_sweeps,
+        learn=learn,
+        budget=args.budget,
+        weight_budget=args.weight_budget,
+        budget_by=args.budget_by,
+        selector=args.selector,
+        sensitivity_windows=args.sensitivity_windows,
+        tokenizer=args.tokenizer,
+        encodings_version=args.encodings_version,
+    )
+
+
+def cmd_quantize(args: argparse.Namespace) -> int:
+    from onnxq.pipeline import quantize
+
+    options = _quantize_options(args)
+    model = Path(args.model)
+    output = Path(args.output) if args.output else model.with_name(f"{model.stem}-{options.preset}")
     progress = _Progress(not (args.quiet or args.json))
     try:
-        result = quantize(
-            args.model,
-            output,
-            preset=args.preset,
-            calib=args.calib,
-            windows=args.windows,
-            method=args.method,
-            weight_method=args.weight_method,
-            precision_map=args.precision_map,
-            seq_len=args.seq_len,
-            mask_value=args.mask_value,
-            rotate=args.rotate,
-            seed=args.seed,
-            online_hadamard=[w.strip() for w in args.online_hadamard.split(",") if w.strip()],
-            split_outliers=args.split_outliers,
-            weight_block=args.weight_block,
-            gptq_sweeps=args.gptq_sweeps,
-            learn=learn,
-            budget=args.budget,
-            weight_budget=args.weight_budget,
-            budget_by=args.budget_by,
-            selector=args.selector,
-            sensitivity_windows=args.sensitivity_windows,
-            tokenizer=args.tokenizer,
-            encodings_version=args.encodings_version,
-            overwrite=args.overwrite,
-            progress=progress,
-        )
+        result = quantize(model, output, options, overwrite=args.overwrite, progress=progress)
     finally:
         progress.close()
     s = result.summary
@@ -209,6 +233,7 @@ def cmd_quantize(args: argparse.Namespace) -> int:
             ("mixed precision", _mixed_line(s.get("mixed_precision"))),
             ("learning", _learn_line(s.get("learning"))),
             ("files", ", ".join(f"{f.name} ({_mb(f)})" for f in files)),
+            ("recipe", f"{output / 'recipe.toml'} (replay: onnxq quantize MODEL --recipe it -o OUT)"),
         ]
     )
     if args.eval_windows > 0 and (output / "model.qdq.onnx").exists():
@@ -699,7 +724,7 @@ def build_parser() -> argparse.ArgumentParser:
         parents=[common],
         help="quantize a float ONNX model to static QDQ",
         description="Insert QuantizeLinear/DequantizeLinear with fixed scales, following the HTP's "
-        "rules. Writes model.qdq.onnx, precision_map.json, encodings.json, summary.json.",
+        "rules. Writes model.qdq.onnx, precision_map.json, encodings.json, recipe.toml, summary.json.",
     )
     p.add_argument("model", help="float ONNX model (onnxq export, optimum, torch.onnx), or an export --kv-cache folder")
     p.add_argument("-o", "--output", help="output folder (default: <model>-<preset> next to the model)")
@@ -800,6 +825,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seq-len", type=int, help="fix the sequence length of a dynamic-shape model")
     p.add_argument("--mask-value", type=float, help="replace -inf/-3.4e38 masks with this value")
     p.add_argument("--tokenizer", help="tokenizer (Hub id/folder/.gguf) if none sits next to the model")
+    p.add_argument(
+        "--recipe",
+        metavar="FILE",
+        help="replay a run: the recipe.toml it wrote sets every option (same inputs and versions: same bytes)",
+    )
     p.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
     p.add_argument("--no-report", action="store_true", help="skip report.html and its figures (onnxq report)")
     p.add_argument(
@@ -808,7 +838,7 @@ def build_parser() -> argparse.ArgumentParser:
         default=4,
         help="WikiText-2 windows for the float-vs-quantized perplexity in the summary (default 4; 0 skips)",
     )
-    p.set_defaults(func=cmd_quantize)
+    p.set_defaults(func=cmd_quantize, parser=p)
 
     p = sub.add_parser(
         "eval",

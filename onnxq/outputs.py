@@ -53,10 +53,12 @@ def write_quantized(
     encodings_version: str,
     source: Path,
     summary: dict[str, Any],
+    recipe: str,
     started: float,
     overwrite: bool,
 ) -> list[Path]:
-    """Write ``graphs`` (file name -> QDQ model) and their side files into ``output``; returns the files.
+    """Write ``graphs`` (file name -> QDQ model), their side files and ``recipe`` (the text of
+    ``recipe.toml``) into ``output``; returns the files.
 
     The AIMET encodings are taken from the first graph (``<stem>.encodings``): the graphs of one
     run share their quantizers. ``summary`` gains ``macs`` (the share of MatMul multiply-adds per
@@ -77,6 +79,7 @@ def write_quantized(
         (tmp / "precision_map.json").write_text(json.dumps(plan.precision_map(), indent=1) + "\n", encoding="utf-8")
         enc = encodings_json(plan, encodings)
         (tmp / "encodings.json").write_text(json.dumps(enc, indent=1) + "\n", encoding="utf-8")
+        (tmp / "recipe.toml").write_text(recipe, encoding="utf-8")
         for side in SIDE_FILES:
             if (source / side).exists():
                 shutil.copyfile(source / side, tmp / side)

@@ -6,6 +6,7 @@ of the previous step's output; the input file is never touched.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import shutil
 import time
@@ -18,11 +19,12 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import onnx_ir as ir
 
-from onnxq import aimet, memory, recipes
 from onnxq import ir as oir
+from onnxq import memory, recipes
 from onnxq import presets as presets_mod
 from onnxq.errors import OnnxqError
 from onnxq.files import check_new_output
+from onnxq.options import DEFAULT_WINDOWS, GPTQ_WINDOWS, ROTATIONS, QuantizeOptions, recipe_toml, sha256_file
 from onnxq.outputs import write_quantized
 from onnxq.pipeline_kv import is_kv_folder, quantize_kv
 from onnxq.plan import QuantPlan, build_plan, read_precision_map
@@ -30,7 +32,6 @@ from onnxq.qdq import emit_qdq
 from onnxq.qtypes import Encoding
 
 if TYPE_CHECKING:
-    from calib.learn import LearnConfig
     from calib.residual import Widths
 from rewrites import canonical
 from rewrites.base import RewriteResult, apply
@@ -42,11 +43,6 @@ from rewrites.structure import Structure, StructureError, discover, generic_role
 
 log = logging.getLogger(__name__)
 
-DEFAULT_CALIB = "c4"
-DEFAULT_WINDOWS = 16
-#: calibration windows when GPTQ rounds the weights (4-bit presets by default). SmolLM2 W4A8: 16 ->
-#: 64 took blocks of 32 from 33.99 to 33.12; 128 gave no more (blocks of 16: 32.45 against 32.28)
-GPTQ_WINDOWS = 64
 Progress = Callable[[str, int], Callable[..., None]]  # a tick: (count, optional note)
 #: (rotated float model, its structure) -> layer -> down_proj input channels to split off
 OutlierChooser = Callable[[ir.Model, Structure], dict[int, list[int]]]
@@ -55,7 +51,6 @@ R1Refiner = Callable[[ir.Model, Structure], tuple[np.ndarray, str]]
 R1_WINDOWS = 4
 DEFAULT_OUTLIER_LIMIT = 8
 OUTLIER_WINDOWS = 4
-ROTATIONS = ("hadamard", "learned", "random", "none")
 
 
 def _windows_of(model: ir.Model, tokenizer: Callable[[], Any], calib: str, count: int) -> Any:
@@ -223,63 +218,40 @@ def prepare(
 def quantize(
     model_path: str | Path,
     output: str | Path,
+    options: QuantizeOptions | None = None,
     *,
-    preset: str = "w8a16",
-    calib: str = DEFAULT_CALIB,
-    windows: int | None = None,
-    method: str = "auto",
-    weight_method: str = "auto",
-    precision_map: str | Path | None = None,
-    seq_len: int | None = None,
-    mask_value: float | None = None,
-    rotate: str = "hadamard",
-    online_hadamard: Sequence[str] = (),
-    split_outliers: float | None = None,
-    weight_block: int | None = None,
-    gptq_sweeps: int | None = None,
-    seed: int = 0,
-    learn: LearnConfig | None = None,
-    budget: float | None = None,
-    weight_budget: float | None = None,
-    budget_by: str = "count",
-    selector: str = "fisher",
-    sensitivity_windows: int = 4,
-    tokenizer: str | None = None,
-    encodings_version: str = "1.0.0",
     overwrite: bool = False,
     progress: Progress | None = None,
+    **changes: Any,
 ) -> QuantizeResult:
-    """Quantize the float ONNX model at ``model_path`` into the folder ``output``.
+    """Quantize the float ONNX model at ``model_path`` (or a KV-cache folder) into the folder ``output``.
 
-    Writes ``model.qdq.onnx``, ``precision_map.json`` (editable, accepted back with
-    ``precision_map=``), ``encodings.json`` (onnxq's, by quantization point), ``model.encodings``
-    (AIMET's, by tensor, for QAIRT) and ``summary.json``, plus the tokenizer files.
+    ``options`` default to :class:`~onnxq.options.QuantizeOptions`; keyword arguments set or change
+    fields of it (``quantize(m, out, preset="w4a8")``). Writes ``model.qdq.onnx``,
+    ``precision_map.json`` (editable, accepted back with ``precision_map=``), ``encodings.json``
+    (onnxq's, by quantization point), ``model.encodings`` (AIMET's, by tensor, for QAIRT),
+    ``recipe.toml`` (the options as resolved: replays the run) and ``summary.json``, plus the
+    tokenizer files.
     """
     from calib import data
     from calib.calibrate import encode, method_for, observe
     from onnxq.sources import tokenizer_for
 
     start = time.perf_counter()
+    o = replace(options or QuantizeOptions(), **changes)  # validated here, once
     model_path = Path(model_path)
     output = Path(output)
-    chosen = presets_mod.get(preset)
-    if windows is not None and windows < 1:
-        raise OnnxqError(f"--windows {windows} is not a positive count", "pass e.g. --windows 16")
-    if encodings_version not in aimet.VERSIONS:
-        raise OnnxqError(f"unknown encodings version {encodings_version!r}", f"use one of: {', '.join(aimet.VERSIONS)}")
-    check_weight_block(weight_block)
-    if gptq_sweeps is not None and gptq_sweeps < 0:
-        raise OnnxqError(f"--gptq-sweeps {gptq_sweeps} is negative", "pass 0 (plain GPTQ) or more, e.g. 3")
+    chosen = presets_mod.get(o.preset)
     if is_kv_folder(model_path):
         unsupported = [
             f
             for f, on in (
-                ("--learn", learn),
-                ("--budget", budget),
-                ("--weight-budget", weight_budget),
-                ("--online-hadamard", online_hadamard),
-                ("--split-outliers", split_outliers),
-                ("--rotate learned", rotate == "learned"),
+                ("--learn", o.learn),
+                ("--budget", o.budget),
+                ("--weight-budget", o.weight_budget),
+                ("--online-hadamard", o.online_hadamard),
+                ("--split-outliers", o.split_outliers),
+                ("--rotate learned", o.rotate == "learned"),
             )
             if on
         ]
@@ -288,108 +260,84 @@ def quantize(
                 f"{', '.join(unsupported)} is not supported for KV-cache graphs yet",
                 "quantize the scoring graph of `onnxq export` for that",
             )
-        return quantize_kv(
-            model_path,
-            output,
-            preset=preset,
-            calib=calib,
-            windows=windows or DEFAULT_WINDOWS,
-            method=method,
-            weight_method=weight_method,
-            precision_map=precision_map,
-            mask_value=mask_value,
-            rotate=rotate,
-            weight_block=weight_block,
-            gptq_sweeps=gptq_sweeps,
-            seed=seed,
-            tokenizer=tokenizer,
-            encodings_version=encodings_version,
-            overwrite=overwrite,
-            progress=progress,
-        )
+        return quantize_kv(model_path, output, o, overwrite=overwrite, progress=progress)
     check_new_output(output, overwrite=overwrite, inputs=[model_path])
-    overrides = read_precision_map(precision_map) if precision_map else None
+    overrides = read_precision_map(o.precision_map) if o.precision_map else None
     float_model = oir.load(model_path)
     if "onnxq.kv_slots" in float_model.metadata_props:
         raise OnnxqError(
             f"{model_path} is one graph of a KV-cache pair",
             f"quantize the folder holding prefill.onnx and decode.onnx: onnxq quantize {model_path.parent}",
         )
-    recipe = with_block(recipes.for_model_type(float_model.metadata_props.get("onnxq.model_type")), weight_block)
+    recipe = with_block(recipes.for_model_type(float_model.metadata_props.get("onnxq.model_type")), o.weight_block)
     if chosen.weight_bits == 4 and recipe.weight_block:  # before any data is read (outliers, calibration)
-        check_encodings_version(encodings_version, blocked=True)
-    if split_outliers is None:  # the family's default (Llama: 16); 16-bit inputs have the range already
-        split_outliers = recipe.split_outliers
-    if split_outliers < 0 or 0 < split_outliers <= 1:
-        raise OnnxqError(
-            f"--split-outliers {split_outliers:g} is not above 1", "pass a ratio such as 16, or 0 for no split"
-        )
+        check_encodings_version(o.encodings_version, blocked=True)
+    # the family's default (Llama: 16); 16-bit inputs have the range already
+    split_outliers = recipe.split_outliers if o.split_outliers is None else o.split_outliers
     splitting = split_outliers > 0 and chosen.act_bits < 16
     prepared = prepare(
         float_model,
-        seq_len=seq_len,
-        mask_value=mask_value,
-        rotate=rotate,
-        online=online_hadamard,
-        seed=seed,
+        seq_len=o.seq_len,
+        mask_value=o.mask_value,
+        rotate=o.rotate,
+        online=o.online_hadamard,
+        seed=o.seed,
         where=str(model_path),
-        outliers=outlier_chooser(lambda: tokenizer_for(model_path, tokenizer), calib, split_outliers)
+        outliers=outlier_chooser(lambda: tokenizer_for(model_path, o.tokenizer), o.calib, split_outliers)
         if splitting
         else None,
-        refine_r1=r1_refiner(lambda: tokenizer_for(model_path, tokenizer), calib, r1_widths(chosen, recipe), seed)
-        if rotate == "learned"
+        refine_r1=r1_refiner(lambda: tokenizer_for(model_path, o.tokenizer), o.calib, r1_widths(chosen, recipe), o.seed)
+        if o.rotate == "learned"
         else None,
     )
     model = prepared.model
     plan = build_plan(model, chosen, recipe, prepared.roles, prepared.structure, overrides)
-    check_encodings_version(encodings_version, blocked=plan.has_blocked_weights())
-    if weight_method == "auto":  # GPTQ halves W4A8 perplexity on SmolLM2 (117 -> 61); at 8 bits RTN suffices
-        weight_method = "gptq" if chosen.weight_bits == 4 else "mse"
+    check_encodings_version(o.encodings_version, blocked=plan.has_blocked_weights())
+    weight_method = resolve_weight_method(o, chosen)
     use_gptq = weight_method == "gptq"
-    if windows is None:  # GPTQ's Hessians want more data than the activation ranges
-        windows = GPTQ_WINDOWS if use_gptq else DEFAULT_WINDOWS
-    tok = tokenizer_for(model_path, tokenizer)
-    calib_windows = data.windows(tok, calib, prepared.seq_len, windows)
+    windows = o.windows or (GPTQ_WINDOWS if use_gptq else DEFAULT_WINDOWS)  # GPTQ's Hessians want more data
+    tok = tokenizer_for(model_path, o.tokenizer)
+    calib_windows = data.windows(tok, o.calib, prepared.seq_len, windows)
     tick = progress("calibrating", len(calib_windows)) if progress else None
     t_cal = time.perf_counter()
-    rotated = rotate != "none"
+    rotated = o.rotate != "none"
     # With learning, GPTQ's inputs are gathered after it, on the learned model: the Hessians (~0.8 GB
     # on SmolLM2) are then never held while learning runs, and they see the learned rotations.
-    hessians = gptq_inputs(model, plan) if use_gptq and learn is None else None
+    hessians = gptq_inputs(model, plan) if use_gptq and o.learn is None else None
     observers = observe(
         model,
         plan,
         calib_windows.ids,
-        histogram=lambda p: method_for(p, method, rotated) in ("mse", "percentile") or p.bits < 16,
+        histogram=lambda p: method_for(p, o.method, rotated) in ("mse", "percentile") or p.bits < 16,
         hessians=hessians,
         progress=tick,
     )
     scale_method = "mse" if use_gptq else weight_method
-    encodings, stats = encode(model, plan, observers, method=method, weight_method=scale_method, rotated=rotated)
+    encodings, stats = encode(model, plan, observers, method=o.method, weight_method=scale_method, rotated=rotated)
     mixed: dict[str, Any] | None = None
-    if budget is not None or weight_budget is not None:
+    if o.budget is not None or o.weight_budget is not None:
         plan, mixed = choose_precision(
             model,
             plan,
             encodings,
-            calib_windows.ids[:sensitivity_windows],
-            budget=budget,
-            weight_budget=weight_budget,
-            by=budget_by,
-            selector=selector,
-            seed=seed,
+            calib_windows.ids[: o.sensitivity_windows],
+            budget=o.budget,
+            weight_budget=o.weight_budget,
+            by=o.budget_by,
+            selector=o.selector,
+            seed=o.seed,
             overrides=overrides,
             recipe=recipe,
             prepared=prepared,
             progress=progress,
         )
         encodings, stats = encode(
-            model, plan, observers, method=method, weight_method=scale_method, rotated=rotated, previous=encodings
+            model, plan, observers, method=o.method, weight_method=scale_method, rotated=rotated, previous=encodings
         )
         memory.release()  # the sensitivity pass's QuantSim and per-window tensors
     t_cal = time.perf_counter() - t_cal
     learned: dict[str, Any] | None = None
-    if learn is not None:
+    if o.learn is not None:
         if prepared.structure is None:
             raise OnnxqError(
                 "--learn needs the transformer structure, which was not recognised", "quantize without --learn"
@@ -402,16 +350,16 @@ def quantize(
             prepared.structure,
             plan,
             encodings,
-            calib_windows.ids[: learn.samples],
+            calib_windows.ids[: o.learn.samples],
             calib_windows.ids,
-            config=learn,
-            method=method,
-            down_in="r4" in online_hadamard or splitting,
+            config=o.learn,
+            method=o.method,
+            down_in="r4" in o.online_hadamard or splitting,
             progress=ticks,
             checkpoint=output.parent / f".{output.name}.learn" / "checkpoint.pt",
         )
         encodings = result.encodings
-        learned = {"config": asdict(learn), "seconds": round(result.seconds, 1), "layers": result.history}
+        learned = {"config": asdict(o.learn), "seconds": round(result.seconds, 1), "layers": result.history}
         del result
         memory.release()  # what learning freed, before GPTQ's Hessians (~0.8 GB) are gathered
     swept: int | None = None
@@ -420,18 +368,18 @@ def quantize(
             hessians = gptq_inputs(model, plan)
             tick = progress("GPTQ inputs", len(calib_windows)) if progress else None
             observe(model, plan, calib_windows.ids, histogram=lambda _: False, hessians=hessians, progress=tick)
-        swept = apply_gptq(model, plan, encodings, hessians, sweeps=gptq_sweeps)
+        swept = apply_gptq(model, plan, encodings, hessians, sweeps=o.gptq_sweeps)
         memory.release()  # GPTQ's temporaries, before the QDQ model and its serialised copy are made
     emit_qdq(model, plan, encodings)
     model.metadata_props.update(
         {
             "onnxq.seq_len": str(prepared.seq_len),
-            "onnxq.calib": str(calib),
-            "onnxq.rotate": rotate,
-            "onnxq.online": ",".join(online_hadamard),
+            "onnxq.calib": str(o.calib),
+            "onnxq.rotate": o.rotate,
+            "onnxq.online": ",".join(o.online_hadamard),
             "onnxq.split_outliers": str(split_outliers) if splitting else "",
-            "onnxq.seed": str(seed),
-            "onnxq.learned_rotation": "true" if learn is not None and learn.learn_rotation else "false",
+            "onnxq.seed": str(o.seed),
+            "onnxq.learned_rotation": "true" if o.learn is not None and o.learn.learn_rotation else "false",
         }
     )
     summary = build_summary(
@@ -439,14 +387,14 @@ def quantize(
         chosen.name,
         plan,
         prepared,
-        calib,
+        o.calib,
         len(calib_windows),
-        method,
+        o.method,
         weight_method,
         stats,
         time.perf_counter() - start,
         t_cal,
-        {"offline": rotate, "online": list(online_hadamard), "seed": seed},
+        {"offline": o.rotate, "online": list(o.online_hadamard), "seed": o.seed},
     )
     summary["weight_block"] = recipe.weight_block
     summary["gptq_sweeps"] = swept
@@ -457,15 +405,50 @@ def quantize(
         {"model.qdq.onnx": model},
         plan=plan,
         encodings=encodings,
-        encodings_version=encodings_version,
+        encodings_version=o.encodings_version,
         source=model_path.parent,
         summary=summary,
+        recipe=recipe_text(
+            replace(
+                o,
+                windows=windows,
+                weight_method=weight_method,
+                split_outliers=split_outliers if splitting else 0.0,
+                weight_block=recipe.weight_block,
+                seq_len=prepared.seq_len,
+            ),
+            [model_path],
+            calib_windows.ids,
+            sweeps=swept,
+        ),
         started=start,
         overwrite=overwrite,
     )
-    if learn is not None:
+    if o.learn is not None:
         shutil.rmtree(output.parent / f".{output.name}.learn", ignore_errors=True)
     return QuantizeResult(output, files, summary, plan, encodings)
+
+
+def resolve_weight_method(o: QuantizeOptions, chosen: presets_mod.Preset) -> str:
+    """``auto``: GPTQ for 4-bit weights (it halves W4A8 perplexity on SmolLM2), round-to-nearest at 8 bits."""
+    if o.weight_method != "auto":
+        return o.weight_method
+    return "gptq" if chosen.weight_bits == 4 else "mse"
+
+
+def recipe_text(resolved: QuantizeOptions, models: Sequence[Path], calib_ids: np.ndarray, sweeps: int | None) -> str:
+    """``recipe.toml`` for a run: its options as resolved, and hashes of what it read."""
+    from calib.gptq import SWEEPS
+
+    if resolved.weight_method == "gptq" and resolved.gptq_sweeps is None and sweeps is not None:
+        resolved = replace(resolved, gptq_sweeps=SWEEPS)
+    inputs = {f"{Path(m).name} sha256": sha256_file(Path(m)) for m in models}
+    inputs["calibration tokens sha256"] = hashlib.sha256(
+        np.ascontiguousarray(calib_ids, np.int64).tobytes()
+    ).hexdigest()
+    if resolved.precision_map:
+        inputs["precision map sha256"] = sha256_file(Path(resolved.precision_map))
+    return recipe_toml(resolved, inputs)
 
 
 def build_summary(
@@ -573,14 +556,6 @@ def _rounded(scores: dict[str, float], points: list[Any]) -> dict[str, float]:
     """Scores of ``points``, highest first, to 4 significant digits (for summary.json)."""
     mine = {p.name: scores.get(p.name, 0.0) for p in points}
     return {k: float(f"{v:.4g}") for k, v in sorted(mine.items(), key=lambda kv: -kv[1])}
-
-
-def check_weight_block(block: int | None) -> None:
-    """LPBQ blocks: the HTP takes a power of two of at least 16 (0 = per channel)."""
-    if block is not None and block != 0 and (block < 16 or block & (block - 1)):
-        raise OnnxqError(
-            f"--weight-block {block} is not a power of two >= 16", "pass 32, 64 or 128, or 0 for per-channel"
-        )
 
 
 def check_encodings_version(version: str, *, blocked: bool) -> None:

@@ -10,6 +10,7 @@ Concat that appends to the cache shares its quantizer), so what decode writes is
 from __future__ import annotations
 
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +19,7 @@ from onnxq import presets as presets_mod
 from onnxq import recipes
 from onnxq.errors import OnnxqError
 from onnxq.files import check_new_output
+from onnxq.options import DEFAULT_WINDOWS, QuantizeOptions
 from onnxq.outputs import write_quantized
 from onnxq.plan import build_plan, read_precision_map
 from onnxq.qdq import emit_qdq
@@ -29,26 +31,7 @@ def is_kv_folder(path: Path) -> bool:
     return path.is_dir() and all((path / f"{g}.onnx").exists() for g in GRAPHS)
 
 
-def quantize_kv(
-    folder: Path,
-    output: Path,
-    *,
-    preset: str,
-    calib: str,
-    windows: int,
-    method: str,
-    weight_method: str,
-    precision_map: str | Path | None,
-    mask_value: float | None,
-    rotate: str,
-    weight_block: int | None,
-    gptq_sweeps: int | None,
-    seed: int,
-    tokenizer: str | None,
-    encodings_version: str,
-    overwrite: bool,
-    progress: Any,
-) -> Any:
+def quantize_kv(folder: Path, output: Path, o: QuantizeOptions, *, overwrite: bool, progress: Any) -> Any:
     """Quantize ``folder``'s prefill.onnx and decode.onnx into ``output`` (see the module docstring)."""
     from calib import data
     from calib.calibrate import encode, method_for, observe
@@ -61,32 +44,34 @@ def quantize_kv(
         check_encodings_version,
         gptq_inputs,
         prepare,
+        recipe_text,
+        resolve_weight_method,
         with_block,
     )
     from onnxq.sources import tokenizer_for
 
     start = time.perf_counter()
-    chosen = presets_mod.get(preset)
+    chosen = presets_mod.get(o.preset)
     check_new_output(output, overwrite=overwrite, inputs=[folder])
-    overrides = read_precision_map(precision_map) if precision_map else None
+    overrides = read_precision_map(o.precision_map) if o.precision_map else None
     chunk, shape, stored_mask = read_shape(folder / "prefill.onnx")
     prepared = {
         g: prepare(
             oir.load(folder / f"{g}.onnx"),
-            mask_value=mask_value,
-            rotate=rotate,
-            seed=seed,
+            mask_value=o.mask_value,
+            rotate=o.rotate,
+            seed=o.seed,
             where=str(folder / f"{g}.onnx"),
         )
         for g in GRAPHS
     }
     model_type = prepared["prefill"].model.metadata_props.get("onnxq.model_type")
-    recipe = with_block(recipes.for_model_type(model_type), weight_block)
+    recipe = with_block(recipes.for_model_type(model_type), o.weight_block)
     plans = {
         g: build_plan(p.model, chosen, recipe, p.roles, p.structure, dict(overrides) if overrides else None)
         for g, p in prepared.items()
     }
-    check_encodings_version(encodings_version, blocked=plans["prefill"].has_blocked_weights())
+    check_encodings_version(o.encodings_version, blocked=plans["prefill"].has_blocked_weights())
     if set(plans["prefill"].points) != set(plans["decode"].points):
         odd = sorted(set(plans["prefill"].points) ^ set(plans["decode"].points))[:3]
         raise OnnxqError(
@@ -94,50 +79,49 @@ def quantize_kv(
             "export both in one run with `onnxq export --kv-cache`",
         )
     prefill, plan = prepared["prefill"].model, plans["prefill"]
-    tok = tokenizer_for(folder / "prefill.onnx", tokenizer)
+    tok = tokenizer_for(folder / "prefill.onnx", o.tokenizer)
     length = min(shape.slots, 512)
-    calib_windows = data.windows(tok, calib, length, windows)
-    feeds = CacheFeeds(calib_windows.ids, chunk, shape, stored_mask if mask_value is None else mask_value)
+    calib_windows = data.windows(tok, o.calib, length, o.windows or DEFAULT_WINDOWS)
+    feeds = CacheFeeds(calib_windows.ids, chunk, shape, stored_mask if o.mask_value is None else o.mask_value)
     tick = progress("calibrating (steps)", len(feeds)) if progress else None
     t_cal = time.perf_counter()
-    rotated = rotate != "none"
-    if weight_method == "auto":
-        weight_method = "gptq" if chosen.weight_bits == 4 else "mse"
+    rotated = o.rotate != "none"
+    weight_method = resolve_weight_method(o, chosen)
     hessians = gptq_inputs(prefill, plan) if weight_method == "gptq" else None
     observers = observe(
         prefill,
         plan,
         feeds,
-        histogram=lambda p: method_for(p, method, rotated) in ("mse", "percentile") or p.bits < 16,
+        histogram=lambda p: method_for(p, o.method, rotated) in ("mse", "percentile") or p.bits < 16,
         hessians=hessians,
         progress=tick,
     )
     scale_method = "mse" if weight_method == "gptq" else weight_method
-    encodings, stats = encode(prefill, plan, observers, method=method, weight_method=scale_method, rotated=rotated)
+    encodings, stats = encode(prefill, plan, observers, method=o.method, weight_method=scale_method, rotated=rotated)
     t_cal = time.perf_counter() - t_cal
     swept: int | None = None
     if hessians is not None:
-        swept = apply_gptq(prefill, plan, encodings, hessians, sweeps=gptq_sweeps)
+        swept = apply_gptq(prefill, plan, encodings, hessians, sweeps=o.gptq_sweeps)
         decode_inits = prepared["decode"].model.graph.initializers
         for point in plan.weight_points():
             for name in point.consts:  # the same rounding in both graphs
                 decode_inits[name].const_value = prefill.graph.initializers[name].const_value
     models = {g: emit_qdq(prepared[g].model, plans[g], encodings) for g in GRAPHS}
     for model in models.values():
-        model.metadata_props.update({"onnxq.seed": str(seed), "onnxq.calib": str(calib)})
+        model.metadata_props.update({"onnxq.seed": str(o.seed), "onnxq.calib": str(o.calib)})
     summary = build_summary(
         folder,
         chosen.name,
         plan,
         prepared["prefill"],
-        calib,
+        o.calib,
         len(calib_windows),
-        method,
+        o.method,
         weight_method,
         stats,
         time.perf_counter() - start,
         t_cal,
-        {"offline": rotate, "online": [], "seed": seed},
+        {"offline": o.rotate, "online": [], "seed": o.seed},
     )
     summary["seq_len"] = chunk
     summary["kv_cache"] = {"chunk": chunk, "context": shape.slots, "layers": shape.layers}
@@ -151,9 +135,15 @@ def quantize_kv(
         {f"{g}.qdq.onnx": m for g, m in models.items()},
         plan=plan,
         encodings=encodings,
-        encodings_version=encodings_version,
+        encodings_version=o.encodings_version,
         source=folder,
         summary=summary,
+        recipe=recipe_text(
+            replace(o, windows=len(calib_windows), weight_method=weight_method, weight_block=recipe.weight_block),
+            [folder / f"{g}.onnx" for g in GRAPHS],
+            calib_windows.ids,
+            sweeps=swept,
+        ),
         started=start,
         overwrite=overwrite,
     )

@@ -152,7 +152,7 @@ def test_block_sizes_the_htp_rejects_are_refused(
 ) -> None:
     from onnxq.cli import main
 
-    with pytest.raises(OnnxqError, match="not a power of two >= 16"):
+    with pytest.raises(OnnxqError, match="not a power of two of at least 16"):
         quantize(tiny_model, tmp_path / "q", preset="w4a8", weight_block=block)
     code = main(["quantize", str(tiny_model), "-o", str(tmp_path / "c"), "--weight-block", str(block)])
     err = capsys.readouterr().err.strip()

@@ -8,14 +8,17 @@ import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
-from calib.data import read_text
+from calib.data import find_named, open_text
 
 VOCAB = 384
 
 
 def tiny_tokenizer(folder: Path, vocab: int = VOCAB) -> PreTrainedTokenizerFast:
     """A byte-level BPE tokenizer trained on WikiText-2 validation text (never the test split)."""
-    text = read_text("wikitext2-valid")[:400_000]
+    path = find_named("wikitext2-valid")
+    assert path is not None  # shipped in calib/datasets
+    with open_text(path) as fh:
+        text = fh.read()[:400_000]
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()

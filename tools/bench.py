@@ -203,7 +203,7 @@ def step_quantize_onnxq(model: Path, out: Path, preset: str, calib: str, windows
     learn = extra.pop("learn", None)
     windows = extra.pop("windows", windows)  # a row may calibrate on more windows than the setup's
     code = (
-        "import json, sys; from onnxq.pipeline import quantize; from calib.learn import LearnConfig; "
+        "import json, sys; from onnxq.pipeline import quantize; from onnxq.options import LearnConfig; "
         f"r = quantize({str(model)!r}, {str(out)!r}, preset={preset!r}, calib={calib!r}, windows={windows}, "
         f"overwrite=True, learn=None if {learn!r} is None else LearnConfig(**{learn!r}), **{extra!r}); "
         "print(json.dumps({'seconds': r.summary['seconds'], 'peak_rss_mb': r.summary['peak_rss_mb'], "
