@@ -35,6 +35,18 @@ ROWS: dict[str, tuple[str, str, dict[str, Any]]] = {
     "ort-w8a8": ("ort", "w8a8", {}),
     "ort-w4a16": ("ort", "w4a16", {}),
     "ort-w4a8": ("ort", "w4a8", {}),
+    # the strongest set-up of ONNX Runtime's quantizer: onnxq's canonical graph, per-channel weights
+    "ort-canonical-w8a16": ("ort", "w8a16", {"canonical": True}),
+    "ort-canonical-w8a8": ("ort", "w8a8", {"canonical": True}),
+    "ort-canonical-w4a16": ("ort", "w4a16", {"canonical": True}),
+    "ort-canonical-w4a8": ("ort", "w4a8", {"canonical": True}),
+    # Qualcomm AIMET's QuantSim on the same canonical graph, HTP v73 config: min/max and tf_enhanced
+    "aimet-w8a16-minmax": ("aimet", "w8a16", {"scheme": "minmax"}),
+    "aimet-w8a16-tf_enhanced": ("aimet", "w8a16", {"scheme": "tf_enhanced"}),
+    "aimet-w8a8-minmax": ("aimet", "w8a8", {"scheme": "minmax"}),
+    "aimet-w8a8-tf_enhanced": ("aimet", "w8a8", {"scheme": "tf_enhanced"}),
+    "aimet-w4a16-minmax": ("aimet", "w4a16", {"scheme": "minmax"}),
+    "aimet-w4a16-tf_enhanced": ("aimet", "w4a16", {"scheme": "tf_enhanced"}),
     # the ablation, Quant.npu style: min/max -> + rotation -> + aware init -> + learning (-> + learned R2)
     "onnxq-w4a8-minmax-norot": (
         "onnxq",
@@ -189,8 +201,8 @@ VALIDATE = ("onnxq-w8a16", "onnxq-w4a8-learn")  # 2 windows on the HTP emulator:
 
 
 def _run(cmd: list[str]) -> dict[str, Any]:
-    """Run a step in a fresh process and parse the JSON it prints last."""
-    proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
+    """Run a step in a fresh process (in the repository root) and parse the JSON it prints last."""
+    proc = subprocess.run(cmd, capture_output=True, text=True, check=False, cwd=ROOT)
     if proc.returncode != 0:
         raise RuntimeError(f"{' '.join(cmd[:4])} failed:\n{proc.stderr[-3000:]}")
     return json.loads(proc.stdout.strip().splitlines()[-1])
@@ -351,8 +363,14 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                     preset,
                     "--windows",
                     str(work / "calib.npy"),
+                    *(["--canonical"] if extra.get("canonical") else []),
                 ]
             )
+        elif tool == "aimet":
+            target = work / name / "model.qdq.onnx"
+            scheme, calib_npy = extra["scheme"], str(work / "calib.npy")
+            argv = [str(model), str(target), "--preset", preset, "--scheme", scheme, "--windows", calib_npy]
+            row["quantize"] = _run([sys.executable, "-m", "tools.aimet_baseline", *argv])
         row["eval"] = step_eval(target, work / "eval.npy")
         if name in args.validate.split(",") and not args.no_validate:
             row["validate"] = step_validate(target, work / "eval.npy", work / name / "htp")
@@ -390,8 +408,14 @@ def _cpus() -> int:
 
 def _describe(row: dict[str, Any]) -> tuple[str, str]:
     """(rotation, method) cells for a row."""
+    if row["tool"] == "ort":
+        if row.get("options", {}).get("canonical"):
+            return "", "min/max, canonical graph (fused RMSNorm, finite mask), per-channel weights"
+        return "", "min/max, graph as exported"
+    if row["tool"] == "aimet":
+        return "", f"AIMET {row['options']['scheme']}, canonical graph, htp_v73 config (per-channel weights)"
     if row["tool"] != "onnxq":
-        return "", "min/max" if row["tool"] == "ort" else ""
+        return "", ""
     opts = row.get("options", {})
     rot = opts.get("rotate", "hadamard")
     rot = "hadamard + learned R1" if rot == "learned" else rot
