@@ -153,3 +153,19 @@ def test_scoring_graph_options_are_refused_on_a_kv_folder(kv_folder: Path, tmp_p
 
     with pytest.raises(OnnxqError, match="--split-outliers, --rotate learned is not supported for KV-cache graphs"):
         quantize(kv_folder, tmp_path / "q", preset="w8a8", split_outliers=16, rotate="learned")
+
+
+def test_the_kv_pair_replays_from_its_recipe(kv_w8a16: Path, kv_folder: Path, tmp_path: Path) -> None:
+    import hashlib
+
+    from onnxq.options import read_recipe
+    from onnxq.pipeline import quantize
+
+    recipe = read_recipe(kv_w8a16 / "recipe.toml")
+    assert recipe.options.windows == 2 and recipe.options.weight_method == "mse"
+    assert set(recipe.inputs) == {"prefill.onnx sha256", "decode.onnx sha256", "calibration tokens sha256"}
+    again = tmp_path / "again"
+    quantize(kv_folder, again, recipe.options)
+    for graph in ("prefill.qdq.onnx", "decode.qdq.onnx"):
+        digests = {hashlib.sha256((folder / graph).read_bytes()).hexdigest() for folder in (kv_w8a16, again)}
+        assert len(digests) == 1, graph
