@@ -1,7 +1,8 @@
 """Qualcomm AIMET's QuantSim (aimet-onnx), run as a user would, on the calibration windows onnxq uses.
 
 The graph is onnxq's canonical float graph (finite mask, untied embedding, fused RMSNorm), as for the
-strongest ONNX Runtime rows; the HTP v73 configuration (per-channel weights); the scheme is min/max
+strongest ONNX Runtime rows; the HTP v73 configuration (per-channel weights; the lm_head at 8 bits,
+as onnxq keeps it); the scheme is min/max
 or AIMET's tf_enhanced (a search over each activation's histogram). The calibrated model is exported
 as a QDQ graph and evaluated like every other row.
 
@@ -22,7 +23,7 @@ from pathlib import Path
 import numpy as np
 
 from onnxq.metrics import peak_rss_mb
-from tools.ort_baseline import canonical_graph
+from tools.ort_baseline import canonical_graph, lm_head_weight
 
 #: preset -> (weight type, activation type)
 TYPES = {"w8a16": ("int8", "int16"), "w8a8": ("int8", "int8"), "w4a16": ("int4", "int16"), "w4a8": ("int4", "int8")}
@@ -36,7 +37,8 @@ def quantize_with_aimet(model: Path, output: Path, windows: np.ndarray, preset: 
 
     start = time.perf_counter()
     output.parent.mkdir(parents=True, exist_ok=True)
-    graph = onnx.load(canonical_graph(model, output))
+    path = canonical_graph(model, output)
+    graph = onnx.load(path)
     weights, acts = TYPES[preset]
     sim = QuantizationSimModel(
         graph,
@@ -46,6 +48,7 @@ def quantize_with_aimet(model: Path, output: Path, windows: np.ndarray, preset: 
         config_file="htp_v73",
         providers=["CPUExecutionProvider"],
     )
+    sim.qc_quantize_op_dict[lm_head_weight(path)].set_bitwidth(8)  # as onnxq and Qualcomm's LLM recipes keep it
     sim.compute_encodings([{"input_ids": w.reshape(1, -1).astype(np.int64)} for w in windows])
     onnx.save(sim.to_onnx_qdq(), output)
     return {"seconds": round(time.perf_counter() - start, 1), "peak_rss_mb": peak_rss_mb()}

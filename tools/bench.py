@@ -718,6 +718,12 @@ per-channel clipping search then round to nearest; `gptq`: the same scales, GPTQ
         from tools.diagnose import section
 
         text += "\n" + section(json.loads(diagnostics.read_text(encoding="utf-8")))
+    fulltest = RESULTS.parent / "fulltest.json"
+    if fulltest.exists():
+        sys.path.insert(0, str(ROOT))
+        from tools.bench_fulltest import section as fulltest_section
+
+        text += "\n" + fulltest_section(json.loads(fulltest.read_text(encoding="utf-8")))
     generation = RESULTS.parent / "generate.json"
     if generation.exists():
         sys.path.insert(0, str(ROOT))

@@ -4,7 +4,7 @@
 onnxq uses. Two set-ups: the graph as exported (``--per-channel`` off), and the strongest a user
 can set up (``--canonical``): onnxq's canonical graph (fused RMSNorm, finite mask, untied embedding)
 with every MatMul weight per output channel and symmetric, which ``per_channel=True`` alone does not
-give (it writes per-tensor overrides for MatMul weights).
+give (it writes per-tensor overrides for MatMul weights), and the lm_head at 8 bits as onnxq keeps it.
 """
 
 from __future__ import annotations
@@ -52,14 +52,28 @@ def canonical_graph(model: Path, output: Path) -> Path:
     return path
 
 
-def per_channel_overrides(model: Path, weight_type: Any) -> dict[str, list[dict[str, Any]]]:
-    """Symmetric per-output-channel quantization of every constant MatMul weight ([in, out]: axis 1)."""
+def lm_head_weight(model: Path) -> str:
+    """The weight of the MatMul that writes the logits (kept at 8 bits with 4-bit presets, as onnxq keeps it)."""
     import onnx
 
     proto = onnx.load(model, load_external_data=False)
+    logits = proto.graph.output[0].name
+    return next(n.input[1] for n in proto.graph.node if n.op_type == "MatMul" and logits in n.output)
+
+
+def per_channel_overrides(model: Path, weight_type: Any) -> dict[str, list[dict[str, Any]]]:
+    """Symmetric per-output-channel quantization of every constant MatMul weight ([in, out]: axis 1);
+    the lm_head's at 8 bits."""
+    import onnx
+    from onnxruntime.quantization import QuantType
+
+    proto = onnx.load(model, load_external_data=False)
     consts = {i.name for i in proto.graph.initializer}
+    head = lm_head_weight(model)
     return {
-        n.input[1]: [{"quant_type": weight_type, "axis": 1, "symmetric": True}]
+        n.input[1]: [
+            {"quant_type": QuantType.QInt8 if n.input[1] == head else weight_type, "axis": 1, "symmetric": True}
+        ]
         for n in proto.graph.node
         if n.op_type == "MatMul" and n.input[1] in consts
     }
