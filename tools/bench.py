@@ -698,10 +698,19 @@ windows ({results["machine"]["cpus"]} CPUs, last run {results["date"]}; each row
 
 {table(results)}
 
-ORT rows: `onnxruntime.quantization` with `get_qnn_qdq_config` (MinMax, per-tensor weights, its defaults)
-on the same exported graph and the same calibration windows. They fail on this graph even at W8A16 because
-each per-tensor range must cover the x² inside the decomposed RMSNorm (up to 7.5e8 on SmolLM2; `onnxq check`
-reports it as `huge-range`): every ordinary value then rounds to a few steps. onnxq fuses the norm first.
+`ort-w*` rows: `onnxruntime.quantization` with `get_qnn_qdq_config` (MinMax, per-tensor weights, its
+defaults) on the graph as exported, with the same calibration windows. They fail on this graph even at
+W8A16 because each per-tensor range must cover the x² inside the decomposed RMSNorm (up to 7.5e8 on
+SmolLM2; `onnxq check` reports it as `huge-range`): every ordinary value then rounds to a few steps.
+
+`ort-canonical-*` rows: the strongest set-up of the same quantizer a user can make: onnxq's canonical
+float graph (fused RMSNorm, finite mask, untied embedding) and every MatMul weight symmetric per output
+channel through `init_overrides` (`per_channel=True` alone leaves MatMul weights per tensor), the lm_head
+at 8 bits with 4-bit presets as onnxq keeps it (`tools/ort_baseline.py --canonical`). `aimet-*` rows:
+Qualcomm AIMET's `QuantizationSimModel` (aimet-onnx 2.42.0, `htp_v73` config: per-channel weights) on the
+same canonical graph, lm_head at 8 bits, min/max or its `tf_enhanced` histogram search, exported with
+`to_onnx_qdq` and evaluated like every row (`tools/aimet_baseline.py`). Neither has a way to keep static
+8-bit activations on this model: both lose it at W8A8.
 
 onnxq `a8` presets keep the residual stream, norms and softmax at 16 bits and put every MatMul input at
 8 bits (see README). Calibration `auto`: min/max at 16 bits, MSE-optimal clipping at 8 bits; weights `mse`:
