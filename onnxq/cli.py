@@ -173,7 +173,9 @@ def _quantize_options(args: argparse.Namespace) -> Any:
         mask_value=args.mask_value,
         rotate=args.rotate,
         seed=args.seed,
-        online_hadamard=tuple(w.strip() for w in args.online_hadamard.split(",") if w.strip()),
+        online_hadamard=None
+        if args.online_hadamard is None
+        else tuple(w.strip() for w in args.online_hadamard.split(",") if w.strip() not in ("", "none")),
         split_outliers=args.split_outliers,
         weight_block=args.weight_block,
         gptq_sweeps=args.gptq_sweeps,
@@ -752,7 +754,7 @@ def build_parser() -> argparse.ArgumentParser:
         default="auto",
         choices=["auto", "mse", "minmax", "gptq"],
         help="weights: mse (clip search, round to nearest), minmax, gptq (mse scales, GPTQ rounding); "
-        "auto (default): gptq for 4-bit weights, mse for 8-bit",
+        "auto (default): gptq, except mse for w8a16",
     )
     p.add_argument(
         "--rotate",
@@ -763,9 +765,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--online-hadamard",
-        default="",
         metavar="r3,r4",
-        help="run-time rotations to insert: r4 before down_proj, r3 on Q/K (constant MatMuls)",
+        help="run-time rotations to insert: r4 before down_proj, r3 on Q/K (constant MatMuls), none; "
+        "default: the model family's for every preset but w8a16 (Llama: r4)",
     )
     p.add_argument(
         "--split-outliers",

@@ -78,12 +78,12 @@ class QuantizeOptions:
     calib: str = "c4"
     windows: int | None = None  # 16, or 64 when GPTQ rounds the weights
     method: str = "auto"
-    weight_method: str = "auto"  # gptq for 4-bit weights, mse for 8-bit
+    weight_method: str = "auto"  # gptq, except mse for w8a16
     precision_map: str | None = None
     seq_len: int | None = None  # the model's static length
     mask_value: float | None = None  # the model family's
     rotate: str = "hadamard"
-    online_hadamard: tuple[str, ...] = ()
+    online_hadamard: tuple[str, ...] | None = None  # the family's for all presets but w8a16 (Llama: r4)
     split_outliers: float | None = None  # the model family's ratio (0: no split)
     weight_block: int | None = None  # the model family's block for 4-bit weights (0: per channel)
     gptq_sweeps: int | None = None  # calib.gptq.SWEEPS
@@ -99,7 +99,8 @@ class QuantizeOptions:
 
     def __post_init__(self) -> None:
         presets.get(self.preset)  # raises the one-line "unknown preset"
-        object.__setattr__(self, "online_hadamard", tuple(self.online_hadamard))
+        if self.online_hadamard is not None:
+            object.__setattr__(self, "online_hadamard", tuple(self.online_hadamard))
         for name in ("calib", "precision_map", "tokenizer"):  # paths are recorded as text
             value = getattr(self, name)
             if value is not None:
@@ -112,7 +113,7 @@ class QuantizeOptions:
         _one_of("--budget-by", self.budget_by, BUDGET_BY)
         _one_of("--selector", self.selector, SELECTORS)
         _one_of("--encodings-version", self.encodings_version, ENCODINGS_VERSIONS)
-        for which in self.online_hadamard:
+        for which in self.online_hadamard or ():
             _one_of("--online-hadamard", which, ONLINE)
         if self.windows is not None and self.windows < 1:
             raise OnnxqError(f"--windows {self.windows} is not a positive count", "pass e.g. --windows 16")

@@ -275,12 +275,13 @@ def quantize(
     # the family's default (Llama: 16); 16-bit inputs have the range already
     split_outliers = recipe.split_outliers if o.split_outliers is None else o.split_outliers
     splitting = split_outliers > 0 and chosen.act_bits < 16
+    online = resolve_online(o, chosen, recipe)
     prepared = prepare(
         float_model,
         seq_len=o.seq_len,
         mask_value=o.mask_value,
         rotate=o.rotate,
-        online=o.online_hadamard,
+        online=online,
         seed=o.seed,
         where=str(model_path),
         outliers=outlier_chooser(lambda: tokenizer_for(model_path, o.tokenizer), o.calib, split_outliers)
@@ -354,7 +355,7 @@ def quantize(
             calib_windows.ids,
             config=o.learn,
             method=o.method,
-            down_in="r4" in o.online_hadamard or splitting,
+            down_in="r4" in online or splitting,
             progress=ticks,
             checkpoint=output.parent / f".{output.name}.learn" / "checkpoint.pt",
         )
@@ -376,7 +377,7 @@ def quantize(
             "onnxq.seq_len": str(prepared.seq_len),
             "onnxq.calib": str(o.calib),
             "onnxq.rotate": o.rotate,
-            "onnxq.online": ",".join(o.online_hadamard),
+            "onnxq.online": ",".join(online),
             "onnxq.split_outliers": str(split_outliers) if splitting else "",
             "onnxq.seed": str(o.seed),
             "onnxq.learned_rotation": "true" if o.learn is not None and o.learn.learn_rotation else "false",
@@ -394,7 +395,7 @@ def quantize(
         stats,
         time.perf_counter() - start,
         t_cal,
-        {"offline": o.rotate, "online": list(o.online_hadamard), "seed": o.seed},
+        {"offline": o.rotate, "online": list(online), "seed": o.seed},
     )
     summary["weight_block"] = recipe.weight_block
     summary["gptq_sweeps"] = swept
@@ -413,6 +414,7 @@ def quantize(
                 o,
                 windows=windows,
                 weight_method=weight_method,
+                online_hadamard=online,
                 split_outliers=split_outliers if splitting else 0.0,
                 weight_block=recipe.weight_block,
                 seq_len=prepared.seq_len,
@@ -430,10 +432,18 @@ def quantize(
 
 
 def resolve_weight_method(o: QuantizeOptions, chosen: presets_mod.Preset) -> str:
-    """``auto``: GPTQ for 4-bit weights (it halves W4A8 perplexity on SmolLM2), round-to-nearest at 8 bits."""
+    """``auto``: GPTQ wherever the weights or the activations are narrow; at W8A16 round-to-nearest is
+    already next to float and takes a quarter of the windows (BENCHMARKS.md, the ``defaults`` rows)."""
     if o.weight_method != "auto":
         return o.weight_method
-    return "gptq" if chosen.weight_bits == 4 else "mse"
+    return "gptq" if chosen.weight_bits == 4 or chosen.act_bits < 16 else "mse"
+
+
+def resolve_online(o: QuantizeOptions, chosen: presets_mod.Preset, recipe: recipes.Recipe) -> tuple[str, ...]:
+    """The run-time rotations: as given, else the family's for every preset but w8a16."""
+    if o.online_hadamard is not None:
+        return o.online_hadamard
+    return recipe.online_hadamard if chosen.weight_bits == 4 or chosen.act_bits < 16 else ()
 
 
 def recipe_text(resolved: QuantizeOptions, models: Sequence[Path], calib_ids: np.ndarray, sweeps: int | None) -> str:

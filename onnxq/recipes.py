@@ -23,6 +23,7 @@ class Recipe:
     kv_cache_bits: int = 8
     weight_block: int = 0  # 4-bit weights per block of this many input rows (LPBQ); 0: per channel
     split_outliers: float = 0.0  # 8-bit presets: ratio for the 16-bit outlier side path; 0: off
+    online_hadamard: tuple[str, ...] = ()  # run-time rotations for every preset but w8a16
     expected: dict[str, dict[str, float]] = field(default_factory=dict)
 
 
@@ -55,6 +56,7 @@ def _parse(path: Path) -> Recipe:
         kv_cache_bits=int(precision.get("kv_cache_bits", 8)),
         weight_block=int(precision.get("weight_block", 0)),
         split_outliers=float(precision.get("split_outliers", 0.0)),
+        online_hadamard=tuple(precision.get("online_hadamard", ())),
         expected={k: dict(v) for k, v in data.get("expected", {}).items()},
     )
 

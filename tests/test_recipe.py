@@ -26,6 +26,7 @@ def test_a_replayed_recipe_gives_the_same_bytes(tiny_model: Path, tmp_path: Path
     # every default resolved: GPTQ for 4-bit weights, the family's LPBQ block and outlier split, the model's length
     assert opts["windows"] == 4 and opts["weight_method"] == "gptq" and opts["gptq_sweeps"] == 3
     assert opts["weight_block"] == 16 and opts["split_outliers"] == 16.0 and opts["seq_len"] == 64
+    assert opts["online_hadamard"] == ["r4"]
     assert opts["budget"] == 0.25 and "learn" not in opts and "precision_map" not in opts
     assert recipe["inputs"]["model.onnx sha256"] == _digest(tiny_model)
     assert len(recipe["inputs"]["calibration tokens sha256"]) == 64
@@ -34,6 +35,25 @@ def test_a_replayed_recipe_gives_the_same_bytes(tiny_model: Path, tmp_path: Path
     assert main([*replay, "--no-report", "-q", "--eval-windows", "0"]) == 0
     assert _digest(again / "model.qdq.onnx") == _digest(first / "model.qdq.onnx")
     assert (again / "recipe.toml").read_text() == (first / "recipe.toml").read_text()
+
+
+@pytest.mark.parametrize(
+    ("fixture", "method", "online", "split"),
+    [("tiny_w8a16", "mse", [], 0.0), ("tiny_w8a8", "gptq", ["r4"], 16.0)],
+)
+def test_each_preset_defaults_to_its_best_measured_recipe(
+    fixture: str, method: str, online: list[str], split: float, request: pytest.FixtureRequest
+) -> None:
+    """--preset alone: W8A8 gets the outlier split, R4 and GPTQ; W8A16 needs none of them."""
+    opts = tomllib.loads((request.getfixturevalue(fixture) / "recipe.toml").read_text())["options"]
+    assert (opts["weight_method"], opts["online_hadamard"], opts["split_outliers"]) == (method, online, split)
+
+
+def test_online_hadamard_none_turns_the_default_off(tiny_model: Path, tmp_path: Path) -> None:
+    out = tmp_path / "q"
+    argv = ["quantize", str(tiny_model), "--preset", "w8a8", "--calib", "wikitext2-valid", "--windows", "2"]
+    assert main([*argv, "--online-hadamard", "none", "-o", str(out), "--no-report", "-q", "--eval-windows", "0"]) == 0
+    assert tomllib.loads((out / "recipe.toml").read_text())["options"]["online_hadamard"] == []
 
 
 def test_the_recipe_round_trips_with_learning(tmp_path: Path) -> None:
