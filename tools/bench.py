@@ -17,6 +17,7 @@ import platform
 import subprocess
 import sys
 import time
+import tomllib
 from pathlib import Path
 from typing import Any
 
@@ -197,6 +198,9 @@ ROWS: dict[str, tuple[str, str, dict[str, Any]]] = {
         {"weight_budget": 0.1, "budget_by": "macs", "selector": "random", "weight_block": 0, "gptq_sweeps": 0},
     ),
 }
+#: `onnxq quantize --preset P` with no other option: each preset's defaults as they are today
+PRESET_DEFAULTS = {f"onnxq-{p}-defaults": ("onnxq", p, {}) for p in ("w8a16", "w8a8", "w4a16", "w4a8")}
+ROWS.update(PRESET_DEFAULTS)
 VALIDATE = ("onnxq-w8a16", "onnxq-w4a8-learn")  # 2 windows on the HTP emulator: ~15 min each
 
 
@@ -208,12 +212,19 @@ def _run(cmd: list[str]) -> dict[str, Any]:
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
-def step_quantize_onnxq(model: Path, out: Path, preset: str, calib: str, windows: int, extra: dict) -> dict:
+def step_quantize_onnxq(
+    model: Path, out: Path, preset: str, calib: str, windows: int | None, extra: dict, *, pinned: bool = True
+) -> dict:
+    """Quantize in a process of its own. ``pinned``: the row's options are what it was measured with,
+    so a default that changed since (the a8 outlier split; R4 and GPTQ for all presets but w8a16) is
+    held at its old value unless the row names it. Unpinned rows run the preset's defaults as they are."""
     extra = dict(extra)
-    # a row without the outlier split runs without it, as it did before the recipe made it the a8 default
-    extra.setdefault("split_outliers", 0.0)
+    if pinned:
+        extra.setdefault("split_outliers", 0.0)
+        extra.setdefault("online_hadamard", [])
+        extra.setdefault("weight_method", "mse" if preset == "w8a8" else "auto")
     learn = extra.pop("learn", None)
-    windows = extra.pop("windows", windows)  # a row may calibrate on more windows than the setup's
+    windows = extra.pop("windows", windows if pinned else None)  # a row may calibrate on more windows
     code = (
         "import json, sys; from onnxq.pipeline import quantize; from onnxq.options import LearnConfig; "
         f"r = quantize({str(model)!r}, {str(out)!r}, preset={preset!r}, calib={calib!r}, windows={windows}, "
@@ -349,7 +360,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         target = model
         if tool == "onnxq":
             out = work / name
-            row["quantize"] = step_quantize_onnxq(model, out, preset, "c4", args.calib_windows, extra)
+            pinned = name not in PRESET_DEFAULTS
+            row["quantize"] = step_quantize_onnxq(model, out, preset, "c4", args.calib_windows, extra, pinned=pinned)
+            row["recipe"] = tomllib.loads((out / "recipe.toml").read_text(encoding="utf-8"))["options"]
             target = out / "model.qdq.onnx"
         elif tool == "ort":
             target = work / name / "model.qdq.onnx"
@@ -417,6 +430,11 @@ def _describe(row: dict[str, Any]) -> tuple[str, str]:
     if row["tool"] != "onnxq":
         return "", ""
     opts = row.get("options", {})
+    if not opts and row.get("recipe"):  # a defaults row: what the run resolved, from its recipe.toml
+        keys = ["rotate", "online_hadamard", "method", "weight_method", "split_outliers", "gptq_sweeps", "windows"]
+        if row["preset"].startswith("w4"):  # the family's block applies to 4-bit weights only
+            keys.append("weight_block")
+        opts = {k: row["recipe"][k] for k in keys if k in row["recipe"]}
     rot = opts.get("rotate", "hadamard")
     rot = "hadamard + learned R1" if rot == "learned" else rot
     if opts.get("online_hadamard"):
@@ -698,6 +716,11 @@ windows ({results["machine"]["cpus"]} CPUs, last run {results["date"]}; each row
 
 {table(results)}
 
+`onnxq-*-defaults` rows: `onnxq quantize --preset P` with no other flag; the method cells are what the run
+resolved (its `recipe.toml`, kept in the row's `recipe`). The other onnxq rows pin every option they do
+not name to the defaults of the time they were measured (no outlier split, no R4, MSE rounding for 8-bit
+weights), so that each one isolates its own change.
+
 `ort-w*` rows: `onnxruntime.quantization` with `get_qnn_qdq_config` (MinMax, per-tensor weights, its
 defaults) on the graph as exported, with the same calibration windows. They fail on this graph even at
 W8A16 because each per-tensor range must cover the x² inside the decomposed RMSNorm (up to 7.5e8 on
@@ -740,6 +763,9 @@ per-channel clipping search then round to nearest; `gptq`: the same scales, GPTQ
 
         text += "\n" + generation_section(json.loads(generation.read_text(encoding="utf-8")))
     TABLE.write_text(text, encoding="utf-8")
+    from tools.readme import update
+
+    update()
 
 
 def main() -> None:
