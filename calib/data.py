@@ -158,7 +158,7 @@ class Windows:
 
 def tokenize(tokenizer: Any, text: str) -> np.ndarray:
     """Tokenize once, as the convention asks (special tokens as the tokenizer adds them)."""
-    ids = tokenizer(text, return_attention_mask=False)["input_ids"]
+    ids = tokenizer(text)["input_ids"]
     return np.asarray(ids, dtype=np.int64)
 
 

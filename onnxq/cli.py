@@ -23,6 +23,9 @@ from onnxq.errors import OnnxqError
 
 log = logging.getLogger("onnxq")
 
+#: the commands that build a model: they need torch and transformers, which the base install leaves out
+BUILDS = frozenset({"export", "quantize", "report", "diff"})
+
 EXAMPLES = """\
 examples:
   onnxq export -o smollm2/model.onnx                 # the embedded SmolLM2-135M, 512 tokens
@@ -1003,12 +1006,26 @@ def _is_fd1(stream: Any) -> bool:
         return False
 
 
+def _require_build_extra(command: str) -> None:
+    """Refuse a building command on a laptop install in one line, before any import fails deep inside."""
+    import importlib.util
+
+    missing = [name for name in ("torch", "transformers") if importlib.util.find_spec(name) is None]
+    if missing:
+        raise OnnxqError(
+            f"`onnxq {command}` needs {' and '.join(missing)}, which the base (laptop) install leaves out",
+            "pip install 'onnxq[quantize]' on the machine that builds the model",
+        )
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     _configure_logging(args.verbose, args.quiet)
     start = time.perf_counter()
     try:
+        if args.command in BUILDS:
+            _require_build_extra(args.command)
         for name in COUNTS:
             value = getattr(args, name, None)
             if value is not None and value < 1:

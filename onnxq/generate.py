@@ -129,7 +129,7 @@ def generate(
     tok = tokenizer or tokenizer_for(graphs(folder)[0])
     run = stepper or Stepper(folder, ep)
     run.reset()
-    ids = tok(prompt, return_attention_mask=False)["input_ids"]
+    ids = tok(prompt)["input_ids"]
     if not ids:
         raise OnnxqError("the prompt is empty", "pass some text with --prompt")
     rng = np.random.default_rng(seed)

@@ -121,15 +121,17 @@ def load_tokenizer(source: Source) -> Any:
 
 
 def tokenizer_for(model_path: str | Path, explicit: str | None = None) -> Any:
-    """The tokenizer of an ONNX model: ``explicit``, the model's folder, or its recorded source."""
-    from transformers import AutoTokenizer
+    """The tokenizer of an ONNX model: ``explicit``, else the one exported beside it (read without
+    transformers, so that the device-side commands run without it)."""
+    from onnxq.tokenizer import FileTokenizer
 
     if explicit:
-        source = resolve(explicit)
-        return load_tokenizer(source)
+        if (Path(explicit) / "tokenizer.json").is_file():
+            return FileTokenizer(explicit)
+        return load_tokenizer(resolve(explicit))
     folder = Path(model_path).resolve().parent
-    if (folder / "tokenizer.json").exists() or (folder / "tokenizer_config.json").exists():
-        return AutoTokenizer.from_pretrained(folder)
+    if (folder / "tokenizer.json").exists():
+        return FileTokenizer(folder)
     raise OnnxqError(
         f"no tokenizer next to {model_path}",
         "pass --tokenizer MODEL (a Hub id, folder or .gguf), or export with `onnxq export`",

@@ -76,7 +76,7 @@ def load(task: str, path: str | Path | None = None, limit: int | None = None) ->
     file = _find(task, path)
     items: list[Item] = []
     if task == "piqa":
-        labels = file.with_name(file.name.split(".jsonl")[0] + "-labels.lst").read_text().split()
+        labels = file.with_name(file.name.split(".jsonl")[0] + "-labels.lst").read_text(encoding="utf-8").split()
         with open_text(file) as f:
             for line, label in zip(f, labels, strict=False):
                 doc = json.loads(line)

@@ -70,6 +70,31 @@ def tiny_w8a8(tiny_model: Path, tmp_path_factory: pytest.TempPathFactory) -> Pat
 
 
 @pytest.fixture(scope="session")
+def kv_folder(tiny_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """prefill (chunk 8) and decode graphs of the same tiny Llama as ``tiny_model``, 40 cache slots."""
+    import numpy as np
+
+    from onnxq.export_kv import export_kv_model
+    from tests.tiny import tiny_llama
+
+    folder = tmp_path_factory.mktemp("kv") / "tiny-kv"
+    result = export_kv_model(tiny_llama(), folder, chunk=8, context=40, check_ids=np.arange(21) * 7 % 384)
+    assert result.max_abs_diff < 1e-4  # float32 noise between two graphs of the same model
+    for f in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copyfile(tiny_dir / f, folder / f)
+    return folder
+
+
+@pytest.fixture(scope="session")
+def kv_w8a16(kv_folder: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from onnxq.pipeline import quantize
+
+    out = tmp_path_factory.mktemp("kvq") / "w8a16"
+    quantize(kv_folder, out, preset="w8a16", calib="wikitext2-valid", windows=2)
+    return out
+
+
+@pytest.fixture(scope="session")
 def eval_ids(tiny_dir: Path):
     from transformers import AutoTokenizer
 

@@ -8,25 +8,11 @@ import numpy as np
 import pytest
 
 from onnxq.errors import OnnxqError
-from onnxq.export_kv import export_kv_model, step_mask
+from onnxq.export_kv import step_mask
 from onnxq.generate import Stepper, generate
 from onnxq.qnn import cpu_session
-from tests.tiny import tiny_llama
 
 TOL = 1e-4  # float32 noise between two graphs of the same model
-
-
-@pytest.fixture(scope="module")
-def kv_folder(tiny_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """prefill (chunk 8) and decode graphs of the same tiny Llama as ``tiny_model``, 40 cache slots."""
-    import shutil
-
-    folder = tmp_path_factory.mktemp("kv") / "tiny-kv"
-    result = export_kv_model(tiny_llama(), folder, chunk=8, context=40, check_ids=np.arange(21) * 7 % 384)
-    assert result.max_abs_diff < TOL
-    for f in ("tokenizer.json", "tokenizer_config.json"):
-        shutil.copyfile(tiny_dir / f, folder / f)
-    return folder
 
 
 def test_prefill_and_decode_match_the_scoring_graph(kv_folder: Path, tiny_model: Path, eval_ids: np.ndarray) -> None:
@@ -91,15 +77,6 @@ def test_generate_cli_json_and_a_lone_step_graph_refused(
     assert main(["quantize", str(kv_folder / "prefill.onnx"), "-o", str(out)]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "one graph of a KV-cache pair" in err[0] and not out.exists()
-
-
-@pytest.fixture(scope="module")
-def kv_w8a16(kv_folder: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from onnxq.pipeline import quantize
-
-    out = tmp_path_factory.mktemp("kvq") / "w8a16"
-    quantize(kv_folder, out, preset="w8a16", calib="wikitext2-valid", windows=2)
-    return out
 
 
 def _steps(stepper: Stepper, ids: np.ndarray, prefill: int) -> np.ndarray:
