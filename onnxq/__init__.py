@@ -10,6 +10,7 @@ The Python API mirrors the CLI::
     again = onnxq.read_recipe("smollm2-w4a8/recipe.toml").options    # what that run resolved
     ppl = onnxq.perplexity("smollm2-w8a16/model.qdq.onnx", windows)
     report = onnxq.validate("smollm2-w8a16/model.qdq.onnx", windows, context_dir=Path("htp"))
+    onnxq.package("smollm2-kv-w8a16", "smollm2-genai")             # a folder onnxruntime-genai loads
 
 Imports are lazy so that ``onnxq --help`` does not load torch.
 """
@@ -24,6 +25,7 @@ __all__ = [
     "OnnxqError",
     "QuantizeOptions",
     "export",
+    "package",
     "perplexity",
     "quantize",
     "read_recipe",
@@ -35,6 +37,7 @@ _LAZY = {
     "quantize": ("onnxq.pipeline", "quantize"),
     "perplexity": ("onnxq.evaluate", "perplexity"),
     "validate": ("onnxq.qnn", "validate"),
+    "package": ("onnxq.genai", "package"),
     "OnnxqError": ("onnxq.errors", "OnnxqError"),
     "QuantizeOptions": ("onnxq.options", "QuantizeOptions"),
     "LearnConfig": ("onnxq.options", "LearnConfig"),

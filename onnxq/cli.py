@@ -34,6 +34,7 @@ examples:
   onnxq validate smollm2-w8a16/model.qdq.onnx --context smollm2-w8a16/htp
   onnxq compile smollm2-w8a16/model.qdq.onnx -o smollm2-w8a16/htp --soc-model 60
   onnxq export --kv-cache -o smollm2-kv && onnxq generate smollm2-kv --prompt "The capital of France is"
+  onnxq quantize smollm2-kv -o smollm2-kv-w8a16 --preset w8a16 && onnxq package smollm2-kv-w8a16 -o smollm2-genai
 """
 
 
@@ -414,25 +415,36 @@ def cmd_validate(args: argparse.Namespace) -> int:
     import numpy as np
 
     from calib.data import windows
-    from onnxq.qnn import validate
+    from onnxq.qnn import validate, validate_pair
 
     model = args.model
-    seq_len = _model_seq_len(model)
-    tok = _tokenizer_or_none(model, args.tokenizer)
+    pair = Path(model).is_dir()
+    if pair:  # a KV-cache folder: two chunks of prefill per window, the last tokens through decode
+        from onnxq.export_kv import read_shape
+        from onnxq.generate import graphs
+
+        if args.context:
+            raise OnnxqError("--context takes a single graph", "write the pair's context binaries with `onnxq compile`")
+        graph = str(graphs(model)[0])
+        chunk, shape, _ = read_shape(Path(graph))
+        seq_len = min(2 * chunk, shape.slots)
+    else:
+        graph = model
+        seq_len = _model_seq_len(model)
+    tok = _tokenizer_or_none(graph, args.tokenizer)
     if tok is not None:
         ids = windows(tok, args.data, seq_len, args.windows).ids
-        source = f"{args.data}, first {args.windows} windows"
+        source = f"{args.data}, first {args.windows} windows of {seq_len} tokens"
     else:
-        vocab = _vocab_size(model)
+        vocab = _vocab_size(graph)
         ids = np.random.default_rng(0).integers(0, vocab, size=(args.windows, seq_len))
-        source = f"{args.windows} windows of random tokens (no tokenizer found)"
-    report = validate(
-        model,
-        ids,
-        htp_arch=None if args.soc_model else args.htp_arch,
-        soc_model=args.soc_model,
-        context_dir=Path(args.context) if args.context else None,
-    )
+        source = f"{args.windows} windows of {seq_len} random tokens (no tokenizer found)"
+    target = {"htp_arch": None if args.soc_model else args.htp_arch, "soc_model": args.soc_model}
+    if pair:
+        report = validate_pair(model, ids, **target)
+        source += ", the last 4 of each through decode"
+    else:
+        report = validate(model, ids, **target, context_dir=Path(args.context) if args.context else None)
     data = dict(report.__dict__)
     data["tokens"] = source
     steps = f"{report.error_in_steps:.1f} output steps" if report.error_in_steps is not None else "n/a"
@@ -611,13 +623,37 @@ def _export_kv(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_package(args: argparse.Namespace) -> int:
+    from onnxq.genai import package
+
+    result = package(args.folder, args.output, overwrite=args.overwrite)
+    form = "compiled for the HTP (QNN EP)" if result.compiled else "ONNX Runtime CPU or QNN EP"
+    lines = [f"onnxq package: {args.folder} -> {result.output}/  (onnxruntime-genai, {form})"]
+    rows = [("files", ", ".join(f"{n} ({_mb(result.output / n)})" for n in result.files))]
+    if result.loaded_by:
+        rows.append(("check", f"loaded by onnxruntime-genai {result.loaded_by}"))
+    else:
+        rows.append(("check", "not loaded: onnxruntime-genai is not installed (pip install 'onnxq[genai]')"))
+    lines += _rows(rows)
+    _emit(args, result.as_dict(), lines)
+    return 0
+
+
 def cmd_generate(args: argparse.Namespace) -> int:
+    from onnxq import genai
     from onnxq.generate import generate
 
+    run = genai.generate if (Path(args.folder) / genai.CONFIG).exists() else generate  # packaged: genai's loop
     stream = not (args.json or args.quiet)
-    if stream:
-        print(args.prompt, end="", flush=True)
-    result = generate(
+    shown = []
+
+    def show(text: str) -> None:  # the prompt goes out with the first token, after every check passed
+        if not shown:
+            print(args.prompt, end="", flush=True)
+            shown.append(True)
+        print(text, end="", flush=True)
+
+    result = run(
         args.folder,
         args.prompt,
         max_new_tokens=args.max_new_tokens,
@@ -625,7 +661,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
         top_k=args.top_k,
         seed=args.seed,
         ep=args.ep,
-        on_token=(lambda t: print(t, end="", flush=True)) if stream else None,
+        on_token=show if stream else None,
     )
     data = {
         "prompt": args.prompt,
@@ -872,9 +908,10 @@ def build_parser() -> argparse.ArgumentParser:
         parents=[common],
         help="run on the QNN HTP backend and compare with CPU",
         description="Run the QDQ model on the QNN EP's HTP backend with CPU fallback disabled, "
-        "compare logits with ONNX Runtime CPU, optionally write the HTP context binary.",
+        "compare logits with ONNX Runtime CPU, optionally write the HTP context binary. A quantized KV-cache "
+        "folder runs as a generator runs it: prefill in chunks, then decode token by token.",
     )
-    p.add_argument("model", help="QDQ ONNX model")
+    p.add_argument("model", help="QDQ ONNX model, or a quantized KV-cache folder")
     p.add_argument("--windows", type=int, default=2, help="windows to compare (default 2)")
     p.add_argument("--data", default="wikitext2", help="text for the windows (default wikitext2)")
     p.add_argument("--context", help="folder for the EPContext model and HTP context binary")
@@ -903,13 +940,28 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_compile)
 
     p = sub.add_parser(
+        "package",
+        parents=[common],
+        help="a folder that onnxruntime-genai loads, from a KV-cache pair",
+        description="Write OUTPUT: the prefill/decode pair of FOLDER (quantized by `onnxq quantize`, compiled by "
+        "`onnxq compile`, or float) wrapped for onnxruntime-genai's decoder pipeline, its genai_config.json and "
+        "the tokenizer. A compiled folder runs on the QNN EP. If onnxruntime-genai is installed, it loads the "
+        "result before it is written.",
+    )
+    p.add_argument("folder", help="a KV-cache folder: prefill/decode graphs and the tokenizer")
+    p.add_argument("-o", "--output", required=True, help="output folder")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
+    p.set_defaults(func=cmd_package)
+
+    p = sub.add_parser(
         "generate",
         parents=[common],
         help="generate text with prefill/decode graphs",
         description="Greedy (default) or sampled generation with the prefill.onnx and decode.onnx in FOLDER "
-        "(from `onnxq export --kv-cache`), streaming tokens; reports prefill and decode tokens/s.",
+        "(from `onnxq export --kv-cache`), streaming tokens; reports prefill and decode tokens/s. A folder "
+        "from `onnxq package` runs in onnxruntime-genai's own generation loop.",
     )
-    p.add_argument("folder", help="folder with prefill.onnx, decode.onnx and the tokenizer")
+    p.add_argument("folder", help="folder with prefill.onnx, decode.onnx and the tokenizer, or from onnxq package")
     p.add_argument("--prompt", required=True, help="text to continue")
     p.add_argument("--max-new-tokens", type=int, default=32, help="tokens to generate (default 32)")
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default); > 0 samples")

@@ -29,11 +29,9 @@ import numpy as np
 from onnxq import aimet
 from onnxq import ir as oir
 from onnxq.errors import OnnxqError
-from onnxq.files import SIDE_FILES, atomic_dir, check_new_output
+from onnxq.files import CARRIED, atomic_dir, check_new_output
 
 TOOLCHAINS = ("ort", "qairt")
-#: files that travel with a compiled model: the tokenizer, and what the quantizer did
-CARRIED = (*SIDE_FILES, "summary.json", "precision_map.json")
 HOST = "x86_64-linux-clang"
 Runner = Callable[[Sequence[str], Path], None]
 

@@ -12,6 +12,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -43,7 +44,7 @@ def token_nll(logits: np.ndarray, ids: np.ndarray) -> np.ndarray:
     return logz - logits[np.arange(len(target)), target]
 
 
-def make_session(model: str | Path, ep: str = "cpu", **qnn_options: str) -> object:
+def make_session(model: str | Path, ep: str = "cpu", **qnn_options: Any) -> object:
     """An ORT session on ``cpu`` or ``qnn`` (HTP backend, CPU fallback disabled)."""
     from onnxq import qnn
 

@@ -24,6 +24,9 @@ SIDE_FILES = (
     "chat_template.jinja",
     "config.json",
 )
+#: files that travel with a quantized model into what is made of it (compiled, packaged): the side files
+#: and what the quantizer did
+CARRIED = (*SIDE_FILES, "recipe.toml", "summary.json", "precision_map.json")
 
 
 def check_new_output(path: Path, *, overwrite: bool, inputs: Iterable[Path] = ()) -> None:

@@ -54,7 +54,7 @@ class Generation:
 class Stepper:
     """Two sessions and one cache: run chunks of tokens at increasing positions."""
 
-    def __init__(self, folder: str | Path, ep: str = "cpu") -> None:
+    def __init__(self, folder: str | Path, ep: str = "cpu", **qnn_options: Any) -> None:
         from onnxq.evaluate import make_session
 
         prefill, decode = graphs(folder)
@@ -62,8 +62,8 @@ class Stepper:
         decode_chunk, decode_shape, _ = read_shape(decode)
         if decode_chunk != 1 or decode_shape != self.shape:
             raise OnnxqError(f"{folder}: {decode.name} does not match {prefill.name}", "export both in one run")
-        self.prefill = make_session(prefill, ep)
-        self.decode = make_session(decode, ep)
+        self.prefill = make_session(prefill, ep, **qnn_options)
+        self.decode = make_session(decode, ep, **qnn_options)
         self.cache = self.shape.empty()
         self.position = 0
 

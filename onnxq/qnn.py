@@ -203,3 +203,52 @@ def validate(
         report.context_reloaded = True
         report.context_max_abs_error = float(np.abs(again - htp_outputs[0]).max())
     return report
+
+
+def validate_pair(
+    folder: str | Path,
+    token_windows: np.ndarray,
+    *,
+    htp_arch: str | None = DEFAULT_HTP_ARCH,
+    soc_model: str | None = None,
+    decode_tokens: int = 4,
+) -> ValidationReport:
+    """The prefill/decode pair of ``folder`` on the HTP against ORT CPU, run as a generator runs it: each
+    window's tokens through prefill in chunks, its last ``decode_tokens`` through decode one by one."""
+    from onnxq.generate import Stepper, graphs
+
+    folder = Path(folder)
+    prefill, _ = graphs(folder)
+    htp = Stepper(folder, "qnn", htp_arch=htp_arch, soc_model=soc_model)
+    cpu = Stepper(folder, "cpu")
+    assigned = [assigned_nodes(s) for s in (htp.prefill, htp.decode)]
+    errors, means, agree = [], [], []
+    t_htp = 0.0
+    for window in token_windows:
+        ids = np.asarray(window, dtype=np.int64).reshape(-1)[: htp.shape.slots]
+        cut = max(len(ids) - decode_tokens, 1)
+        outs = []
+        for stepper in (htp, cpu):
+            stepper.reset()
+            t = time.perf_counter()
+            outs.append(np.concatenate([stepper.step(ids[:cut]), *(stepper.step([i]) for i in ids[cut:])]))
+            if stepper is htp:
+                t_htp += time.perf_counter() - t
+        got, ref = outs
+        diff = np.abs(got.astype(np.float64) - ref)
+        errors.append(float(diff.max()))
+        means.append(float(diff.mean()))
+        agree.append(float((got.argmax(-1) == ref.argmax(-1)).mean()))
+    scale = _output_scale(prefill)
+    return ValidationReport(
+        model=str(folder),
+        nodes_total=sum(sum(a.values()) for a in assigned),
+        nodes_on_qnn=sum(a.get("QNNExecutionProvider", 0) for a in assigned),
+        windows=len(errors),
+        max_abs_error=max(errors),
+        mean_abs_error=float(np.mean(means)),
+        output_scale=scale,
+        error_in_steps=(max(errors) / scale) if scale else None,
+        top1_agreement=float(np.mean(agree)),
+        seconds_htp=t_htp,
+    )

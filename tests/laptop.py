@@ -1,7 +1,7 @@
-"""The laptop install: check, validate, eval, generate and compile on a tiny model, without torch.
+"""The laptop install: check, validate, eval, generate, compile and package on a tiny model, without torch.
 
     python tests/laptop.py build DIR   # needs onnxq[quantize]: a tiny model's W8A16 QDQ and KV pair
-    python tests/laptop.py run DIR     # needs only `pip install onnxq`; fails if torch or transformers loads
+    python tests/laptop.py run DIR     # needs only `pip install 'onnxq[genai]'`; fails if torch or transformers loads
 
 ``tests/test_laptop.py`` runs both with those modules made unimportable; ``.ci/run`` runs ``run`` in a
 fresh virtual environment that holds the base install alone.
@@ -41,14 +41,18 @@ def run(folder: Path) -> None:
     """Each device-side command on ``folder``'s models, in this process; raises on a failure or an import."""
     from onnxq.cli import main
 
-    qdq, pair = str(folder / "w8a16" / "model.qdq.onnx"), str(folder / "kvq")
+    qdq, pair, packaged = str(folder / "w8a16" / "model.qdq.onnx"), str(folder / "kvq"), str(folder / "genai")
+    prompt = ["--prompt", "The capital of France is", "--max-new-tokens", "4"]
     commands = [
         ["check", qdq],
         ["validate", qdq, "--windows", "1"],
+        ["validate", pair, "--windows", "1"],
         ["eval", qdq, "--ppl", "wikitext2", "--windows", "2"],
-        ["generate", pair, "--prompt", "The capital of France is", "--max-new-tokens", "4"],
-        ["generate", pair, "--prompt", "The capital of France is", "--max-new-tokens", "4", "--ep", "qnn"],
+        ["generate", pair, *prompt],
+        ["generate", pair, *prompt, "--ep", "qnn"],
         ["compile", qdq, "-o", str(folder / "htp"), "--overwrite"],
+        ["package", pair, "-o", packaged, "--overwrite"],
+        ["generate", packaged, *prompt],  # in onnxruntime-genai
     ]
     for argv in commands:
         code = main([argv[0], "-q", *argv[1:]])

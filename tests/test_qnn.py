@@ -35,3 +35,17 @@ def test_qdq_model_runs_whole_on_the_htp(
 def test_float_model_is_refused_by_the_htp(tiny_model: Path, eval_ids: np.ndarray) -> None:
     with pytest.raises(OnnxqError, match=r"HTP does not take every node|QNN EP could not load"):
         validate(tiny_model, eval_ids[:1])
+
+
+def test_the_kv_pair_runs_whole_on_the_htp_as_a_generator_runs_it(kv_w8a16: Path, kv_folder: Path) -> None:
+    from calib.data import windows
+    from onnxq.qnn import validate_pair
+    from onnxq.tokenizer import FileTokenizer
+
+    ids = windows(FileTokenizer(kv_w8a16), "wikitext2", 40, 2).ids  # the whole cache: 36 by prefill, 4 by decode
+    report = validate_pair(kv_w8a16, ids)
+    assert report.nodes_on_qnn == report.nodes_total > 0  # both graphs
+    assert report.error_in_steps is not None and report.error_in_steps < 4000  # measured ~1500
+    assert report.top1_agreement > 0.8  # measured 0.91
+    with pytest.raises(OnnxqError, match=r"HTP does not take every node|QNN EP could not load"):
+        validate_pair(kv_folder, ids[:1])  # the float pair

@@ -5,7 +5,8 @@
 For each preset: export (once) the prefill/decode graphs, quantize them from one calibration, and
 measure (1) greedy generation for a fixed prompt (the text, prefill and decode tokens/s), (2) how far
 the decode graph's logits are from the prefill graph's for the same positions (the same WikiText-2
-tokens run both ways), (3) top-1 agreement of the quantized graphs with the float ones there.
+tokens run both ways), (3) top-1 agreement of the quantized graphs with the float ones there, (4) the
+same prompt in onnxruntime-genai's own loop on the folder `onnxq package` writes, on CPU.
 Writes ``tools/results/generate.json`` and the "Generation" section of BENCHMARKS.md.
 """
 
@@ -15,6 +16,7 @@ import argparse
 import json
 import sys
 import time
+import tomllib
 from pathlib import Path
 from typing import Any
 
@@ -30,9 +32,12 @@ def measure(
     folder: Path, ids: np.ndarray, chunk: int, reference: np.ndarray | None
 ) -> tuple[dict[str, Any], np.ndarray]:
     """The row for one folder of graphs, and its prefill logits (the reference of later rows)."""
+    from onnxq import genai
     from onnxq.generate import Stepper, generate
 
     out = generate(folder, PROMPT, max_new_tokens=24)
+    packaged = genai.package(folder, folder.parent / f"{folder.name}-genai", overwrite=True)
+    in_genai = genai.generate(packaged.output, PROMPT, max_new_tokens=24)
     by_prefill = Stepper(folder).step(ids)  # chunks
     stepper = Stepper(folder)
     by_decode = np.concatenate([stepper.step(ids[:chunk]), *(stepper.step([t]) for t in ids[chunk:])])
@@ -44,6 +49,14 @@ def measure(
         "decode_tokens_per_s": round(out.decode_tps, 2),
         "decode_vs_prefill_max_abs": float(np.abs(by_decode[tail] - by_prefill[tail]).max()),
         "decode_vs_prefill_top1": float((by_decode[tail].argmax(-1) == by_prefill[tail].argmax(-1)).mean()),
+        "genai": {
+            "version": packaged.loaded_by,
+            "text": in_genai.text,
+            "starts_with_paris": in_genai.text.strip().startswith("Paris"),
+            "same_tokens_as_onnxq": in_genai.tokens == out.tokens[: len(in_genai.tokens)],
+            "tokens": len(in_genai.tokens),
+            "decode_tokens_per_s": round(in_genai.decode_tps, 2),
+        },
     }
     if reference is not None:
         row["top1_vs_float"] = float((by_prefill.argmax(-1) == reference.argmax(-1)).mean())
@@ -81,6 +94,7 @@ def main() -> None:
         row, _ = measure(out, ids, args.chunk, reference)
         row["quantize_seconds"] = round(time.perf_counter() - t, 1)
         row["peak_rss_mb"] = q.summary["peak_rss_mb"]
+        row["recipe"] = tomllib.loads((out / "recipe.toml").read_text(encoding="utf-8"))["options"]
         results["rows"][preset] = row
         print(f"[generate] {preset}: {row['text']!r}", file=sys.stderr, flush=True)
     RESULTS.write_text(json.dumps(results, indent=1) + "\n", encoding="utf-8")
@@ -105,13 +119,47 @@ def section(results: dict[str, Any]) -> str:
         "|---|---|---:|---:|---:|---:|",
     ]
     for name, r in results["rows"].items():
-        text = r["text"].replace("\n", "⏎").replace("|", "\\|")[:60]
         top1 = f"{100 * r['top1_vs_float']:.1f} %" if "top1_vs_float" in r else ""
         lines.append(
-            f"| {name} | {text} | {r['prefill_tokens_per_s']:.1f} | {r['decode_tokens_per_s']:.1f} | "
+            f"| {name} | {_cell(r['text'])} | {r['prefill_tokens_per_s']:.1f} | {r['decode_tokens_per_s']:.1f} | "
             f"{r['decode_vs_prefill_max_abs']:.3g} | {top1} |"
         )
+    rows = {name: r for name, r in results["rows"].items() if "genai" in r}
+    if rows:
+        version = next(iter(rows.values()))["genai"]["version"]
+        lines += [
+            "",
+            f"The same graphs through `onnxq package`, run by onnxruntime-genai {version} (its own generation "
+            "loop, ONNX Runtime CPU), greedy, same prompt:",
+            "",
+            "| graphs | recipe | continuation in onnxruntime-genai | same tokens as onnxq generate | decode tok/s |",
+            "|---|---|---|---|---:|",
+        ]
+        for name, r in rows.items():
+            g = r["genai"]
+            same = f"{'yes' if g['same_tokens_as_onnxq'] else 'no'} ({g['tokens']} tokens)"
+            tps = g["decode_tokens_per_s"]
+            lines.append(f"| {name} | {_recipe(r.get('recipe'))} | {_cell(g['text'])} | {same} | {tps:.1f} |")
     return "\n".join(lines) + "\n"
+
+
+def _cell(text: str) -> str:
+    return text.replace("\n", "⏎").replace("|", "\\|")[:60]
+
+
+def _recipe(options: dict[str, Any] | None) -> str:
+    """The options of a KV row as flags, with what it leaves out of the scoring graph's defaults."""
+    if not options:
+        return "float"
+    preset = options["preset"]
+    parts = [f"--preset {preset}", f"--weight-method {options['weight_method']}"]
+    if preset.startswith("w4"):
+        parts += [f"--weight-block {options['weight_block']}", f"--gptq-sweeps {options.get('gptq_sweeps', 0)}"]
+    if preset != "w8a16" and not options.get("online_hadamard"):
+        parts.append("--online-hadamard none")
+    if preset.endswith("a8") and not options.get("split_outliers"):
+        parts.append("--split-outliers 0")
+    return " ".join(parts)
 
 
 if __name__ == "__main__":

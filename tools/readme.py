@@ -194,7 +194,25 @@ def device(bench: dict[str, Any], generation: dict[str, Any]) -> list[str]:
             f"{g['text'].splitlines()[0]!r}, decoding {g['decode_tokens_per_s']:.0f} tokens/s on 2 cores; its decode "
             f"graph agrees with its prefill graph on {100 * g['decode_vs_prefill_top1']:.1f} % of next-token choices.",
         ]
+    in_genai = {name: r["genai"] for name, r in gen.items() if name != "float" and "genai" in r}
+    if in_genai:
+        version = next(iter(in_genai.values()))["version"]
+        said = "; ".join(
+            f"{name.upper()} {_first_words(g['text'])!r} "
+            f"({'the tokens of' if g['same_tokens_as_onnxq'] else 'not the tokens of'} `onnxq generate`)"
+            for name, g in in_genai.items()
+        )
+        lines += [
+            "",
+            f"The same pairs through `onnxq package`, in onnxruntime-genai {version}'s own generation loop on CPU, "
+            f"same prompt: {said}.",
+        ]
     return lines
+
+
+def _first_words(text: str, limit: int = 40) -> str:
+    line = text.splitlines()[0] if text.strip() else text
+    return line if len(line) <= limit else line[: line.rfind(" ", 0, limit)] + " …"
 
 
 def fulltest(results: dict[str, Any]) -> list[str]:
