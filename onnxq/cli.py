@@ -332,22 +332,28 @@ def _tokenizer_or_none(model: str, explicit: str | None) -> Any:
 def cmd_eval(args: argparse.Namespace) -> int:
     from calib.data import windows
     from onnxq import zeroshot
-    from onnxq.evaluate import perplexity
+    from onnxq.evaluate import pair_perplexity, perplexity
+    from onnxq.generate import graphs
     from onnxq.sources import tokenizer_for
 
     tasks = [t.strip() for t in (args.tasks or "").split(",") if t.strip()]
     datasets = args.ppl if args.ppl is not None else ([] if tasks else ["wikitext2"])
+    pairs = [m for m in args.model if Path(m).is_dir()]
+    if pairs and tasks:
+        raise OnnxqError(f"--tasks runs on scoring graphs; {pairs[0]} is a KV-cache folder", "pass --ppl for it")
     progress = _Progress(not (args.quiet or args.json))
     models = []
     try:
         for model in args.model:
-            seq_len = args.seq_len or _model_seq_len(model)  # also checks the model exists
-            tok = tokenizer_for(model, args.tokenizer)
+            graph = str(graphs(model)[0]) if model in pairs else model  # a pair: its prefill graph names the rest
+            seq_len = args.seq_len or _model_seq_len(graph)  # also checks the model exists
+            tok = tokenizer_for(graph, args.tokenizer)
             entry: dict[str, Any] = {"model": model, "ep": args.ep, "results": [], "tasks": []}
             for dataset in datasets:
                 w = windows(tok, dataset, seq_len, args.windows)
                 tick = progress(f"{dataset} ({args.ep})", len(w))
-                r = perplexity(model, w.ids, ep=args.ep, dataset=dataset, progress=tick)
+                score = pair_perplexity if model in pairs else perplexity
+                r = score(model, w.ids, ep=args.ep, dataset=dataset, progress=tick)
                 entry["results"].append(
                     {
                         "dataset": r.dataset,
@@ -390,6 +396,10 @@ def cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+#: the scoring graph's window, which a KV-cache pair is evaluated at when its cache holds as many positions
+KV_WINDOW = 512
+
+
 def _model_seq_len(model: str) -> int:
     import onnx
 
@@ -406,6 +416,9 @@ def _model_seq_len(model: str) -> int:
         oir.load(model)
         raise OnnxqError(f"{model} has no inputs", "pass the .onnx file written by `onnxq export` or `onnxq quantize`")
     dims = [d.dim_value if d.HasField("dim_value") else None for d in proto.graph.input[0].type.tensor_type.shape.dim]
+    meta = {p.key: p.value for p in proto.metadata_props}
+    if "onnxq.kv_slots" in meta:  # a KV-cache step graph: windows fill its cache
+        return min(int(meta["onnxq.kv_slots"]), KV_WINDOW)
     if len(dims) == 2 and dims[1]:
         return int(dims[1])
     raise OnnxqError(f"{model} has no static sequence length", "pass --seq-len N")
@@ -886,9 +899,13 @@ def build_parser() -> argparse.ArgumentParser:
         parents=[common],
         help="perplexity and zero-shot accuracy on ONNX Runtime CPU or the QNN HTP",
         description="Perplexity over non-overlapping windows (the convention of shared/data/README.md) and "
-        "zero-shot accuracy (PIQA, HellaSwag; scored as lm-eval-harness does) of one or more models, side by side.",
+        "zero-shot accuracy (PIQA, HellaSwag; scored as lm-eval-harness does) of one or more models, side by side. "
+        "A KV-cache folder is scored as deployed: each window streamed through its prefill graph chunk by chunk, "
+        "with its quantized cache (windows of 512 tokens, or the whole cache if it is shorter).",
     )
-    p.add_argument("model", nargs="+", help="ONNX models (float or QDQ), e.g. the float one and its QDQ")
+    p.add_argument(
+        "model", nargs="+", help="ONNX models (float or QDQ) or KV-cache folders, e.g. the float one and its QDQ"
+    )
     p.add_argument("--ppl", nargs="+", help="datasets: wikitext2, c4, or text files (default wikitext2 unless --tasks)")
     p.add_argument("--tasks", help="zero-shot tasks, comma-separated: piqa, hellaswag")
     p.add_argument("--limit", type=int, help="first N items of each task (default all)")

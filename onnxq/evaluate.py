@@ -55,6 +55,43 @@ def make_session(model: str | Path, ep: str = "cpu", **qnn_options: Any) -> obje
     raise OnnxqError(f"unknown execution provider {ep!r}", "use --ep cpu or --ep qnn")
 
 
+def pair_perplexity(
+    folder: str | Path,
+    windows: np.ndarray,
+    *,
+    ep: str = "cpu",
+    dataset: str = "",
+    progress: Callable[[int], None] | None = None,
+) -> PerplexityResult:
+    """Perplexity of a KV-cache pair as deployed: each window streamed through prefill chunk by chunk, the
+    cache (and its quantizers) carried from chunk to chunk; scored like :func:`perplexity`."""
+    from onnxq.generate import Stepper
+
+    stepper = Stepper(folder, ep)
+    seq_len = windows.shape[1]
+    if seq_len > stepper.shape.slots:
+        raise OnnxqError(
+            f"{folder} holds {stepper.shape.slots} positions, the windows have {seq_len}",
+            f"pass --seq-len {stepper.shape.slots} or less",
+        )
+    total, count, per_window = 0.0, 0, []
+    start = time.perf_counter()
+    for window in windows:
+        stepper.reset()
+        ids = np.asarray(window, dtype=np.int64)
+        nll = token_nll(stepper.step(ids), ids)
+        if not np.all(np.isfinite(nll)):
+            raise OnnxqError(f"{folder} produced NaN/inf logits", "check the pair with `onnxq validate`")
+        total += float(nll.sum())
+        count += nll.size
+        per_window.append(float(nll.mean()))
+        if progress is not None:
+            progress(1)
+    return PerplexityResult(
+        dataset, len(windows), seq_len, count, total / count, time.perf_counter() - start, ep, per_window
+    )
+
+
 def perplexity(
     model: str | Path,
     windows: np.ndarray,

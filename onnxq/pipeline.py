@@ -63,16 +63,28 @@ def _windows_of(model: ir.Model, tokenizer: Callable[[], Any], calib: str, count
 
 
 def outlier_chooser(
-    tokenizer: Callable[[], Any], calib: str, ratio: float, limit: int = DEFAULT_OUTLIER_LIMIT
+    tokenizer: Callable[[], Any],
+    calib: str,
+    ratio: float,
+    limit: int = DEFAULT_OUTLIER_LIMIT,
+    *,
+    feeds: Callable[[np.ndarray], Any] | None = None,
+    length: int | None = None,
 ) -> OutlierChooser:
     """Pick each layer's outlier channels from peaks over a few calibration windows of the float model.
 
-    ``tokenizer`` is loaded only when the chooser runs, after the model's own checks.
+    ``tokenizer`` is loaded only when the chooser runs, after the model's own checks. A KV-cache step
+    graph gives ``length`` (its windows' tokens) and ``feeds`` (the windows stepped through its cache).
     """
+    from calib import data
     from calib.peaks import channel_peaks
 
     def choose(model: ir.Model, structure: Structure) -> dict[int, list[int]]:
-        windows = _windows_of(model, tokenizer, calib, OUTLIER_WINDOWS)
+        if feeds is None:
+            windows = _windows_of(model, tokenizer, calib, OUTLIER_WINDOWS)
+        else:
+            assert length is not None
+            windows = feeds(data.windows(tokenizer(), calib, length, OUTLIER_WINDOWS).ids)
         inputs = {layer.index: layer.mlp.down.input for layer in structure.layers}
         peaks = channel_peaks(model, list(inputs.values()), windows)
         return {i: choose_channels(peaks[name], ratio, limit) for i, name in inputs.items()}
@@ -249,8 +261,6 @@ def quantize(
                 ("--learn", o.learn),
                 ("--budget", o.budget),
                 ("--weight-budget", o.weight_budget),
-                ("--online-hadamard", o.online_hadamard),
-                ("--split-outliers", o.split_outliers),
                 ("--rotate learned", o.rotate == "learned"),
             )
             if on
@@ -432,18 +442,17 @@ def quantize(
 
 
 def resolve_weight_method(o: QuantizeOptions, chosen: presets_mod.Preset) -> str:
-    """``auto``: GPTQ wherever the weights or the activations are narrow; at W8A16 round-to-nearest is
-    already next to float and takes a quarter of the windows (BENCHMARKS.md, the ``defaults`` rows)."""
+    """``auto``: GPTQ for a narrow preset, else round-to-nearest after an MSE clipping search."""
     if o.weight_method != "auto":
         return o.weight_method
-    return "gptq" if chosen.weight_bits == 4 or chosen.act_bits < 16 else "mse"
+    return "gptq" if chosen.narrow else "mse"
 
 
 def resolve_online(o: QuantizeOptions, chosen: presets_mod.Preset, recipe: recipes.Recipe) -> tuple[str, ...]:
-    """The run-time rotations: as given, else the family's for every preset but w8a16."""
+    """The run-time rotations: as given, else the family's for a narrow preset."""
     if o.online_hadamard is not None:
         return o.online_hadamard
-    return recipe.online_hadamard if chosen.weight_bits == 4 or chosen.act_bits < 16 else ()
+    return recipe.online_hadamard if chosen.narrow else ()
 
 
 def recipe_text(resolved: QuantizeOptions, models: Sequence[Path], calib_ids: np.ndarray, sweeps: int | None) -> str:

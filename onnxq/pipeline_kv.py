@@ -19,7 +19,7 @@ from onnxq import presets as presets_mod
 from onnxq import recipes
 from onnxq.errors import OnnxqError
 from onnxq.files import check_new_output
-from onnxq.options import DEFAULT_WINDOWS, QuantizeOptions
+from onnxq.options import DEFAULT_WINDOWS, GPTQ_WINDOWS, QuantizeOptions
 from onnxq.outputs import write_quantized
 from onnxq.plan import build_plan, read_precision_map
 from onnxq.qdq import emit_qdq
@@ -43,8 +43,10 @@ def quantize_kv(folder: Path, output: Path, o: QuantizeOptions, *, overwrite: bo
         build_summary,
         check_encodings_version,
         gptq_inputs,
+        outlier_chooser,
         prepare,
         recipe_text,
+        resolve_online,
         resolve_weight_method,
         with_block,
     )
@@ -55,18 +57,43 @@ def quantize_kv(folder: Path, output: Path, o: QuantizeOptions, *, overwrite: bo
     check_new_output(output, overwrite=overwrite, inputs=[folder])
     overrides = read_precision_map(o.precision_map) if o.precision_map else None
     chunk, shape, stored_mask = read_shape(folder / "prefill.onnx")
+    mask_value = stored_mask if o.mask_value is None else o.mask_value
+    floats = {g: oir.load(folder / f"{g}.onnx") for g in GRAPHS}
+    model_type = floats["prefill"].metadata_props.get("onnxq.model_type")
+    recipe = with_block(recipes.for_model_type(model_type), o.weight_block)
+    if chosen.weight_bits == 4 and recipe.weight_block:  # before any data is read (outliers, calibration)
+        check_encodings_version(o.encodings_version, blocked=True)
+    split_outliers = recipe.split_outliers if o.split_outliers is None else o.split_outliers
+    splitting = split_outliers > 0 and chosen.act_bits < 16
+    online = resolve_online(o, chosen, recipe)
+    length = min(shape.slots, 512)
+    channels: dict[int, list[int]] = {}
+    choose = outlier_chooser(
+        lambda: tokenizer_for(folder / "prefill.onnx", o.tokenizer),
+        o.calib,
+        split_outliers,
+        feeds=lambda ids: CacheFeeds(ids, chunk, shape, mask_value),
+        length=length,
+    )
+
+    def same_channels(model: Any, structure: Any) -> dict[int, list[int]]:
+        """Prefill picks the channels through its cache; decode splits the same ones."""
+        if not channels:
+            channels.update(choose(model, structure))
+        return channels
+
     prepared = {
         g: prepare(
-            oir.load(folder / f"{g}.onnx"),
+            floats.pop(g),
             mask_value=o.mask_value,
             rotate=o.rotate,
+            online=online,
             seed=o.seed,
             where=str(folder / f"{g}.onnx"),
+            outliers=same_channels if splitting else None,
         )
         for g in GRAPHS
     }
-    model_type = prepared["prefill"].model.metadata_props.get("onnxq.model_type")
-    recipe = with_block(recipes.for_model_type(model_type), o.weight_block)
     plans = {
         g: build_plan(p.model, chosen, recipe, p.roles, p.structure, dict(overrides) if overrides else None)
         for g, p in prepared.items()
@@ -80,13 +107,13 @@ def quantize_kv(folder: Path, output: Path, o: QuantizeOptions, *, overwrite: bo
         )
     prefill, plan = prepared["prefill"].model, plans["prefill"]
     tok = tokenizer_for(folder / "prefill.onnx", o.tokenizer)
-    length = min(shape.slots, 512)
-    calib_windows = data.windows(tok, o.calib, length, o.windows or DEFAULT_WINDOWS)
-    feeds = CacheFeeds(calib_windows.ids, chunk, shape, stored_mask if o.mask_value is None else o.mask_value)
+    weight_method = resolve_weight_method(o, chosen)
+    count = o.windows or (GPTQ_WINDOWS if weight_method == "gptq" else DEFAULT_WINDOWS)  # as the scoring graph's
+    calib_windows = data.windows(tok, o.calib, length, count)
+    feeds = CacheFeeds(calib_windows.ids, chunk, shape, mask_value)
     tick = progress("calibrating (steps)", len(feeds)) if progress else None
     t_cal = time.perf_counter()
     rotated = o.rotate != "none"
-    weight_method = resolve_weight_method(o, chosen)
     hessians = gptq_inputs(prefill, plan) if weight_method == "gptq" else None
     observers = observe(
         prefill,
@@ -108,7 +135,15 @@ def quantize_kv(folder: Path, output: Path, o: QuantizeOptions, *, overwrite: bo
                 decode_inits[name].const_value = prefill.graph.initializers[name].const_value
     models = {g: emit_qdq(prepared[g].model, plans[g], encodings) for g in GRAPHS}
     for model in models.values():
-        model.metadata_props.update({"onnxq.seed": str(o.seed), "onnxq.calib": str(o.calib)})
+        model.metadata_props.update(
+            {
+                "onnxq.seed": str(o.seed),
+                "onnxq.calib": str(o.calib),
+                "onnxq.rotate": o.rotate,
+                "onnxq.online": ",".join(online),
+                "onnxq.split_outliers": str(split_outliers) if splitting else "",
+            }
+        )
     summary = build_summary(
         folder,
         chosen.name,
@@ -121,12 +156,8 @@ def quantize_kv(folder: Path, output: Path, o: QuantizeOptions, *, overwrite: bo
         stats,
         time.perf_counter() - start,
         t_cal,
-        {"offline": o.rotate, "online": [], "seed": o.seed},
+        {"offline": o.rotate, "online": list(online), "seed": o.seed},
     )
-    if chosen.act_bits < 16 or chosen.weight_bits == 4:
-        summary["notes"].append(
-            "not on KV-cache graphs yet: the outlier split and R4 of this preset's scoring-graph defaults"
-        )
     summary["seq_len"] = chunk
     summary["kv_cache"] = {"chunk": chunk, "context": shape.slots, "layers": shape.layers}
     summary["calibration"].update(window_tokens=length, steps=len(feeds))
@@ -148,8 +179,8 @@ def quantize_kv(folder: Path, output: Path, o: QuantizeOptions, *, overwrite: bo
                 windows=len(calib_windows),
                 weight_method=weight_method,
                 weight_block=recipe.weight_block,
-                online_hadamard=(),  # neither run-time rotations nor the outlier split on KV graphs yet
-                split_outliers=0.0,
+                online_hadamard=online,
+                split_outliers=split_outliers if splitting else 0.0,
             ),
             [folder / f"{g}.onnx" for g in GRAPHS],
             calib_windows.ids,

@@ -18,6 +18,12 @@ class Preset:
     weight_bits: int
     act_bits: int
 
+    @property
+    def narrow(self) -> bool:
+        """4-bit weights or 8-bit activations: where GPTQ and the run-time rotations pay for their cost
+        (at W8A16 round-to-nearest is already next to float; BENCHMARKS.md, the ``defaults`` rows)."""
+        return self.weight_bits == 4 or self.act_bits < 16
+
     def to_json(self) -> dict[str, object]:
         return {"name": self.name, "weight_bits": self.weight_bits, "act_bits": self.act_bits}
 

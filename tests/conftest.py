@@ -51,22 +51,23 @@ def tiny_model(tiny_dir: Path) -> Path:
     return export_tiny(tiny_dir, "gqa")
 
 
-@pytest.fixture(scope="session")
-def tiny_w8a16(tiny_model: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+def quantized(source: Path, factory: pytest.TempPathFactory, preset: str, windows: int) -> Path:
+    """``source`` (a model or a KV-cache folder) quantized with ``preset`` on WikiText-2 validation text."""
     from onnxq.pipeline import quantize
 
-    out = tmp_path_factory.mktemp("q") / "w8a16"
-    quantize(tiny_model, out, preset="w8a16", calib="wikitext2-valid", windows=4)
+    out = factory.mktemp("q") / preset
+    quantize(source, out, preset=preset, calib="wikitext2-valid", windows=windows)
     return out
+
+
+@pytest.fixture(scope="session")
+def tiny_w8a16(tiny_model: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return quantized(tiny_model, tmp_path_factory, "w8a16", windows=4)
 
 
 @pytest.fixture(scope="session")
 def tiny_w8a8(tiny_model: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from onnxq.pipeline import quantize
-
-    out = tmp_path_factory.mktemp("q") / "w8a8"
-    quantize(tiny_model, out, preset="w8a8", calib="wikitext2-valid", windows=4)
-    return out
+    return quantized(tiny_model, tmp_path_factory, "w8a8", windows=4)
 
 
 @pytest.fixture(scope="session")
@@ -87,11 +88,7 @@ def kv_folder(tiny_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="session")
 def kv_w8a16(kv_folder: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from onnxq.pipeline import quantize
-
-    out = tmp_path_factory.mktemp("kvq") / "w8a16"
-    quantize(kv_folder, out, preset="w8a16", calib="wikitext2-valid", windows=2)
-    return out
+    return quantized(kv_folder, tmp_path_factory, "w8a16", windows=2)
 
 
 @pytest.fixture(scope="session")

@@ -48,6 +48,7 @@ def run(folder: Path) -> None:
         ["validate", qdq, "--windows", "1"],
         ["validate", pair, "--windows", "1"],
         ["eval", qdq, "--ppl", "wikitext2", "--windows", "2"],
+        ["eval", pair, "--ppl", "wikitext2", "--windows", "1"],
         ["generate", pair, *prompt],
         ["generate", pair, *prompt, "--ep", "qnn"],
         ["compile", qdq, "-o", str(folder / "htp"), "--overwrite"],

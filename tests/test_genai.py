@@ -13,6 +13,7 @@ from onnxq.cli import main
 from onnxq.errors import OnnxqError
 from onnxq.generate import generate
 from onnxq.tokenizer import FileTokenizer
+from tests.conftest import quantized
 
 og = pytest.importorskip("onnxruntime_genai")
 
@@ -23,11 +24,7 @@ CHUNK, CONTEXT = 8, 40  # of the kv_folder fixture
 
 @pytest.fixture(scope="module")
 def kv_w4a8(kv_folder: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from onnxq.pipeline import quantize
-
-    out = tmp_path_factory.mktemp("kvq") / "w4a8"
-    quantize(kv_folder, out, preset="w4a8", calib="wikitext2-valid", windows=2)
-    return out
+    return quantized(kv_folder, tmp_path_factory, "w4a8", windows=2)
 
 
 @pytest.mark.parametrize("pair", ["kv_folder", "kv_w8a16", "kv_w4a8"])

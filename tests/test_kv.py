@@ -128,8 +128,55 @@ def test_scoring_graph_options_are_refused_on_a_kv_folder(kv_folder: Path, tmp_p
     from onnxq.errors import OnnxqError
     from onnxq.pipeline import quantize
 
-    with pytest.raises(OnnxqError, match="--split-outliers, --rotate learned is not supported for KV-cache graphs"):
-        quantize(kv_folder, tmp_path / "q", preset="w8a8", split_outliers=16, rotate="learned")
+    with pytest.raises(OnnxqError, match="--budget, --rotate learned is not supported for KV-cache graphs"):
+        quantize(kv_folder, tmp_path / "q", preset="w8a8", budget=0.1, rotate="learned")
+
+
+@pytest.fixture(scope="module")
+def massive_kv(tiny_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The KV pair of test_outliers' model: a planted massive channel in layer 0's MLP."""
+    import shutil
+
+    from onnxq.export_kv import export_kv_model
+    from tests.test_outliers import MASSIVE
+    from tests.tiny import tiny_llama
+
+    folder = tmp_path_factory.mktemp("kv") / "massive"
+    export_kv_model(tiny_llama(massive=MASSIVE), folder, chunk=8, context=40, check_ids=np.arange(21) * 7 % 384)
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copyfile(tiny_dir / name, folder / name)
+    return folder
+
+
+def test_the_a8_defaults_split_outliers_and_rotate_r4_on_the_pair(
+    massive_kv: Path, tmp_path: Path, eval_ids: np.ndarray
+) -> None:
+    import json
+
+    from onnxq import ir as oir
+    from onnxq.options import read_recipe
+    from onnxq.pipeline import quantize
+    from tests.test_outliers import MASSIVE
+
+    alone = {"preset": "w8a8", "calib": "wikitext2-valid", "windows": 2, "weight_method": "mse"}
+    plain, split = tmp_path / "plain", tmp_path / "split"
+    quantize(massive_kv, plain, split_outliers=0.0, online_hadamard=(), **alone)
+    quantize(massive_kv, split, **alone)  # the defaults: outlier split at 16x and R4
+    options = read_recipe(split / "recipe.toml").options
+    assert options.split_outliers == 16.0 and options.online_hadamard == ("r4",)
+    notes = json.loads((split / "summary.json").read_text())["notes"]
+    assert any(f"layer 0: {MASSIVE}" in note for note in notes)  # the planted channel, found through the cache
+    for graph in ("prefill", "decode"):
+        meta = oir.metadata(oir.load(split / f"{graph}.qdq.onnx"))
+        assert (meta["onnxq.online"], meta["onnxq.split_outliers"]) == ("r4", "16.0")
+    ids = eval_ids[0][:40]
+    want = Stepper(massive_kv).step(ids)
+
+    def rel_error(folder: Path) -> float:
+        return float(np.linalg.norm(Stepper(folder).step(ids) - want) / np.linalg.norm(want))
+
+    assert rel_error(split) < 0.5 * rel_error(plain)
+    np.testing.assert_allclose(_steps(Stepper(split), ids, 1), Stepper(split).step(ids), atol=1e-5)
 
 
 def test_the_kv_pair_replays_from_its_recipe(kv_w8a16: Path, kv_folder: Path, tmp_path: Path) -> None:
@@ -146,3 +193,25 @@ def test_the_kv_pair_replays_from_its_recipe(kv_w8a16: Path, kv_folder: Path, tm
     for graph in ("prefill.qdq.onnx", "decode.qdq.onnx"):
         digests = {hashlib.sha256((folder / graph).read_bytes()).hexdigest() for folder in (kv_w8a16, again)}
         assert len(digests) == 1, graph
+
+
+def test_eval_scores_a_pair_as_it_scores_the_scoring_graph(
+    tiny_dir: Path, tiny_model: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The float pair, streamed chunk by chunk through its cache, gives the scoring graph's perplexity."""
+    import json
+    import shutil
+
+    from onnxq.cli import main
+    from onnxq.export_kv import export_kv_model
+    from tests.tiny import tiny_llama
+
+    pair = tmp_path / "kv64"  # a cache as long as the scoring graph's window, so both cut the same windows
+    export_kv_model(tiny_llama(), pair, chunk=8, context=64, check_ids=np.arange(21) * 7 % 384)
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copyfile(tiny_dir / name, pair / name)
+    assert main(["eval", str(tiny_model), str(pair), "--ppl", "wikitext2", "--windows", "3", "--json"]) == 0
+    scoring, streamed = (m["results"][0] for m in json.loads(capsys.readouterr().out)["models"])
+    assert scoring["seq_len"] == streamed["seq_len"] == 64 and scoring["tokens"] == streamed["tokens"]
+    assert abs(streamed["ppl"] / scoring["ppl"] - 1) < 1e-5  # float32 order only
+    assert main(["eval", str(pair), "--tasks", "piqa"]) == 2

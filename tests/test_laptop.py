@@ -25,7 +25,18 @@ def test_device_side_commands_run_without_torch(tiny_w8a16: Path, kv_w8a16: Path
     done = subprocess.run([sys.executable, "-c", code], check=False, capture_output=True, text=True, timeout=900)
     assert done.returncode == 0, done.stderr[-3000:]
     report = json.loads(done.stdout.strip().splitlines()[-1])
-    commands = ["check", "validate", "validate", "eval", "generate", "generate", "compile", "package", "generate"]
+    commands = [
+        "check",
+        "validate",
+        "validate",
+        "eval",
+        "eval",
+        "generate",
+        "generate",
+        "compile",
+        "package",
+        "generate",
+    ]
     assert report == {"commands": commands, "imported": []}
     assert (tmp_path / "htp" / "model_ctx.onnx").is_file()
     assert (tmp_path / "genai" / "genai_config.json").is_file()

@@ -762,6 +762,12 @@ per-channel clipping search then round to nearest; `gptq`: the same scales, GPTQ
         from tools.bench_generate import section as generation_section
 
         text += "\n" + generation_section(json.loads(generation.read_text(encoding="utf-8")))
+    pair = RESULTS.parent / "pair.json"
+    if pair.exists():
+        sys.path.insert(0, str(ROOT))
+        from tools.bench_pair import section as pair_section
+
+        text += "\n" + pair_section(json.loads(pair.read_text(encoding="utf-8")), results["rows"])
     TABLE.write_text(text, encoding="utf-8")
     from tools.readme import update
 

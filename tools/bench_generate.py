@@ -63,6 +63,28 @@ def measure(
     return row, by_prefill
 
 
+def on_htp(folder: Path, tokens: int) -> dict[str, Any]:
+    """The quantized pair on the HTP backend: `onnxq generate --ep qnn` on the QDQ pair, and the pair
+    compiled (`onnxq compile`, HTP v75) and packaged, in onnxruntime-genai on the QNN EP."""
+    from onnxq import genai
+    from onnxq.compile import compile_model
+    from onnxq.generate import generate
+
+    compiled = compile_model(folder, folder.parent / f"{folder.name}-htp", overwrite=True, verify=False)
+    packaged = genai.package(compiled.output, folder.parent / f"{folder.name}-htp-genai", overwrite=True)
+    direct = generate(folder, PROMPT, max_new_tokens=tokens, ep="qnn")
+    in_genai = genai.generate(packaged.output, PROMPT, max_new_tokens=tokens, ep="qnn")
+    return {
+        "text": direct.text,
+        "genai_text": in_genai.text,
+        "starts_with_paris": direct.text.strip().startswith("Paris"),
+        "genai_same_tokens": in_genai.tokens == direct.tokens[: len(in_genai.tokens)],
+        "tokens": len(in_genai.tokens),
+        "context_bytes": {n: b for n, b in compiled.files.items() if n.endswith(".bin")},
+        "compile_seconds": round(sum(v for k, v in compiled.seconds.items() if k.endswith("compile")), 1),
+    }
+
+
 def main() -> None:
     from calib.data import windows
     from onnxq.export_kv import export_kv
@@ -75,6 +97,7 @@ def main() -> None:
     parser.add_argument("--context", type=int, default=256)
     parser.add_argument("--tokens", type=int, default=96, help="WikiText-2 tokens run through both graphs")
     parser.add_argument("--work", default=str(ROOT / "runs" / "generate"))
+    parser.add_argument("--htp-tokens", type=int, default=8, help="tokens generated on the HTP (0: skip it)")
     args = parser.parse_args()
     work = Path(args.work)
     float_dir = work / "float"
@@ -91,9 +114,12 @@ def main() -> None:
         out = work / preset
         t = time.perf_counter()
         q = quantize(float_dir, out, preset=preset, overwrite=True)
+        seconds = round(time.perf_counter() - t, 1)
         row, _ = measure(out, ids, args.chunk, reference)
-        row["quantize_seconds"] = round(time.perf_counter() - t, 1)
+        row["quantize_seconds"] = seconds
         row["peak_rss_mb"] = q.summary["peak_rss_mb"]
+        if args.htp_tokens:
+            row["htp"] = on_htp(out, args.htp_tokens)
         row["recipe"] = tomllib.loads((out / "recipe.toml").read_text(encoding="utf-8"))["options"]
         results["rows"][preset] = row
         print(f"[generate] {preset}: {row['text']!r}", file=sys.stderr, flush=True)
@@ -140,6 +166,26 @@ def section(results: dict[str, Any]) -> str:
             same = f"{'yes' if g['same_tokens_as_onnxq'] else 'no'} ({g['tokens']} tokens)"
             tps = g["decode_tokens_per_s"]
             lines.append(f"| {name} | {_recipe(r.get('recipe'))} | {_cell(g['text'])} | {same} | {tps:.1f} |")
+    htp = {name: r["htp"] for name, r in results["rows"].items() if "htp" in r}
+    if htp:
+        lines += [
+            "",
+            "On the HTP (the QNN EP's HTP backend, here its x86-64 emulator, HTP v75, CPU fallback off for the "
+            "QDQ pair): `onnxq generate --ep qnn` on the quantized pair, and the same pair compiled "
+            "(`onnxq compile`), packaged and run by onnxruntime-genai on the QNN EP (the packaged folder's few "
+            "position, mask and cache-write nodes run on the CPU):",
+            "",
+            "| graphs | onnxq generate --ep qnn | compiled, in onnxruntime-genai | same tokens | context binaries "
+            "| compile |",
+            "|---|---|---|---|---|---:|",
+        ]
+        for name, h in htp.items():
+            sizes = " + ".join(f"{b / 2**20:.0f} MB" for b in h["context_bytes"].values())
+            same = f"{'yes' if h['genai_same_tokens'] else 'no'} ({h['tokens']} tokens)"
+            lines.append(
+                f"| {name} | {_cell(h['text'])} | {_cell(h['genai_text'])} | {same} | {sizes} | "
+                f"{h['compile_seconds']:.0f} s |"
+            )
     return "\n".join(lines) + "\n"
 
 

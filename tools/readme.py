@@ -207,6 +207,18 @@ def device(bench: dict[str, Any], generation: dict[str, Any]) -> list[str]:
             f"The same pairs through `onnxq package`, in onnxruntime-genai {version}'s own generation loop on CPU, "
             f"same prompt: {said}.",
         ]
+    on_htp = {name: r["htp"] for name, r in gen.items() if "htp" in r}
+    if on_htp:
+        said = "; ".join(
+            f"{name.upper()} {_first_words(h['genai_text'])!r} "
+            f"({'the tokens of' if h['genai_same_tokens'] else 'not the tokens of'} `onnxq generate --ep qnn`)"
+            for name, h in on_htp.items()
+        )
+        lines += [
+            "",
+            "Compiled for the HTP (`onnxq compile`, then `onnxq package`) and run by onnxruntime-genai on the QNN "
+            f"EP's HTP backend: {said}.",
+        ]
     return lines
 
 
@@ -230,16 +242,45 @@ def fulltest(results: dict[str, Any]) -> list[str]:
     ]
 
 
+def pair(results: dict[str, Any]) -> list[str]:
+    """The deployed pair, scored as deployed, on CPU and on the HTP."""
+    rows = results.get("rows", {})
+    if not rows:
+        return []
+    fp = results["float_ppl"]
+    said = "; ".join(
+        f"{p.upper()} {r['cpu_ppl']:.2f} ({r['cpu_ppl'] / fp:.3f}x), on the HTP "
+        f"{100 * (r['htp_ppl'] / r['cpu_ppl_same_windows'] - 1):+.1f} % against the CPU on its first "
+        f"{results['htp_windows']} windows"
+        for p, r in rows.items()
+    )
+    return [
+        f"What a user ships, the prefill/decode pair (`onnxq export --kv-cache`, then `onnxq quantize FOLDER --preset "
+        f"P`), scored as deployed (`onnxq eval FOLDER`: the same {results['windows']} windows streamed chunk by chunk "
+        f"through the quantized cache; float pair {fp:.2f}): {said}. Per row in [BENCHMARKS.md](BENCHMARKS.md), "
+        "'Deployed pair'.",
+    ]
+
+
 def block(
     bench: dict[str, Any] | None = None,
     generation: dict[str, Any] | None = None,
     full: dict[str, Any] | None = None,
+    deployed: dict[str, Any] | None = None,
 ) -> str:
     """The README's results block, from the given (default: the committed) results."""
     bench = _load("bench.json") if bench is None else bench
     generation = _load("generate.json") if generation is None else generation
     full = _load("fulltest.json") if full is None else full
-    parts = [headline(bench), defaults_table(bench), steps(bench), fulltest(full), device(bench, generation)]
+    deployed = _load("pair.json") if deployed is None else deployed
+    parts = [
+        headline(bench),
+        defaults_table(bench),
+        steps(bench),
+        fulltest(full),
+        pair(deployed),
+        device(bench, generation),
+    ]
     parts = [part for part in parts if part]
     body = "\n\n".join("\n".join(p) for p in parts)
     return f"{BEGIN}\n{body}\n{END}"

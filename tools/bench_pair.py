@@ -1,0 +1,137 @@
+"""What users ship: SmolLM2's prefill/decode pair with each preset's defaults, scored as deployed.
+
+    python tools/bench_pair.py [--presets w8a8,w4a8] [--windows 40] [--htp-windows 2]
+
+Exports the pair once (chunk 64, 512 positions), quantizes it with ``--preset P`` and nothing else,
+and scores it on the bench's WikiText-2 windows (test, 512 tokens; the scoring graph's convention)
+streamed through the prefill graph chunk by chunk with the quantized cache (``onnxq eval FOLDER``):
+on ONNX Runtime CPU over ``--windows``, and on the QNN EP's HTP backend over the first
+``--htp-windows`` next to the CPU on those same windows (top-1 agreement of the two there). The
+pair is then compiled (context binary sizes, compile time). The scoring graph's figure on the same
+windows comes from the bench row ``onnxq-P-defaults``. Writes ``tools/results/pair.json`` and the
+"Deployed pair" section of BENCHMARKS.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+import tomllib
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+RESULTS = ROOT / "tools" / "results" / "pair.json"
+SEQ_LEN, CHUNK, CONTEXT = 512, 64, 512
+
+
+def score(folder: Path, ids: np.ndarray, ep: str) -> tuple[float, np.ndarray]:
+    """Perplexity of the pair over ``ids`` as `onnxq eval FOLDER` computes it, and its logits."""
+    from onnxq.evaluate import token_nll
+    from onnxq.generate import Stepper
+
+    stepper = Stepper(folder, ep)
+    nll, logits = [], []
+    for window in ids:
+        stepper.reset()
+        out = stepper.step(window)
+        logits.append(out)
+        nll.append(token_nll(out, window))
+    return float(np.exp(np.concatenate(nll).mean())), np.stack(logits)
+
+
+def main() -> None:
+    from calib.data import windows
+    from onnxq.compile import compile_model
+    from onnxq.export_kv import export_kv
+    from onnxq.pipeline import quantize
+    from onnxq.sources import tokenizer_for
+
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--presets", default="w8a8,w4a8")
+    parser.add_argument("--windows", type=int, default=40)
+    parser.add_argument("--htp-windows", type=int, default=2)
+    parser.add_argument("--work", default=str(ROOT / "runs" / "pair"))
+    args = parser.parse_args()
+    work = Path(args.work)
+    float_dir = work / "float"
+    if not float_dir.exists():
+        export_kv(None, float_dir, chunk=CHUNK, context=CONTEXT)
+    ids = windows(tokenizer_for(float_dir / "prefill.onnx"), "wikitext2", SEQ_LEN, args.windows).ids
+    results: dict[str, Any] = {
+        "seq_len": SEQ_LEN,
+        "chunk": CHUNK,
+        "context": CONTEXT,
+        "windows": args.windows,
+        "htp_windows": args.htp_windows,
+        "rows": {},
+    }
+    t = time.perf_counter()
+    results["float_ppl"], _ = score(float_dir, ids, "cpu")
+    print(f"[pair] float {results['float_ppl']:.3f} ({time.perf_counter() - t:.0f} s)", file=sys.stderr, flush=True)
+    for preset in [p for p in args.presets.split(",") if p]:
+        out = work / preset
+        t = time.perf_counter()
+        q = quantize(float_dir, out, preset=preset, overwrite=True)
+        row: dict[str, Any] = {
+            "quantize_seconds": round(time.perf_counter() - t, 1),
+            "peak_rss_mb": q.summary["peak_rss_mb"],
+            "recipe": tomllib.loads((out / "recipe.toml").read_text(encoding="utf-8"))["options"],
+        }
+        t = time.perf_counter()
+        row["cpu_ppl"], cpu_logits = score(out, ids, "cpu")
+        row["cpu_seconds"] = round(time.perf_counter() - t, 1)
+        few = ids[: args.htp_windows]
+        t = time.perf_counter()
+        row["htp_ppl"], htp_logits = score(out, few, "qnn")
+        row["htp_seconds"] = round(time.perf_counter() - t, 1)
+        row["cpu_ppl_same_windows"], _ = score(out, few, "cpu")
+        row["htp_top1_vs_cpu"] = float((htp_logits.argmax(-1) == cpu_logits[: len(few)].argmax(-1)).mean())
+        compiled = compile_model(out, work / f"{preset}-htp", overwrite=True, verify=False)
+        row["context_bytes"] = {n: b for n, b in compiled.files.items() if n.endswith(".bin")}
+        row["compile_seconds"] = round(sum(v for k, v in compiled.seconds.items() if k.endswith("compile")), 1)
+        results["rows"][preset] = row
+        print(f"[pair] {preset}: {json.dumps(row)[:300]}", file=sys.stderr, flush=True)
+        RESULTS.write_text(json.dumps(results, indent=1) + "\n", encoding="utf-8")
+    from tools import bench
+
+    bench.write(json.loads(bench.RESULTS.read_text(encoding="utf-8")))
+    print(json.dumps(results, indent=1))
+
+
+def section(results: dict[str, Any], bench_rows: dict[str, Any]) -> str:
+    """The BENCHMARKS.md section for ``results``; ``bench_rows`` gives the scoring graph's figures."""
+    fp = results["float_ppl"]
+    lines = [
+        "## Deployed pair (prefill + decode, KV cache)",
+        "",
+        f"`onnxq export --kv-cache` (chunk {results['chunk']}, {results['context']} positions), `onnxq quantize "
+        f"FOLDER --preset P` and nothing else, scored as deployed (`onnxq eval FOLDER`): each of the bench's "
+        f"{results['windows']} WikiText-2 windows of {results['seq_len']} tokens streamed through the prefill graph "
+        "chunk by chunk with the quantized cache. HTP: the QNN EP's HTP backend (its x86-64 emulator, HTP v75, CPU "
+        f"fallback off) on the first {results['htp_windows']} windows, next to the CPU on the same windows "
+        f"(`python tools/bench_pair.py`). Float pair: {fp:.2f}.",
+        "",
+        "| preset | scoring graph, CPU | pair, CPU | pair vs float | pair, HTP | pair, CPU, same windows | HTP vs CPU "
+        "| top-1 HTP vs CPU | context binaries | compile | quantize |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---|---:|---:|",
+    ]
+    for preset, r in results["rows"].items():
+        scoring = bench_rows.get(f"onnxq-{preset}-defaults", {}).get("eval", {}).get("ppl")
+        sizes = " + ".join(f"{b / 2**20:.0f} MB" for b in r["context_bytes"].values())
+        lines.append(
+            f"| {preset.upper()} | {f'{scoring:.2f}' if scoring else ''} | {r['cpu_ppl']:.2f} | "
+            f"{r['cpu_ppl'] / fp:.3f}x | {r['htp_ppl']:.2f} | {r['cpu_ppl_same_windows']:.2f} | "
+            f"{100 * (r['htp_ppl'] / r['cpu_ppl_same_windows'] - 1):+.1f} % | {100 * r['htp_top1_vs_cpu']:.1f} % | "
+            f"{sizes} | {r['compile_seconds']:.0f} s | {r['quantize_seconds']:.0f} s |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":
+    main()
