@@ -74,22 +74,12 @@ def pair_perplexity(
             f"{folder} holds {stepper.shape.slots} positions, the windows have {seq_len}",
             f"pass --seq-len {stepper.shape.slots} or less",
         )
-    total, count, per_window = 0.0, 0, []
-    start = time.perf_counter()
-    for window in windows:
+
+    def logits(ids: np.ndarray) -> np.ndarray:
         stepper.reset()
-        ids = np.asarray(window, dtype=np.int64)
-        nll = token_nll(stepper.step(ids), ids)
-        if not np.all(np.isfinite(nll)):
-            raise OnnxqError(f"{folder} produced NaN/inf logits", "check the pair with `onnxq validate`")
-        total += float(nll.sum())
-        count += nll.size
-        per_window.append(float(nll.mean()))
-        if progress is not None:
-            progress(1)
-    return PerplexityResult(
-        dataset, len(windows), seq_len, count, total / count, time.perf_counter() - start, ep, per_window
-    )
+        return stepper.step(ids)
+
+    return _score(str(folder), logits, windows, ep, dataset, progress)
 
 
 def perplexity(
@@ -114,21 +104,33 @@ def perplexity(
     seq_len = windows.shape[1]
     if len(expected) == 2 and isinstance(expected[1], int) and expected[1] != seq_len:
         raise OnnxqError(f"{model} takes {expected[1]} tokens, the windows have {seq_len}", "pass --seq-len to match")
-    total = 0.0
-    count = 0
-    per_window = []
+
+    def logits(ids: np.ndarray) -> np.ndarray:
+        return sess.run(None, {inputs[0].name: ids.reshape(1, -1)})[0]  # type: ignore[attr-defined]
+
+    return _score(str(model), logits, windows, ep, dataset, progress)
+
+
+def _score(
+    name: str,
+    logits: Callable[[np.ndarray], np.ndarray],
+    windows: np.ndarray,
+    ep: str,
+    dataset: str,
+    progress: Callable[[int], None] | None,
+) -> PerplexityResult:
+    """Perplexity over ``windows`` of whatever ``logits`` computes for a window's ids."""
+    total, count, per_window = 0.0, 0, []
     start = time.perf_counter()
     for window in windows:
-        ids = np.asarray(window, dtype=np.int64).reshape(1, -1)
-        logits = sess.run(None, {inputs[0].name: ids})[0]  # type: ignore[attr-defined]
-        nll = token_nll(logits, ids)
+        ids = np.asarray(window, dtype=np.int64)
+        nll = token_nll(logits(ids), ids)
         if not np.all(np.isfinite(nll)):
-            raise OnnxqError(f"{model} produced NaN/inf logits", "check the model with `onnxq validate`")
+            raise OnnxqError(f"{name} produced NaN/inf logits", "check it with `onnxq validate`")
         total += float(nll.sum())
         count += nll.size
         per_window.append(float(nll.mean()))
         if progress is not None:
             progress(1)
-    return PerplexityResult(
-        dataset, len(windows), seq_len, count, total / count, time.perf_counter() - start, ep, per_window
-    )
+    seconds = time.perf_counter() - start
+    return PerplexityResult(dataset, len(windows), windows.shape[1], count, total / count, seconds, ep, per_window)

@@ -162,37 +162,17 @@ def validate(
             context_file.unlink()
     htp = session(model, htp_arch=htp_arch, soc_model=soc_model, context_file=context_file)
     assigned = assigned_nodes(htp)  # nodes of ORT's optimized graph, per EP
-    on_qnn = assigned.get("QNNExecutionProvider", 0)
-    total = sum(assigned.values())
     cpu = cpu_session(model)
     feed = htp.get_inputs()[0].name
-    errors, means, agree = [], [], []
+    runs = []
     t_htp = 0.0
-    htp_outputs = []
     for window in token_windows:
         ids = np.asarray(window, dtype=np.int64).reshape(1, -1)
         t = time.perf_counter()
         got = htp.run(None, {feed: ids})[0]
         t_htp += time.perf_counter() - t
-        ref = cpu.run(None, {feed: ids})[0]
-        htp_outputs.append(got)
-        diff = np.abs(got.astype(np.float64) - ref)
-        errors.append(float(diff.max()))
-        means.append(float(diff.mean()))
-        agree.append(float((got.argmax(-1) == ref.argmax(-1)).mean()))
-    scale = _output_scale(model)
-    report = ValidationReport(
-        model=str(model),
-        nodes_total=total,
-        nodes_on_qnn=on_qnn,
-        windows=len(htp_outputs),
-        max_abs_error=max(errors),
-        mean_abs_error=float(np.mean(means)),
-        output_scale=scale,
-        error_in_steps=(max(errors) / scale) if scale else None,
-        top1_agreement=float(np.mean(agree)),
-        seconds_htp=t_htp,
-    )
+        runs.append((got, cpu.run(None, {feed: ids})[0]))
+    report = _compared(str(model), [assigned], runs, _output_scale(model), t_htp)
     if context_file is not None:
         if not context_file.exists():
             raise OnnxqError(f"the QNN EP did not write {context_file}", "check the provider options")
@@ -201,7 +181,7 @@ def validate(
         again = reloaded.run(None, {reloaded.get_inputs()[0].name: ids})[0]
         report.context_model = str(context_file)
         report.context_reloaded = True
-        report.context_max_abs_error = float(np.abs(again - htp_outputs[0]).max())
+        report.context_max_abs_error = float(np.abs(again - runs[0][0]).max())
     return report
 
 
@@ -222,7 +202,7 @@ def validate_pair(
     htp = Stepper(folder, "qnn", htp_arch=htp_arch, soc_model=soc_model)
     cpu = Stepper(folder, "cpu")
     assigned = [assigned_nodes(s) for s in (htp.prefill, htp.decode)]
-    errors, means, agree = [], [], []
+    runs = []
     t_htp = 0.0
     for window in token_windows:
         ids = np.asarray(window, dtype=np.int64).reshape(-1)[: htp.shape.slots]
@@ -234,21 +214,29 @@ def validate_pair(
             outs.append(np.concatenate([stepper.step(ids[:cut]), *(stepper.step([i]) for i in ids[cut:])]))
             if stepper is htp:
                 t_htp += time.perf_counter() - t
-        got, ref = outs
-        diff = np.abs(got.astype(np.float64) - ref)
-        errors.append(float(diff.max()))
-        means.append(float(diff.mean()))
-        agree.append(float((got.argmax(-1) == ref.argmax(-1)).mean()))
-    scale = _output_scale(prefill)
+        runs.append((outs[0], outs[1]))
+    return _compared(str(folder), assigned, runs, _output_scale(prefill), t_htp)
+
+
+def _compared(
+    model: str,
+    assigned: list[dict[str, int]],
+    runs: list[tuple[np.ndarray, np.ndarray]],
+    scale: float | None,
+    seconds: float,
+) -> ValidationReport:
+    """The report of (HTP, CPU) logits per window, for graphs whose nodes the sessions assigned as ``assigned``."""
+    diffs = [np.abs(got.astype(np.float64) - ref) for got, ref in runs]
+    worst = max(float(d.max()) for d in diffs)
     return ValidationReport(
-        model=str(folder),
+        model=model,
         nodes_total=sum(sum(a.values()) for a in assigned),
         nodes_on_qnn=sum(a.get("QNNExecutionProvider", 0) for a in assigned),
-        windows=len(errors),
-        max_abs_error=max(errors),
-        mean_abs_error=float(np.mean(means)),
+        windows=len(runs),
+        max_abs_error=worst,
+        mean_abs_error=float(np.mean([d.mean() for d in diffs])),
         output_scale=scale,
-        error_in_steps=(max(errors) / scale) if scale else None,
-        top1_agreement=float(np.mean(agree)),
-        seconds_htp=t_htp,
+        error_in_steps=(worst / scale) if scale else None,
+        top1_agreement=float(np.mean([(got.argmax(-1) == ref.argmax(-1)).mean() for got, ref in runs])),
+        seconds_htp=seconds,
     )
