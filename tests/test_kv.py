@@ -215,3 +215,11 @@ def test_eval_scores_a_pair_as_it_scores_the_scoring_graph(
     assert scoring["seq_len"] == streamed["seq_len"] == 64 and scoring["tokens"] == streamed["tokens"]
     assert abs(streamed["ppl"] / scoring["ppl"] - 1) < 1e-5  # float32 order only
     assert main(["eval", str(pair), "--tasks", "piqa"]) == 2
+
+
+def test_a_precision_map_of_another_graph_is_refused(kv_folder: Path, tiny_w8a16: Path, tmp_path: Path) -> None:
+    from onnxq.pipeline import quantize
+
+    with pytest.raises(OnnxqError, match="precision map names points this model does not have"):
+        quantize(kv_folder, tmp_path / "q", preset="w8a16", precision_map=str(tiny_w8a16 / "precision_map.json"))
+    assert not (tmp_path / "q").exists()
