@@ -63,9 +63,20 @@ class Stepper:
         if decode_chunk != 1 or decode_shape != self.shape:
             raise OnnxqError(f"{folder}: {decode.name} does not match {prefill.name}", "export both in one run")
         self.prefill = make_session(prefill, ep, **qnn_options)
-        self.decode = make_session(decode, ep, **qnn_options)
+        self._decode_graph, self._ep, self._qnn_options = decode, ep, qnn_options
+        self._decode: Any = None
         self.cache = self.shape.empty()
         self.position = 0
+
+    @property
+    def decode(self) -> Any:
+        """The decode session, made when first used: scoring whole chunks never needs it, and on the HTP
+        each session holds a context of the model's size."""
+        if self._decode is None:
+            from onnxq.evaluate import make_session
+
+            self._decode = make_session(self._decode_graph, self._ep, **self._qnn_options)
+        return self._decode
 
     def reset(self) -> None:
         self.cache = self.shape.empty()
