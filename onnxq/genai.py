@@ -388,17 +388,11 @@ def generate(
     result = Generation(prompt_tokens=len(ids))
     t = time.perf_counter()
     generator.append_tokens(ids)
-    shown = ""
     while not generator.is_done() and len(result.tokens) < max_new_tokens:
         generator.generate_next_token()
         if not result.tokens:
             result.prefill_seconds = time.perf_counter() - t
             t = time.perf_counter()
-        result.tokens.append(int(generator.get_next_tokens()[0]))
-        text = tok.decode(result.tokens, skip_special_tokens=True)
-        if on_token is not None and text.startswith(shown):
-            on_token(text[len(shown) :])
-            shown = text
+        result.add(int(generator.get_next_tokens()[0]), tok, on_token)
     result.decode_seconds = time.perf_counter() - t
-    result.text = tok.decode(result.tokens, skip_special_tokens=True)
     return result

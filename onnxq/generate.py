@@ -41,6 +41,16 @@ class Generation:
     prefill_seconds: float = 0.0
     decode_seconds: float = 0.0
 
+    _shown: str = field(default="", repr=False)  # the text streamed so far
+
+    def add(self, token: int, tok: Any, on_token: Callable[[str], None] | None) -> None:
+        """Append ``token`` and decode the text anew (a token may complete a character); stream what it adds."""
+        self.tokens.append(token)
+        self.text = tok.decode(self.tokens, skip_special_tokens=True)
+        if on_token is not None and self.text.startswith(self._shown):
+            on_token(self.text[len(self._shown) :])
+            self._shown = self.text
+
     @property
     def prefill_tps(self) -> float:
         return self.prompt_tokens / self.prefill_seconds if self.prefill_seconds else 0.0
@@ -149,20 +159,14 @@ def generate(
     logits = run.step(ids)[-1]
     result.prefill_seconds = time.perf_counter() - t
     eos = {tok.eos_token_id} if tok.eos_token_id is not None else set()
-    shown = ""
     t = time.perf_counter()
     for i in range(max_new_tokens):
         token = _pick(logits, temperature, top_k, rng)
-        result.tokens.append(token)
-        text = tok.decode(result.tokens, skip_special_tokens=True)
-        if on_token is not None and text.startswith(shown):
-            on_token(text[len(shown) :])
-            shown = text
+        result.add(token, tok, on_token)
         if token in eos or i == max_new_tokens - 1 or run.position >= run.shape.slots:
             break
         logits = run.step([token])[-1]
     result.decode_seconds = time.perf_counter() - t
-    result.text = tok.decode(result.tokens, skip_special_tokens=True)
     return result
 
 
