@@ -133,6 +133,9 @@ def encode(
         if point.kind == "const":
             encodings[point.name] = const_encoding(point.spec, *const_values)
             continue
+        if point.fixed_range is not None:
+            encodings[point.name] = from_range(point.spec, *point.fixed_range)
+            continue
         obs = observers[point.name]
         if obs.nonfinite:
             raise OnnxqError(

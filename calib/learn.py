@@ -280,7 +280,7 @@ class Learner:
 
         sim = self.sim
         learned = {p.name for p in self.stage1}
-        rest = [p for p in sim.plan.act_points() if p.name not in learned]
+        rest = [p for p in sim.plan.act_points() if p.name not in learned and p.fixed_range is None]
         sim.enable(None, on=False)
         sim.enable(list(learned), on=True)
         observers = {p.name: Observer(histogram=method_for(p, method) != "minmax") for p in rest}

@@ -244,6 +244,57 @@ def widths_meet(graph: ir.Graph) -> Iterator[Finding]:
             )
 
 
+@rule("htp-lpbq-read")
+def lpbq_output_read(graph: ir.Graph) -> Iterator[Finding]:
+    """A compute op reading an LPBQ FC's 8-bit output directly; on the HTP it reads some codes one too high."""
+    for node in graph:
+        w_dq = _dq_of(node.inputs[1]) if node.op_type == "MatMul" else None
+        out_q = _q_after(node.outputs[0]) if w_dq is not None else None
+        if out_q is None or w_dq.attributes.get_int("block_size", 0) == 0 or _bits(_qtype(out_q)) != 8:
+            continue
+        for reader in _readers(out_q):
+            yield Finding(
+                "htp-lpbq-read",
+                node.outputs[0].name,
+                f"{reader.op_type} {reader.name!r} reads this LPBQ FC's 8-bit output; on the HTP it sees "
+                "about one value in five one step too high",
+                "read it through a DequantizeLinear->QuantizeLinear convert to 16 bits (onnxq quantize does)",
+            )
+
+
+@rule("htp-fixed-grid")
+def fixed_output_grid(graph: ir.Graph) -> Iterator[Finding]:
+    """A 16-bit Sigmoid or Softmax output on another grid than the one the HTP writes it on."""
+    for node in graph:
+        out_q = _q_after(node.outputs[0]) if node.op_type in ("Sigmoid", "Softmax") else None
+        if out_q is None or _qtype(out_q) != ir.DataType.UINT16:
+            continue
+        scale, zero = _scale(out_q), _zero(out_q)
+        if scale is None or float(scale.reshape(-1)[0]) != 2.0**-16 or zero is None or int(zero.reshape(-1)[0]):
+            yield Finding(
+                "htp-fixed-grid",
+                node.outputs[0].name,
+                f"the HTP writes a 16-bit {node.op_type} output in steps of 1/65536 from 0, not on this encoding",
+                "quantize it with scale 1/65536 and zero point 0 (onnxq quantize does)",
+            )
+
+
+def _readers(q: ir.Node) -> Iterator[ir.Node]:
+    """Compute ops that read ``q``'s codes through its DQs and any data movement (not through a convert)."""
+    for dq_use in q.outputs[0].uses():
+        if dq_use.node.op_type != "DequantizeLinear":
+            continue
+        for use in dq_use.node.outputs[0].uses():
+            reader = use.node
+            if reader.op_type == "QuantizeLinear":
+                continue
+            moved = _q_after(reader.outputs[0]) if reader.op_type in DATA_MOVEMENT else None
+            if moved is not None and _qtype(moved) == _qtype(q):
+                yield from _readers(moved)
+            else:
+                yield reader
+
+
 def _bits(dtype: ir.DataType | None) -> int:
     return {ir.DataType.UINT16: 16, ir.DataType.INT16: 16, ir.DataType.INT4: 4, ir.DataType.UINT4: 4}.get(dtype, 8)  # type: ignore[arg-type]
 

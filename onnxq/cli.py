@@ -15,6 +15,7 @@ import sys
 import time
 import warnings
 from collections.abc import Callable, Iterator, Sequence
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -556,6 +557,14 @@ def cmd_diff(args: argparse.Namespace) -> int:
         lines.append(
             f"clips most: layer {c['layer']} {c['kind']} ({c['tensor']}): {100 * c['clipped']:.3f} % of values"
         )
+    if report.ops:
+        data["htp_ops"] = [asdict(o) for o in report.ops]
+        lines.append("HTP against the reference fed the HTP's own inputs, op by op (first window; worst first):")
+        for o in report.ops[:8]:
+            lines.append(
+                f"  {o.op:<12} {o.node}: {100 * o.mismatched:.1f} % of codes differ, "
+                f"max {o.max_steps}, mean {o.mean_steps:.2f} ({o.bits}-bit steps)"
+            )
     lines += [f"note: {n}" for n in report.notes]
     _emit(args, data, lines)
     return 0

@@ -10,6 +10,10 @@ QDQ model on the QNN HTP backend.
 
 Per point: SQNR in dB and relative error against float, the fraction of float values outside the
 point's quantization range (clipping), and the HTP-vs-CPU error in units of the point's scale.
+
+With ``ep="qnn"`` each op is also checked on its own (:func:`htp_ops`): the HTP's output codes of
+every quantized tensor against the QDQ reference computing that op from the HTP's own input codes,
+so a departure shows at the op that makes it, not smeared over everything after it.
 """
 
 from __future__ import annotations
@@ -49,6 +53,19 @@ class PointDiff:
 
 
 @dataclass
+class OpDeparture:
+    """How far the HTP's codes of one quantized tensor are from the reference op fed the HTP's inputs."""
+
+    op: str
+    node: str
+    tensor: str
+    bits: int
+    mismatched: float  # fraction of codes that differ
+    max_steps: int
+    mean_steps: float
+
+
+@dataclass
 class DiffReport:
     points: list[PointDiff]
     windows: int
@@ -57,6 +74,7 @@ class DiffReport:
     first_jump: dict[str, Any] | None = None
     most_clipped: list[dict[str, Any]] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
+    ops: list[OpDeparture] = field(default_factory=list)  # ep="qnn": worst first
 
     def layers(self) -> list[dict[str, Any]]:
         """One row per layer: SQNR of each point kind (and the worst HTP error)."""
@@ -246,7 +264,10 @@ def diff(float_path: str | Path, qdq_path: str | Path, windows: np.ndarray, *, e
         p.clipped = clip[k][0] / clip[k][1] if clip[k][1] else math.nan
         p.htp_steps = htp[k] if ep == "qnn" and encodings.get(k) is not None else None
         points.append(p)
+    del fs, cs, hs
     report = DiffReport(points, len(windows), ep, notes=notes)
+    if ep == "qnn":
+        report.ops = htp_ops(qdq_path, windows[:1])
     report.local = {i: a / b for i, (a, b) in local_acc.items() if b > 0}
     report.first_jump = _first_jump(report.local, points)
     ranked = sorted((p for p in points if not math.isnan(p.clipped)), key=lambda p: -p.clipped)
@@ -256,6 +277,63 @@ def diff(float_path: str | Path, qdq_path: str | Path, windows: np.ndarray, *, e
         if p.clipped > 0
     ]
     return report
+
+
+def htp_ops(qdq_path: str | Path, ids: np.ndarray) -> list[OpDeparture]:
+    """Every activation quantizer's codes on the HTP against the QDQ reference op fed the HTP's inputs.
+
+    One HTP run records every quantized tensor; then a copy of the graph whose quantized tensors
+    are all graph inputs runs on ONNX Runtime CPU (basic optimisations: the QDQ semantics), fed the
+    HTP's codes, so each op computes from exactly what the HTP gave it. Worst first, in 8-bit steps.
+    """
+    from onnxq.qnn import cpu_session, session
+
+    def codes(model: ir.Model) -> list[ir.Node]:
+        return [n for n in model.graph if n.op_type == "QuantizeLinear" and not oir.is_const(n.inputs[0])]
+
+    work = Path(tempfile.mkdtemp(prefix="onnxq-ops-"))
+    model = oir.load(qdq_path)
+    names = [q.outputs[0].name for q in codes(model)]
+    for q in codes(model):
+        if not q.outputs[0].is_graph_output():
+            model.graph.outputs.append(q.outputs[0])
+    oir.save(model, work / "htp.onnx")
+    feed = {"input_ids": np.asarray(ids, dtype=np.int64).reshape(1, -1)}
+    sess = session(work / "htp.onnx")
+    htp = dict(zip([o.name for o in sess.get_outputs()], sess.run(None, feed), strict=True))
+    del sess
+    model = oir.load(qdq_path)
+    producers = {}
+    for q in codes(model):
+        value = q.outputs[0]
+        producers[value.name] = q.inputs[0].producer()
+        fed = ir.Value(name=f"{value.name}.htp", type=value.type, shape=value.shape)
+        for use in list(value.uses()):
+            use.node.replace_input_with(use.idx, fed)
+        model.graph.inputs.append(fed)
+        if not value.is_graph_output():
+            model.graph.outputs.append(value)
+    oir.save(model, work / "ref.onnx")
+    sess = cpu_session(work / "ref.onnx", optimized=False)
+    feed.update({i.name: htp[i.name.removesuffix(".htp")] for i in sess.get_inputs() if i.name.endswith(".htp")})
+    ref = dict(zip([o.name for o in sess.get_outputs()], sess.run(None, feed), strict=True))
+    out = []
+    for name in names:
+        h, r = htp[name], ref[name]
+        d = np.abs(h.astype(np.int64) - r.astype(np.int64))
+        node = producers[name]
+        out.append(
+            OpDeparture(
+                node.op_type if node is not None else "input",
+                node.name if node is not None else "",
+                name,
+                8 * h.dtype.itemsize,
+                float((d > 0).mean()),
+                int(d.max()),
+                float(d.mean()),
+            )
+        )
+    return sorted(out, key=lambda o: -o.mean_steps / 2 ** (o.bits - 8))  # in 8-bit steps
 
 
 def _first_jump(local: dict[int, float], points: list[PointDiff]) -> dict[str, Any] | None:

@@ -16,7 +16,14 @@ The HTP's rules are applied here, once:
   down_proj reading the run-time Hadamard R4, which runs at 16 bits on the 16-bit SwiGLU product
   (rotating an already 8-bit input would only spread its rounding error);
 - an 8-bit per-channel weight next to an 8-bit activation uses integers in ±63 (beyond that the
-  HTP's results are wrong: 12 % error on a 576x64 FC, measured on the QNN EP).
+  HTP's results are wrong: 12 % error on a 576x64 FC, measured on the QNN EP);
+- an op reading the 8-bit output of a 4-bit LPBQ FC on the HTP sees a value one step too high in
+  about a fifth of the elements (those whose code minus zero point is a multiple of 4), though
+  the FC reports the right codes; a Convert reads them right. So every compute op reads an LPBQ
+  FC's 8-bit output through a convert to 16 bits on the same grid (code x 257: exact);
+- a 16-bit Sigmoid or Softmax output is written by the HTP on its own grid, step 1/65536 from 0,
+  whatever encoding the graph gives it (ONNX Runtime's QNN quantizer sets the same); those
+  points get that encoding instead of a calibrated one.
 
 Every DQ→Q pair between two widths becomes a QNN Convert.
 """
@@ -50,6 +57,9 @@ FORCED_WHY = "htp: norm output is 16-bit"
 OUTLIER_WHY = "outlier channels"
 NORM_OUTPUTS = frozenset({"attn_in", "mlp_in", "head_in"})
 FLOAT_TYPES = {ir.DataType.FLOAT, ir.DataType.FLOAT16, ir.DataType.BFLOAT16}
+#: ops whose 16-bit output the HTP writes on a fixed grid: [0, 1) in steps of 1/65536
+HTP_FIXED_16BIT_OUTPUT = frozenset({"Sigmoid", "Softmax"})
+UNIT_RANGE_16 = (0.0, 65535 / 65536)
 #: FullyConnected output roles and the input role whose width they follow
 FOLLOWS = {
     "q": "attn_in",
@@ -76,6 +86,7 @@ class Point:
     roots: tuple[str, ...] = ()  # activations whose values define the range
     why: str = "preset"
     source: str | None = None  # convert points: the tensor they requantize
+    fixed_range: tuple[float, float] | None = None  # set by the HTP, not calibrated
 
     @property
     def bits(self) -> int:
@@ -378,9 +389,50 @@ def build_plan(
             target = point_of.get(use.node.outputs[0].name) if use.node.outputs else None
             if target is not None and points[target].spec.symmetric:
                 converts.append(Convert(target, fc_out, use.node.name, use.idx))
+    converts += _widen_lpbq_outputs(graph, points, point_of, weights, converts)
+    _fix_htp_grids(graph, points)
     plan = QuantPlan(preset, points, converts, structure)
     log.info("plan: %s", plan.counts())
     return plan
+
+
+def _widen_lpbq_outputs(
+    graph: ir.Graph,
+    points: Mapping[str, Point],
+    point_of: Mapping[str, str],
+    weights: Mapping[str, tuple[ir.Node, int]],
+    converts: list[Convert],
+) -> list[Convert]:
+    """Converts to 16 bits on the edges where a compute op reads an LPBQ FC's 8-bit output."""
+    values = {o.name: o for n in graph for o in n.outputs}
+    taken = {(c.consumer, c.index) for c in converts}
+    out: list[Convert] = []
+    for wname, (node, _) in weights.items():
+        if not points[wname].spec.block_size:
+            continue
+        point = points[point_of[node.outputs[0].name]]
+        if point.bits != 8:
+            continue
+        wide = QuantSpec(QType.for_bits(16, signed=point.spec.qtype.signed), symmetric=point.spec.symmetric)
+        for tensor in point.tensors:
+            for use in values[tensor].uses():
+                reader = use.node
+                moves = reader.op_type in DATA_MOVEMENT and _stays_in(reader, point, point_of)
+                if not moves and (reader.name, use.idx) not in taken:
+                    out.append(Convert(point.name, tensor, reader.name, use.idx, wide))
+    return out
+
+
+def _fix_htp_grids(graph: ir.Graph, points: dict[str, Point]) -> None:
+    """16-bit unsigned Sigmoid and Softmax outputs take the grid the HTP writes them on."""
+    fixed = {o.name for n in graph if n.op_type in HTP_FIXED_16BIT_OUTPUT for o in n.outputs}
+    for name, point in list(points.items()):
+        if point.kind == "act" and point.roots and set(point.roots) <= fixed and point.spec.qtype == QType.UINT16:
+            points[name] = replace(point, fixed_range=UNIT_RANGE_16)
+
+
+def _stays_in(node: ir.Node, point: Point, point_of: Mapping[str, str]) -> bool:
+    return all(point_of.get(o.name) == point.name for o in node.outputs)
 
 
 def _input_rows(node: ir.Node, channel_axis: int) -> int:

@@ -156,7 +156,11 @@ def emit_qdq(model: ir.Model, plan: QuantPlan, encodings: Mapping[str, Encoding]
             source = consumer.inputs[conv.index]
             assert source is not None
             enc = encodings[conv.point]
-            scale, zp = params_of(conv.point)
+            if conv.spec is None:
+                scale, zp = params_of(conv.point)
+            else:  # the point's range in another type (an exact widening keeps every code)
+                enc = enc.with_spec(conv.spec)
+                scale, zp = _params(graph, f"{conv.tensor}.cvt", enc)
             q_out = ir.Value(
                 name=unique_name(graph, f"{conv.tensor}.cvt.q"), type=ir.TensorType(enc.qtype.onnx), shape=source.shape
             )

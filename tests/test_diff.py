@@ -57,3 +57,9 @@ def test_htp_column(four_layers: tuple[Path, Path], eval_ids: np.ndarray) -> Non
     steps = [p.htp_steps for p in report.points if p.htp_steps is not None]
     assert steps and all(np.isfinite(steps))
     assert max(steps) < 5000  # output steps of 16-bit tensors; measured ~2000 on this random model
+    graph = ir.load(qdq).graph
+    quantizers = [n for n in graph if n.op_type == "QuantizeLinear" and n.inputs[0].const_value is None]
+    assert len(report.ops) == len(quantizers)
+    # each op fed the HTP's own inputs: its 16-bit Sigmoid is off by up to 4 steps, the rest by rounding
+    assert max(o.max_steps / 2 ** (o.bits - 8) for o in report.ops) < 0.05  # 8-bit steps; measured 0.02
+    assert report.ops[0].op == "Sigmoid"

@@ -267,3 +267,61 @@ def test_gptq_rounds_every_linear_and_frees_each_hessian(tiny_model: Path, tiny_
     for point in rounded:
         steps = inits[point.name].const_value.numpy() / np.asarray(encodings[point.name].scale).reshape(1, -1)
         assert np.abs(steps - np.round(steps)).max() < 1e-3, point.name  # on the grid: GPTQ rounded it
+
+
+def test_compute_ops_read_an_lpbq_output_through_an_exact_16_bit_convert(tiny_w4a8_lpbq: Path) -> None:
+    graph = ir.load(tiny_w4a8_lpbq / "model.qdq.onnx").graph
+    assert not rules_found(tiny_w4a8_lpbq / "model.qdq.onnx")
+    widened = 0
+    for cvt in graph:  # u8 -> u16 converts
+        dq = cvt.inputs[0].producer() if cvt.op_type == "QuantizeLinear" else None
+        if dq is None or dq.op_type != "DequantizeLinear" or cvt.inputs[2].const_value.dtype != ir.DataType.UINT16:
+            continue
+        s8, z8 = dq.inputs[1].const_value.numpy(), dq.inputs[2].const_value.numpy()
+        if z8.dtype != np.uint8:
+            continue
+        s16, z16 = cvt.inputs[1].const_value.numpy(), cvt.inputs[2].const_value.numpy()
+        assert int(z16) == 257 * int(z8)  # code k becomes 257 k: no rounding
+        assert abs(float(s16) * 257 / float(s8) - 1) < 1e-6
+        widened += 1
+    assert widened == 2 * 10  # per layer: o, gate, up, down, and three RoPE reads each of q and k
+
+
+def test_on_the_htp_every_op_computes_what_the_reference_computes(
+    tiny_model: Path, tiny_w4a8_lpbq: Path, tmp_path: Path, eval_ids: np.ndarray, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Each op on the HTP against the reference op fed the HTP's own inputs; then without each rule."""
+    from onnxq import plan as plan_mod
+    from onnxq.diff import htp_ops
+
+    def worst(path: Path) -> dict[str, float]:
+        """op type -> largest departure, in 8-bit steps"""
+        out: dict[str, float] = {}
+        for d in htp_ops(path, eval_ids[:1]):
+            out[d.op] = max(out.get(d.op, 0.0), d.max_steps / 2 ** (d.bits - 8))
+        return out
+
+    def without(rule: str) -> Path:
+        monkeypatch.setattr(plan_mod, rule, lambda *_: [])
+        out = tmp_path / rule
+        quantize(tiny_model, out, preset="w4a8", calib="wikitext2-valid", windows=4, weight_block=BLOCK)
+        monkeypatch.undo()
+        return out / "model.qdq.onnx"
+
+    onnxq = worst(tiny_w4a8_lpbq / "model.qdq.onnx")
+    assert max(onnxq.values()) <= 1.0, onnxq  # measured: 1 code (FC rounding), everything else < 0.02
+    assert onnxq["MatMul"] == 1.0
+    unconverted = without("_widen_lpbq_outputs")
+    assert "htp-lpbq-read" in rules_found(unconverted)
+    raw = worst(unconverted)
+    assert max(raw["Sigmoid"], raw["Mul"]) > 1.5, raw  # measured 1.9 and 2.1 steps
+    unfixed = without("_fix_htp_grids")
+    assert "htp-fixed-grid" in rules_found(unfixed)
+    assert worst(unfixed)["Sigmoid"] > 5, unfixed  # measured 13.5 steps
+
+
+def rules_found(path: Path) -> set[str]:
+    from onnxq.check import RULES
+
+    graph = ir.load(path).graph
+    return {f.rule for rule in RULES.values() for f in rule(graph)}

@@ -1,6 +1,6 @@
 """What users ship: SmolLM2's prefill/decode pair with each preset's defaults, scored as deployed.
 
-    python tools/bench_pair.py [--presets w8a8,w4a8] [--windows 40] [--htp-windows 2]
+    python tools/bench_pair.py [--presets w8a8,w4a8] [--windows 40] [--htp-windows 4]
 
 Exports the pair once (chunk 64, 512 positions), quantizes it with ``--preset P`` and nothing else,
 and scores it on the bench's WikiText-2 windows (test, 512 tokens; the scoring graph's convention)
@@ -59,7 +59,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--presets", default="w8a8,w4a8")
     parser.add_argument("--windows", type=int, default=40)
-    parser.add_argument("--htp-windows", type=int, default=2)
+    parser.add_argument("--htp-windows", type=int, default=4)
     parser.add_argument("--work", default=str(ROOT / "runs" / "pair"))
     parser.add_argument("--reuse", action="store_true", help="keep a pair quantized by an earlier run of this script")
     parser.add_argument(
