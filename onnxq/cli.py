@@ -82,7 +82,7 @@ def _stages(args: argparse.Namespace) -> Callable[[str], None] | None:
 def _emit(args: argparse.Namespace, data: dict[str, Any], lines: Sequence[str]) -> None:
     if args.json:
         print(json.dumps(data, indent=1, default=str), file=args.json_out, flush=True)
-    elif not args.quiet:
+    else:  # --quiet drops progress and logs, never the result
         print("\n".join(lines))
 
 
@@ -397,10 +397,6 @@ def cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
-#: the scoring graph's window, which a KV-cache pair is evaluated at when its cache holds as many positions
-KV_WINDOW = 512
-
-
 def _model_seq_len(model: str) -> int:
     import onnx
 
@@ -419,7 +415,9 @@ def _model_seq_len(model: str) -> int:
     dims = [d.dim_value if d.HasField("dim_value") else None for d in proto.graph.input[0].type.tensor_type.shape.dim]
     meta = {p.key: p.value for p in proto.metadata_props}
     if "onnxq.kv_slots" in meta:  # a KV-cache step graph: windows fill its cache
-        return min(int(meta["onnxq.kv_slots"]), KV_WINDOW)
+        from onnxq.export_kv import WINDOW
+
+        return min(int(meta["onnxq.kv_slots"]), WINDOW)
     if len(dims) == 2 and dims[1]:
         return int(dims[1])
     raise OnnxqError(f"{model} has no static sequence length", "pass --seq-len N")
@@ -753,7 +751,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"onnxq {__version__}")
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("-v", "--verbose", action="count", default=0, help="more log output (-vv: debug)")
-    common.add_argument("-q", "--quiet", action="store_true", help="only errors; no progress bars")
+    common.add_argument("-q", "--quiet", action="store_true", help="no progress bars or logs; the result still prints")
     common.add_argument("--json", action="store_true", help="print the result as JSON on stdout")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
 

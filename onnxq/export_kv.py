@@ -33,6 +33,8 @@ log = logging.getLogger(__name__)
 
 DEFAULT_CHUNK = 64
 DEFAULT_CONTEXT = 512
+#: the scoring graph's window: a pair is calibrated and evaluated on windows this long, or its whole cache
+WINDOW = 512
 
 
 @dataclass(frozen=True)
@@ -182,7 +184,11 @@ def read_shape(model_path: Path) -> tuple[int, CacheShape, float]:
     """(chunk, cache shape, mask value) of an exported step graph, from its inputs and metadata."""
     import onnx
 
-    proto = onnx.load(str(model_path), load_external_data=False)
+    return shape_of(onnx.load(str(model_path), load_external_data=False), model_path)
+
+
+def shape_of(proto: Any, model_path: Path) -> tuple[int, CacheShape, float]:
+    """:func:`read_shape` of a loaded ModelProto."""
     meta = {p.key: p.value for p in proto.metadata_props}
     if "onnxq.kv_slots" not in meta:
         raise OnnxqError(f"{model_path} is not a KV-cache step graph", "export one with `onnxq export --kv-cache`")

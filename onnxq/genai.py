@@ -31,7 +31,7 @@ import onnx_ir as ir
 
 from onnxq import ir as oir
 from onnxq.errors import OnnxqError
-from onnxq.export_kv import CacheShape, read_shape
+from onnxq.export_kv import CacheShape, read_shape, shape_of
 from onnxq.files import CARRIED, atomic_dir, check_new_output, write_text
 from onnxq.generate import Generation
 
@@ -54,6 +54,8 @@ class Pair:
 
 def find_pair(folder: Path) -> Pair:
     """The pair to package: compiled (``*_ctx.onnx``), quantized (``*.qdq.onnx``) or float, in that order."""
+    import onnx
+
     folder = Path(folder)
     if folder.is_file():
         raise OnnxqError(
@@ -76,20 +78,15 @@ def find_pair(folder: Path) -> Pair:
             "export with `onnxq export --kv-cache -o FOLDER`, quantize that folder, then package it",
         )
     # a compiled graph keeps the QDQ graph's inputs and metadata, so both read the same way
-    chunk, shape, mask_value = read_shape(folder / prefill)
+    proto = onnx.load(str(folder / prefill), load_external_data=False)
+    chunk, shape, mask_value = shape_of(proto, folder / prefill)
+    vocab = int(next(p.value for p in proto.metadata_props if p.key == "onnxq.vocab_size"))
+    del proto
     decode_chunk, decode_shape, _ = read_shape(folder / decode)
     if decode_chunk != 1 or decode_shape != shape:
         raise OnnxqError(f"{folder}: {decode} does not match {prefill}", "export and quantize both in one run")
-    vocab = int(_metadata(folder / prefill)["onnxq.vocab_size"])
     compiled = prefill.endswith("_ctx.onnx")
     return Pair(folder / prefill, folder / decode, chunk, shape, mask_value, vocab, compiled)
-
-
-def _metadata(path: Path) -> dict[str, str]:
-    import onnx
-
-    proto = onnx.load(str(path), load_external_data=False)
-    return {p.key: p.value for p in proto.metadata_props}
 
 
 def wrap(model: ir.Model, chunk: int, shape: CacheShape, mask_value: float, vocab_size: int) -> ir.Model:

@@ -36,7 +36,7 @@ def quantize_kv(folder: Path, output: Path, o: QuantizeOptions, *, overwrite: bo
     from calib import data
     from calib.calibrate import encode, method_for, observe
     from calib.feeds import CacheFeeds
-    from onnxq.export_kv import read_shape
+    from onnxq.export_kv import WINDOW, read_shape
     from onnxq.pipeline import (
         QuantizeResult,
         apply_gptq,
@@ -66,7 +66,7 @@ def quantize_kv(folder: Path, output: Path, o: QuantizeOptions, *, overwrite: bo
     split_outliers = recipe.split_outliers if o.split_outliers is None else o.split_outliers
     splitting = split_outliers > 0 and chosen.act_bits < 16
     online = resolve_online(o, chosen, recipe)
-    length = min(shape.slots, 512)
+    length = min(shape.slots, WINDOW)
     channels: dict[int, list[int]] = {}
     choose = outlier_chooser(
         lambda: tokenizer_for(folder / "prefill.onnx", o.tokenizer),

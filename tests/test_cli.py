@@ -206,3 +206,9 @@ def test_eval_json_on_the_htp_is_json_alone(tiny_w8a8: Path) -> None:
     argv = [sys.executable, "-m", "onnxq", "eval", str(tiny_w8a8 / "model.qdq.onnx"), "--ep", "qnn"]
     proc = subprocess.run([*argv, "--windows", "1", "--json"], capture_output=True, text=True, check=True)
     assert json.loads(proc.stdout)["results"][0]["windows"] == 1
+
+
+def test_quiet_still_prints_the_result(tiny_model: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["eval", str(tiny_model), "--windows", "1", "-q"]) == 0
+    captured = capsys.readouterr()
+    assert "wikitext2 ppl" in captured.out and not captured.err

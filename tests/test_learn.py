@@ -175,3 +175,12 @@ def test_same_seed_same_bytes_and_resume(tiny_model: Path, learned_w4a8: Path, t
     quantize(tiny_model, resumed, **LEARNED)
     assert digest(resumed) == digest(learned_w4a8)
     assert not ckpt.parent.exists()  # removed once the output is written
+
+
+def test_learning_keeps_the_grids_the_htp_fixes(learned_w4a8: Path) -> None:
+    """Stage 2 recalibrates the points stage 1 left; 16-bit Sigmoid/Softmax outputs keep the HTP's 1/65536 grid."""
+    from onnxq.check import RULES
+
+    graph = ir.load(learned_w4a8 / "model.qdq.onnx").graph
+    fixed = [n for n in graph if n.op_type in ("Sigmoid", "Softmax")]
+    assert fixed and not list(RULES["htp-fixed-grid"](graph))

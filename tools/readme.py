@@ -197,11 +197,7 @@ def device(bench: dict[str, Any], generation: dict[str, Any]) -> list[str]:
     in_genai = {name: r["genai"] for name, r in gen.items() if name != "float" and "genai" in r}
     if in_genai:
         version = next(iter(in_genai.values()))["version"]
-        said = "; ".join(
-            f"{name.upper()} {_first_words(g['text'])!r} "
-            f"({'the tokens of' if g['same_tokens_as_onnxq'] else 'not the tokens of'} `onnxq generate`)"
-            for name, g in in_genai.items()
-        )
+        said = _answers({n: (g["text"], g["same_tokens_as_onnxq"]) for n, g in in_genai.items()}, "onnxq generate")
         lines += [
             "",
             f"The same pairs through `onnxq package`, in onnxruntime-genai {version}'s own generation loop on CPU, "
@@ -209,10 +205,8 @@ def device(bench: dict[str, Any], generation: dict[str, Any]) -> list[str]:
         ]
     on_htp = {name: r["htp"] for name, r in gen.items() if "htp" in r}
     if on_htp:
-        said = "; ".join(
-            f"{name.upper()} {_first_words(h['genai_text'])!r} "
-            f"({'the tokens of' if h['genai_same_tokens'] else 'not the tokens of'} `onnxq generate --ep qnn`)"
-            for name, h in on_htp.items()
+        said = _answers(
+            {n: (h["genai_text"], h["genai_same_tokens"]) for n, h in on_htp.items()}, "onnxq generate --ep qnn"
         )
         lines += [
             "",
@@ -220,6 +214,14 @@ def device(bench: dict[str, Any], generation: dict[str, Any]) -> list[str]:
             f"EP's HTP backend: {said}.",
         ]
     return lines
+
+
+def _answers(rows: dict[str, tuple[str, bool]], command: str) -> str:
+    """Each model's answer in genai, and whether its tokens are those of ``command``."""
+    return "; ".join(
+        f"{name.upper()} {_first_words(text)!r} ({'the tokens of' if same else 'not the tokens of'} `{command}`)"
+        for name, (text, same) in rows.items()
+    )
 
 
 def _first_words(text: str, limit: int = 40) -> str:
