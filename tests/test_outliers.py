@@ -9,9 +9,9 @@ import numpy as np
 import onnx_ir as ir
 import pytest
 
-from onnxq.errors import OnnxqError
-from onnxq.pipeline import prepare, quantize
-from onnxq.qnn import cpu_session, validate
+from onnxq.core.errors import OnnxqError
+from onnxq.device.qnn import cpu_session, validate
+from onnxq.stages.pipeline import prepare, quantize
 from rewrites.outliers import choose_channels
 from tests.conftest import export_tiny
 

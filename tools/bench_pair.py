@@ -33,9 +33,9 @@ SEQ_LEN, CHUNK, CONTEXT = 512, 64, 512
 
 def score(folder: Path, ids: np.ndarray, ep: str) -> tuple[float, np.ndarray]:
     """Perplexity of the pair over ``ids`` as `onnxq eval FOLDER` computes it, and its next-token choices."""
-    from onnxq import memory
-    from onnxq.evaluate import token_nll
-    from onnxq.generate import Stepper
+    from onnxq.core import memory
+    from onnxq.device.generate import Stepper
+    from onnxq.evaluation.evaluate import token_nll
 
     stepper = Stepper(folder, ep)
     nll, choices = [], []
@@ -51,10 +51,10 @@ def score(folder: Path, ids: np.ndarray, ep: str) -> tuple[float, np.ndarray]:
 
 def main() -> None:
     from calib.data import windows
-    from onnxq.compile import compile_model
-    from onnxq.export_kv import export_kv
-    from onnxq.pipeline import quantize
-    from onnxq.sources import tokenizer_for
+    from onnxq.core.sources import tokenizer_for
+    from onnxq.device.compile import compile_model
+    from onnxq.stages.export_kv import export_kv
+    from onnxq.stages.pipeline import quantize
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--presets", default="w8a8,w4a8")
