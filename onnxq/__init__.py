@@ -36,7 +36,7 @@ _LAZY = {
     "export": ("onnxq.stages.export", "export"),
     "quantize": ("onnxq.stages.pipeline", "quantize"),
     "perplexity": ("onnxq.evaluation.evaluate", "perplexity"),
-    "validate": ("onnxq.device.qnn", "validate"),
+    "validate": ("onnxq.device.validation", "validate"),
     "package": ("onnxq.device.genai", "package"),
     "OnnxqError": ("onnxq.core.errors", "OnnxqError"),
     "QuantizeOptions": ("onnxq.core.options", "QuantizeOptions"),

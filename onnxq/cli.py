@@ -427,7 +427,7 @@ def cmd_validate(args: argparse.Namespace) -> int:
     import numpy as np
 
     from calib.data import windows
-    from onnxq.device.qnn import validate, validate_pair
+    from onnxq.device.validation import validate, validate_pair
 
     model = args.model
     pair = Path(model).is_dir()

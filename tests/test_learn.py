@@ -20,7 +20,8 @@ from calib.fakequant import WeightQuant
 from calib.learn import LearnConfig, cayley, learn
 from calib.qsim import _key
 from onnxq.core import presets, recipes
-from onnxq.device.qnn import cpu_session, validate
+from onnxq.device.qnn import cpu_session
+from onnxq.device.validation import validate
 from onnxq.plan import build_plan
 from onnxq.stages.pipeline import prepare, quantize
 from onnxq.stages.qdq import emit_qdq

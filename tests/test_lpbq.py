@@ -13,7 +13,8 @@ import torch
 from onnxq.core.encodings import LPBQ_LEVELS, weight_encoding
 from onnxq.core.errors import OnnxqError
 from onnxq.core.qtypes import Encoding, QType, QuantSpec
-from onnxq.device.qnn import cpu_session, validate
+from onnxq.device.qnn import cpu_session
+from onnxq.device.validation import validate
 from onnxq.stages import aimet
 from onnxq.stages.pipeline import quantize
 from onnxq.stages.split import join, split

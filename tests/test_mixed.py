@@ -11,7 +11,7 @@ import pytest
 
 from onnxq.cli import main
 from onnxq.core.errors import OnnxqError
-from onnxq.device.qnn import validate
+from onnxq.device.validation import validate
 from onnxq.stages import mixed
 from onnxq.stages.pipeline import quantize
 

@@ -10,7 +10,8 @@ import onnx_ir as ir
 import pytest
 
 from onnxq.core.errors import OnnxqError
-from onnxq.device.qnn import cpu_session, validate
+from onnxq.device.qnn import cpu_session
+from onnxq.device.validation import validate
 from onnxq.stages.pipeline import prepare, quantize
 from rewrites.outliers import choose_channels
 from tests.conftest import export_tiny

@@ -114,7 +114,7 @@ def test_r1_needs_folded_norms(tiny_model: Path) -> None:
 
 
 def test_rotated_w4a8_runs_on_the_htp(tiny_model: Path, tmp_path: Path, eval_ids: np.ndarray) -> None:
-    from onnxq.device.qnn import validate
+    from onnxq.device.validation import validate
     from onnxq.stages.pipeline import quantize
 
     out = tmp_path / "w4a8"

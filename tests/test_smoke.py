@@ -58,7 +58,7 @@ def test_rotation_is_exact_on_smollm2(smollm2: Path, tmp_path: Path, windows: di
 
 
 def test_w8a16_on_smollm2(smollm2: Path, tmp_path: Path, windows: dict[str, np.ndarray]) -> None:
-    from onnxq.device.qnn import validate
+    from onnxq.device.validation import validate
     from onnxq.evaluation.evaluate import perplexity
     from onnxq.stages.pipeline import quantize
 

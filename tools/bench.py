@@ -281,7 +281,7 @@ def step_zeroshot(model: Path, tasks: str, limit: int, check: int, source: Path)
 
 def step_validate(model: Path, windows_file: Path, context: Path) -> dict:
     code = (
-        "import json, numpy as np; from pathlib import Path; from onnxq.device.qnn import validate; "
+        "import json, numpy as np; from pathlib import Path; from onnxq.device.validation import validate; "
         f"r = validate({str(model)!r}, np.load({str(windows_file)!r})[:2], context_dir=Path({str(context)!r})); "
         "print(json.dumps({k: v for k, v in r.__dict__.items() if k != 'extra'}))"
     )
