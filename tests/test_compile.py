@@ -100,7 +100,7 @@ def test_qairt_hands_over_float_model_encodings_and_exact_commands(
 
 
 def test_decomposed_rms_norm_matches_the_fused_op(tiny_model: Path, tmp_path: Path) -> None:
-    from onnxq.stages.pipeline import prepare
+    from onnxq.stages.prepare import prepare
 
     fused = prepare(ir.load(tiny_model), rotate="none").model
     ir.save(fused, tmp_path / "fused.onnx")

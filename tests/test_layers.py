@@ -68,3 +68,12 @@ def test_the_api_names_stay_functions() -> None:
     for name, (module, _) in onnxq._LAZY.items():
         importlib.import_module(module)
         assert not isinstance(getattr(onnxq, name), type(onnxq)), name
+
+
+def test_the_rooms_find_the_files_beside_the_package() -> None:
+    """Modules that moved into rooms still find the model-family recipes and the bench results."""
+    from onnxq.core import recipes
+    from onnxq.evaluation import report
+
+    assert recipes.for_model_type("llama").family == "llama" and recipes.for_model_type("llama").split_outliers > 0
+    assert report.BENCH == ROOT / "tools" / "results" / "bench.json"

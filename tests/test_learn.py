@@ -23,7 +23,8 @@ from onnxq.core import presets, recipes
 from onnxq.device.qnn import cpu_session
 from onnxq.device.validation import validate
 from onnxq.plan import build_plan
-from onnxq.stages.pipeline import prepare, quantize
+from onnxq.stages.pipeline import quantize
+from onnxq.stages.prepare import prepare
 from onnxq.stages.qdq import emit_qdq
 
 CONFIG = LearnConfig(steps=30, samples=8, seed=0)

@@ -247,7 +247,8 @@ def test_gptq_rounds_every_linear_and_frees_each_hessian(tiny_model: Path, tiny_
     from calib.data import windows
     from onnxq.core import presets, recipes
     from onnxq.plan import build_plan
-    from onnxq.stages.pipeline import apply_gptq, gptq_inputs, prepare
+    from onnxq.stages.prepare import prepare
+    from onnxq.stages.weights import apply_gptq, gptq_inputs
 
     prep = prepare(ir.load(tiny_model))
     recipe = replace(recipes.get("llama"), weight_block=0)

@@ -12,7 +12,8 @@ import pytest
 from onnxq.core.errors import OnnxqError
 from onnxq.device.qnn import cpu_session
 from onnxq.device.validation import validate
-from onnxq.stages.pipeline import prepare, quantize
+from onnxq.stages.pipeline import quantize
+from onnxq.stages.prepare import prepare
 from rewrites.outliers import choose_channels
 from tests.conftest import export_tiny
 

@@ -12,7 +12,7 @@ import torch
 from calib.mirror import Mirror
 from onnxq.core.errors import OnnxqError
 from onnxq.device.qnn import cpu_session
-from onnxq.stages.pipeline import prepare
+from onnxq.stages.prepare import prepare
 from rewrites.hadamard import BASE_ORDERS, hadamard_order, rotation
 from rewrites.rotate import rotate_heads, rotate_residual
 from rewrites.structure import discover
@@ -136,7 +136,7 @@ def test_learned_r1_lowers_its_objective_and_stays_exact(
 
     from calib.data import windows
     from calib.residual import Widths, learn_r1
-    from onnxq.stages.pipeline import r1_refiner
+    from onnxq.stages.prepare import r1_refiner
 
     base = _rotated(tiny_model)
     ids = windows(AutoTokenizer.from_pretrained(tiny_dir), "wikitext2-valid", 64, 4).ids

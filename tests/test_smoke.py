@@ -42,7 +42,7 @@ def windows(smollm2: Path) -> dict[str, np.ndarray]:
 def test_rotation_is_exact_on_smollm2(smollm2: Path, tmp_path: Path, windows: dict[str, np.ndarray]) -> None:
     from calib.mirror import Mirror
     from onnxq.device.qnn import cpu_session
-    from onnxq.stages.pipeline import prepare
+    from onnxq.stages.prepare import prepare
 
     rotated = prepare(ir.load(smollm2), rotate="hadamard").model
     ir.save(rotated, tmp_path / "rotated.onnx")

@@ -39,7 +39,7 @@ GENERIC = Recipe(
 
 def recipe_dirs() -> list[Path]:
     """Checkout (editable install) first, then the installed data files."""
-    return [Path(__file__).resolve().parent.parent / "models", Path(sys.prefix) / "share" / "onnxq" / "models"]
+    return [Path(__file__).resolve().parents[2] / "models", Path(sys.prefix) / "share" / "onnxq" / "models"]
 
 
 def _parse(path: Path) -> Recipe:

@@ -156,7 +156,7 @@ def _with_outputs(model: ir.Model, values: list[ir.Value]) -> Path:
 def diff(float_path: str | Path, qdq_path: str | Path, windows: np.ndarray, *, ep: str = "cpu") -> DiffReport:
     """Compare a QDQ model with its float model, point by point, on ``windows`` of token ids."""
     from onnxq.device.qnn import cpu_session, session
-    from onnxq.stages.pipeline import prepare
+    from onnxq.stages.prepare import prepare
 
     if ep not in ("cpu", "qnn"):
         raise OnnxqError(f"unknown execution provider {ep!r}", "use --ep cpu or --ep qnn")

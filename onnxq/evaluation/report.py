@@ -32,7 +32,7 @@ from onnxq.core.files import atomic_file
 log = logging.getLogger(__name__)
 
 ROLES = {"attn_in": "q/k/v input", "attn_out": "o_proj input", "mlp_in": "gate/up input", "down_in": "down_proj input"}
-BENCH = Path(__file__).resolve().parent.parent / "tools" / "results" / "bench.json"
+BENCH = Path(__file__).resolve().parents[2] / "tools" / "results" / "bench.json"
 
 
 @dataclass
@@ -64,7 +64,7 @@ def _role_values(model_path: Path, rotate: str, ids: np.ndarray, seed: int) -> d
     import torch
 
     from calib.mirror import Mirror
-    from onnxq.stages.pipeline import prepare
+    from onnxq.stages.prepare import prepare
 
     prepared = prepare(ir.load(model_path), rotate=rotate, seed=seed)
     wanted = {

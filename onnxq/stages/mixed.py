@@ -18,12 +18,16 @@ from __future__ import annotations
 import random
 from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import onnx_ir as ir
 
+from onnxq.core import recipes
 from onnxq.core.errors import OnnxqError
-from onnxq.plan import Point, QuantPlan
+from onnxq.core.qtypes import Encoding
+from onnxq.plan import Point, QuantPlan, build_plan
+from onnxq.stages.prepare import Prepared, Progress
 from rewrites.structure import as_linear
 
 #: roles of 8-bit activations that feed MatMuls
@@ -130,3 +134,67 @@ def choose(
             chosen.append(n)
             spent += weight[n]
     return Choice(tuple(chosen), dict(scores), dict(costs), selector, budget, by)
+
+
+def choose_precision(
+    model: ir.Model,
+    plan: QuantPlan,
+    encodings: dict[str, Encoding],
+    windows: Any,
+    *,
+    budget: float | None,
+    weight_budget: float | None = None,
+    by: str,
+    selector: str,
+    seed: int,
+    overrides: dict[str, int] | None,
+    recipe: recipes.Recipe,
+    prepared: Prepared,
+    progress: Progress | None = None,
+) -> tuple[QuantPlan, dict[str, Any]]:
+    """Score the 8-bit MatMul inputs (and 4-bit weights), promote the best within the budgets, re-plan.
+
+    Returns the new plan and the summary's ``mixed_precision`` record.
+    """
+    from calib.qsim import QuantSim
+    from calib.sensitivity import measured_gain, relative_and_fisher
+
+    if selector not in SELECTORS:
+        raise OnnxqError(f"unknown selector {selector!r}", f"use one of: {', '.join(SELECTORS)}")
+    acts = candidates(plan, model) if budget is not None else []
+    wts = weight_candidates(plan) if weight_budget is not None else []
+    scores: dict[str, float] = {}
+    if (acts or wts) and selector != "random":
+        sim = QuantSim(model, plan, encodings)
+        tick = progress("sensitivity", len(windows)) if progress else None
+        both = relative_and_fisher(sim, acts, windows, progress=tick, weights=weight_edges(model, wts))
+        scores = {n: (rel if selector == "relative" else fis) for n, (rel, fis) in both.items()}
+        if selector == "measured" and acts:
+            assert budget is not None
+            top = sorted(acts, key=lambda p: -scores[p.name])[: max(8, int(len(acts) * budget * 2) + 1)]
+            tick = progress("measuring", len(top)) if progress else None
+            gains = measured_gain(sim, top, windows, progress=tick)
+            scores.update({p.name: gains.get(p.name, 0.0) for p in acts})
+    promoted: dict[str, int] = {}
+    record: dict[str, Any] = {"selector": selector, "by": by}
+    if budget is not None:
+        choice = choose(acts, scores, macs(model, plan), budget, by=by, selector=selector, seed=seed)
+        promoted.update(dict.fromkeys(choice.promoted, 16))
+        record.update(budget=budget, promoted=list(choice.promoted), scores=_rounded(scores, acts))
+    if weight_budget is not None:
+        sizes = weight_sizes(model, wts)
+        wchoice = choose(wts, scores, sizes, weight_budget, by=by, selector=selector, seed=seed)
+        promoted.update(dict.fromkeys(wchoice.promoted, 8))
+        record.update(
+            weight_budget=weight_budget, promoted_weights=list(wchoice.promoted), weight_scores=_rounded(scores, wts)
+        )
+    reasons = dict.fromkeys(promoted, f"promoted ({selector})")
+    merged = {**(overrides or {}), **promoted}
+    new_plan = build_plan(model, plan.preset, recipe, prepared.roles, prepared.structure, merged, reasons)
+    return new_plan, record
+
+
+def _rounded(scores: dict[str, float], points: list[Any]) -> dict[str, float]:
+    """Scores of ``points``, highest first, to 4 significant digits (for summary.json)."""
+    mine = {p.name: scores.get(p.name, 0.0) for p in points}
+    return {k: float(f"{v:.4g}") for k, v in sorted(mine.items(), key=lambda kv: -kv[1])}

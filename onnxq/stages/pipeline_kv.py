@@ -38,19 +38,10 @@ def quantize_kv(folder: Path, output: Path, o: QuantizeOptions, *, overwrite: bo
     from calib.feeds import CacheFeeds
     from onnxq.core.sources import tokenizer_for
     from onnxq.core.steps import WINDOW, read_shape
-    from onnxq.stages.pipeline import (
-        QuantizeResult,
-        apply_gptq,
-        build_summary,
-        check_encodings_version,
-        gptq_inputs,
-        outlier_chooser,
-        prepare,
-        recipe_text,
-        resolve_online,
-        resolve_weight_method,
-        with_block,
-    )
+    from onnxq.stages.prepare import outlier_chooser, prepare
+    from onnxq.stages.resolve import check_encodings_version, resolve_online, resolve_weight_method, with_block
+    from onnxq.stages.results import QuantizeResult, build_summary, recipe_text
+    from onnxq.stages.weights import apply_gptq, gptq_inputs
 
     start = time.perf_counter()
     chosen = presets_mod.get(o.preset)
