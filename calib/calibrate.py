@@ -19,11 +19,11 @@ from calib.feeds import CacheFeeds, WindowFeeds
 from calib.gptq import HessianObserver
 from calib.mirror import Mirror
 from calib.observers import METHODS, Observer
-from onnxq.encodings import const_encoding, weight_encoding
-from onnxq.errors import OnnxqError
-from onnxq.ir import const_array
+from onnxq.core.encodings import const_encoding, weight_encoding
+from onnxq.core.errors import OnnxqError
+from onnxq.core.ir import const_array
+from onnxq.core.qtypes import Encoding, from_range
 from onnxq.plan import Point, QuantPlan
-from onnxq.qtypes import Encoding, from_range
 
 log = logging.getLogger(__name__)
 

@@ -23,7 +23,7 @@ from typing import IO, Any
 
 import numpy as np
 
-from onnxq.errors import OnnxqError
+from onnxq.core.errors import OnnxqError
 
 #: name -> path inside the shared data folder
 NAMED = {

@@ -3,7 +3,7 @@
 ``round`` passes gradients straight through (STE). With the range parametrised by its ends, the
 gradient reaching the scale is ``round(x/s) - x/s`` inside the range and the clip bound outside:
 LSQ's gradient (LSQ+ with the offset learned too). Writing back turns the same formulas into an
-:class:`~onnxq.qtypes.Encoding`, so training and deployment see the same integers.
+:class:`~onnxq.core.qtypes.Encoding`, so training and deployment see the same integers.
 """
 
 from __future__ import annotations
@@ -11,8 +11,8 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from onnxq.encodings import lpbq_snap
-from onnxq.qtypes import Encoding, QuantSpec, from_range
+from onnxq.core.encodings import lpbq_snap
+from onnxq.core.qtypes import Encoding, QuantSpec, from_range
 
 
 def round_ste(x: torch.Tensor) -> torch.Tensor:

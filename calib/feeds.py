@@ -13,7 +13,7 @@ from collections.abc import Iterator, Mapping, Sequence
 import numpy as np
 import torch
 
-from onnxq.export_kv import CacheShape, step_inputs
+from onnxq.core.steps import CacheShape, step_inputs
 
 
 class WindowFeeds:

@@ -18,7 +18,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from onnxq.qtypes import Encoding, QuantSpec
+from onnxq.core.qtypes import Encoding, QuantSpec
 
 BLOCK = 128
 DAMP = 0.01

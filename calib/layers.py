@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from calib.mirror import Mirror
-from onnxq.errors import OnnxqError
+from onnxq.core.errors import OnnxqError
 from rewrites.structure import Structure
 
 

@@ -17,7 +17,7 @@ is what makes learning fit in minutes on two CPU cores; the end-to-end loss woul
 compute per step for the same number of updates.
 
 Write-back merges the learned rotations into the weights with :mod:`rewrites.rotate` and turns
-every learned quantizer into an encoding, so :func:`onnxq.qdq.emit_qdq` builds the QDQ model.
+every learned quantizer into an encoding, so :func:`onnxq.stages.qdq.emit_qdq` builds the QDQ model.
 """
 
 from __future__ import annotations
@@ -35,11 +35,11 @@ import torch
 from calib.layers import layer_ranges
 from calib.observers import Observer
 from calib.qsim import QuantSim
-from onnxq import memory
-from onnxq.errors import OnnxqError
-from onnxq.options import LearnConfig
+from onnxq.core import memory
+from onnxq.core.errors import OnnxqError
+from onnxq.core.options import LearnConfig
+from onnxq.core.qtypes import Encoding, from_range
 from onnxq.plan import Point, QuantPlan
-from onnxq.qtypes import Encoding, from_range
 from rewrites.rotate import rotate_heads
 from rewrites.structure import Structure
 
@@ -370,7 +370,7 @@ def write_back(model: ir.Model, structure: Structure, learner: Learner, seconds:
             ratio = torch.clamp(wq.ratio0 * torch.exp(wq.t.detach()), max=1.0).cpu().numpy()
             encodings[point.name] = from_range(point.spec, -ratio * amax, ratio * amax)
         else:
-            from onnxq.encodings import const_encoding
+            from onnxq.core.encodings import const_encoding
 
             arrays = [model.graph.initializers[c].const_value.numpy() for c in point.consts]
             encodings[point.name] = const_encoding(point.spec, *arrays)

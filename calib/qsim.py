@@ -1,7 +1,7 @@
 """The quantized model, simulated in the torch mirror: what the QDQ graph computes, but differentiable.
 
 A :class:`QuantSim` runs the canonical float graph in the :class:`~calib.mirror.Mirror` and inserts,
-exactly where :func:`onnxq.qdq.emit_qdq` puts Q/DQ pairs, the matching quantizer:
+exactly where :func:`onnxq.stages.qdq.emit_qdq` puts Q/DQ pairs, the matching quantizer:
 
 - activation points: a tap on each *root* tensor applies the point's :class:`ActQuant`; data
   movement carries the quantized value on, as it carries the grid in the QDQ graph; a convert
@@ -23,8 +23,8 @@ import torch
 
 from calib.fakequant import ActQuant, WeightQuant, fixed
 from calib.mirror import Mirror, to_torch
+from onnxq.core.qtypes import Encoding
 from onnxq.plan import Point, QuantPlan
-from onnxq.qtypes import Encoding
 
 
 def _key(name: str) -> str:

@@ -24,7 +24,7 @@ import numpy as np
 import torch
 
 from calib.qsim import QuantSim
-from onnxq import memory
+from onnxq.core import memory
 from onnxq.plan import Point
 
 #: checkpoint segments of the backward pass (about one per decoder layer on a 30-layer model): only

@@ -3,7 +3,7 @@
 The Python API mirrors the CLI::
 
     import onnxq
-    onnxq.export(None, "smollm2/model.onnx")                     # embedded SmolLM2-135M
+    onnxq.stages.export(None, "smollm2/model.onnx")                     # embedded SmolLM2-135M
     result = onnxq.quantize("smollm2/model.onnx", "smollm2-w8a16", preset="w8a16")
     options = onnxq.QuantizeOptions(preset="w4a8", budget=0.1)   # validated once; it is the recipe
     onnxq.quantize("smollm2/model.onnx", "smollm2-w4a8", options)
@@ -33,15 +33,15 @@ __all__ = [
 ]
 
 _LAZY = {
-    "export": ("onnxq.export", "export"),
-    "quantize": ("onnxq.pipeline", "quantize"),
-    "perplexity": ("onnxq.evaluate", "perplexity"),
-    "validate": ("onnxq.qnn", "validate"),
-    "package": ("onnxq.genai", "package"),
-    "OnnxqError": ("onnxq.errors", "OnnxqError"),
-    "QuantizeOptions": ("onnxq.options", "QuantizeOptions"),
-    "LearnConfig": ("onnxq.options", "LearnConfig"),
-    "read_recipe": ("onnxq.options", "read_recipe"),
+    "export": ("onnxq.stages.export", "export"),
+    "quantize": ("onnxq.stages.pipeline", "quantize"),
+    "perplexity": ("onnxq.evaluation.evaluate", "perplexity"),
+    "validate": ("onnxq.device.validation", "validate"),
+    "package": ("onnxq.device.genai", "package"),
+    "OnnxqError": ("onnxq.core.errors", "OnnxqError"),
+    "QuantizeOptions": ("onnxq.core.options", "QuantizeOptions"),
+    "LearnConfig": ("onnxq.core.options", "LearnConfig"),
+    "read_recipe": ("onnxq.core.options", "read_recipe"),
 }
 
 

@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from onnxq import __version__
-from onnxq.errors import OnnxqError
+from onnxq.core.errors import OnnxqError
 
 log = logging.getLogger("onnxq")
 
@@ -98,7 +98,7 @@ def _rows(pairs: Sequence[tuple[str, str]]) -> list[str]:
 
 # --------------------------------------------------------------------------- commands
 def cmd_export(args: argparse.Namespace) -> int:
-    from onnxq.export import export
+    from onnxq.stages.export import export
 
     if args.kv_cache:
         return _export_kv(args)
@@ -143,7 +143,7 @@ RECIPE_FLAGS = (
 
 def _quantize_options(args: argparse.Namespace) -> Any:
     """The options of ``onnxq quantize``: from ``--recipe``, or from the flags."""
-    from onnxq.options import LearnConfig, QuantizeOptions, read_recipe, sha256_file
+    from onnxq.core.options import LearnConfig, QuantizeOptions, read_recipe, sha256_file
 
     if args.recipe:
         given = [f"--{d.replace('_', '-')}" for d in RECIPE_FLAGS if getattr(args, d) != args.parser.get_default(d)]
@@ -196,7 +196,7 @@ def _quantize_options(args: argparse.Namespace) -> Any:
 
 
 def cmd_quantize(args: argparse.Namespace) -> int:
-    from onnxq.pipeline import quantize
+    from onnxq.stages.pipeline import quantize
 
     options = _quantize_options(args)
     model = Path(args.model)
@@ -267,8 +267,8 @@ def cmd_quantize(args: argparse.Namespace) -> int:
 def _float_vs_quantized(model: str, qdq: Path, count: int, args: argparse.Namespace) -> dict[str, Any]:
     """WikiText-2 perplexity of the float and the quantized model on the same first ``count`` windows."""
     from calib.data import windows
-    from onnxq.evaluate import perplexity
-    from onnxq.sources import tokenizer_for
+    from onnxq.core.sources import tokenizer_for
+    from onnxq.evaluation.evaluate import perplexity
 
     ids = windows(tokenizer_for(qdq, args.tokenizer), "wikitext2", _model_seq_len(str(qdq)), count).ids
     progress = _Progress(not (args.quiet or args.json))
@@ -320,7 +320,7 @@ def _learn_line(learned: dict[str, Any] | None) -> str:
 
 
 def _tokenizer_or_none(model: str, explicit: str | None) -> Any:
-    from onnxq.sources import tokenizer_for
+    from onnxq.core.sources import tokenizer_for
 
     try:
         return tokenizer_for(model, explicit)
@@ -332,10 +332,10 @@ def _tokenizer_or_none(model: str, explicit: str | None) -> Any:
 
 def cmd_eval(args: argparse.Namespace) -> int:
     from calib.data import windows
-    from onnxq import zeroshot
-    from onnxq.evaluate import pair_perplexity, perplexity
-    from onnxq.generate import graphs
-    from onnxq.sources import tokenizer_for
+    from onnxq.core.sources import tokenizer_for
+    from onnxq.device.generate import graphs
+    from onnxq.evaluation import zeroshot
+    from onnxq.evaluation.evaluate import pair_perplexity, perplexity
 
     tasks = [t.strip() for t in (args.tasks or "").split(",") if t.strip()]
     datasets = args.ppl if args.ppl is not None else ([] if tasks else ["wikitext2"])
@@ -400,7 +400,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
 def _model_seq_len(model: str) -> int:
     import onnx
 
-    from onnxq import ir as oir
+    from onnxq.core import ir as oir
 
     if not Path(model).is_file():
         oir.load(model)  # raises the documented error
@@ -415,7 +415,7 @@ def _model_seq_len(model: str) -> int:
     dims = [d.dim_value if d.HasField("dim_value") else None for d in proto.graph.input[0].type.tensor_type.shape.dim]
     meta = {p.key: p.value for p in proto.metadata_props}
     if "onnxq.kv_slots" in meta:  # a KV-cache step graph: windows fill its cache
-        from onnxq.export_kv import WINDOW
+        from onnxq.core.steps import WINDOW
 
         return min(int(meta["onnxq.kv_slots"]), WINDOW)
     if len(dims) == 2 and dims[1]:
@@ -427,13 +427,13 @@ def cmd_validate(args: argparse.Namespace) -> int:
     import numpy as np
 
     from calib.data import windows
-    from onnxq.qnn import validate, validate_pair
+    from onnxq.device.validation import validate, validate_pair
 
     model = args.model
     pair = Path(model).is_dir()
     if pair:  # a KV-cache folder: two chunks of prefill per window, the last tokens through decode
-        from onnxq.export_kv import read_shape
-        from onnxq.generate import graphs
+        from onnxq.core.steps import read_shape
+        from onnxq.device.generate import graphs
 
         if args.context:
             raise OnnxqError("--context takes a single graph", "write the pair's context binaries with `onnxq compile`")
@@ -507,7 +507,7 @@ def cmd_diff(args: argparse.Namespace) -> int:
     import numpy as np
 
     from calib.data import windows
-    from onnxq.diff import diff
+    from onnxq.evaluation.diff import diff
 
     seq_len = _model_seq_len(args.qdq)
     tok = _tokenizer_or_none(args.qdq, args.tokenizer)
@@ -569,8 +569,8 @@ def cmd_diff(args: argparse.Namespace) -> int:
 
 
 def cmd_check(args: argparse.Namespace) -> int:
-    from onnxq import ir as oir
-    from onnxq.check import run_checks
+    from onnxq.core import ir as oir
+    from onnxq.device.check import run_checks
 
     model = oir.load(args.model)
     findings = run_checks(model, Path(args.encodings) if args.encodings else None)
@@ -581,7 +581,7 @@ def cmd_check(args: argparse.Namespace) -> int:
 
 
 def cmd_compile(args: argparse.Namespace) -> int:
-    from onnxq.compile import compile_model
+    from onnxq.device.compile import compile_model
 
     model = Path(args.model)
     output = Path(args.output) if args.output else model.parent / "htp"
@@ -611,7 +611,7 @@ def cmd_compile(args: argparse.Namespace) -> int:
 
 
 def _export_kv(args: argparse.Namespace) -> int:
-    from onnxq.export_kv import export_kv
+    from onnxq.stages.export_kv import export_kv
 
     result = export_kv(
         args.model,
@@ -644,7 +644,7 @@ def _export_kv(args: argparse.Namespace) -> int:
 
 
 def cmd_package(args: argparse.Namespace) -> int:
-    from onnxq.genai import package
+    from onnxq.device.genai import package
 
     result = package(args.folder, args.output, overwrite=args.overwrite)
     form = "compiled for the HTP (QNN EP)" if result.compiled else "ONNX Runtime CPU or QNN EP"
@@ -660,8 +660,8 @@ def cmd_package(args: argparse.Namespace) -> int:
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
-    from onnxq import genai
-    from onnxq.generate import generate
+    from onnxq.device import genai
+    from onnxq.device.generate import generate
 
     run = genai.generate if (Path(args.folder) / genai.CONFIG).exists() else generate  # packaged: genai's loop
     stream = not (args.json or args.quiet)
@@ -723,8 +723,8 @@ def cmd_report(args: argparse.Namespace) -> int:
 def _report(folder: Path, model: str | None, data: str, tokenizer: str | None, *, quiet: bool) -> Any:
     """The report of ``folder``, with one window of ``data`` for the float-vs-quantized figures."""
     from calib.data import windows
-    from onnxq.report import report
-    from onnxq.sources import tokenizer_for
+    from onnxq.core.sources import tokenizer_for
+    from onnxq.evaluation.report import report
 
     summary_file = folder / "summary.json"
     if not summary_file.exists():
@@ -740,7 +740,7 @@ def _report(folder: Path, model: str | None, data: str, tokenizer: str | None, *
 
 # --------------------------------------------------------------------------- parser
 def build_parser() -> argparse.ArgumentParser:
-    from onnxq.presets import PRESETS
+    from onnxq.core.presets import PRESETS
 
     parser = argparse.ArgumentParser(
         prog="onnxq",

@@ -39,11 +39,11 @@ from typing import Any
 
 import onnx_ir as ir
 
-from onnxq.errors import OnnxqError
-from onnxq.ir import const_array, is_const
-from onnxq.presets import Preset
-from onnxq.qtypes import QType, QuantSpec
-from onnxq.recipes import Recipe
+from onnxq.core.errors import OnnxqError
+from onnxq.core.ir import const_array, is_const
+from onnxq.core.presets import Preset
+from onnxq.core.qtypes import QType, QuantSpec
+from onnxq.core.recipes import Recipe
 from rewrites.rotate import ONLINE_KEY
 from rewrites.structure import DATA_MOVEMENT, Role, Structure, as_linear
 

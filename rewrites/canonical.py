@@ -14,8 +14,8 @@ from __future__ import annotations
 import numpy as np
 import onnx_ir as ir
 
-from onnxq.errors import OnnxqError
-from onnxq.ir import add_initializer, const_array, is_const, unique_name
+from onnxq.core.errors import OnnxqError
+from onnxq.core.ir import add_initializer, const_array, is_const, unique_name
 from rewrites.base import RewriteResult
 
 MASK_FLOOR = -1e30

@@ -18,7 +18,7 @@ from __future__ import annotations
 import numpy as np
 import onnx_ir as ir
 
-from onnxq.ir import add_initializer, const_array, unique_name
+from onnxq.core.ir import add_initializer, const_array, unique_name
 from rewrites.base import RewriteResult
 from rewrites.structure import Attention, Structure, _Graph, forward_region
 

@@ -20,7 +20,7 @@ from functools import cache
 
 import numpy as np
 
-from onnxq.errors import OnnxqError
+from onnxq.core.errors import OnnxqError
 
 #: base orders beyond powers of two that :func:`hadamard` builds exactly
 BASE_ORDERS = (12, 20, 28, 36, 40, 52, 60, 108, 140)

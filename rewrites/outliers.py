@@ -26,8 +26,8 @@ from collections.abc import Mapping, Sequence
 import numpy as np
 import onnx_ir as ir
 
-from onnxq.errors import OnnxqError
-from onnxq.ir import add_initializer, const_array, is_const, unique_name
+from onnxq.core.errors import OnnxqError
+from onnxq.core.ir import add_initializer, const_array, is_const, unique_name
 from rewrites.base import RewriteResult
 from rewrites.structure import SPLIT_KEY, Structure, as_linear
 

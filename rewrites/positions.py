@@ -19,8 +19,8 @@ from dataclasses import dataclass
 import numpy as np
 import onnx_ir as ir
 
-from onnxq.errors import OnnxqError
-from onnxq.ir import add_initializer, const_array, take_over, unique_name
+from onnxq.core.errors import OnnxqError
+from onnxq.core.ir import add_initializer, const_array, take_over, unique_name
 from rewrites.base import RewriteResult
 
 #: names of the new inputs (a suffix is added if the graph already uses one); they are appended to

@@ -9,7 +9,7 @@ from __future__ import annotations
 import numpy as np
 import onnx_ir as ir
 
-from onnxq.ir import const_array
+from onnxq.core.ir import const_array
 from rewrites.base import RewriteResult
 
 

@@ -25,8 +25,8 @@ from collections.abc import Sequence
 import numpy as np
 import onnx_ir as ir
 
-from onnxq.errors import OnnxqError
-from onnxq.ir import add_initializer, const_array, unique_name
+from onnxq.core.errors import OnnxqError
+from onnxq.core.ir import add_initializer, const_array, unique_name
 from rewrites.base import RewriteResult
 from rewrites.hadamard import check_orthogonal, hadamard_factors, rotation
 from rewrites.structure import Linear, Norm, Structure

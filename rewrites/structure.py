@@ -21,8 +21,8 @@ from dataclasses import dataclass, field
 import numpy as np
 import onnx_ir as ir
 
-from onnxq.errors import OnnxqError
-from onnxq.ir import const_array, is_const
+from onnxq.core.errors import OnnxqError
+from onnxq.core.ir import const_array, is_const
 
 #: node metadata key of the outlier-channel split (:mod:`rewrites.outliers`): "side" or "sum"
 SPLIT_KEY = "onnxq.outlier_split"

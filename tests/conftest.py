@@ -31,7 +31,7 @@ def tiny_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 def export_tiny(folder: Path, name: str, **shape: int | bool) -> Path:
     """Export a tiny Llama (with the tiny tokenizer copied beside it) and return the .onnx path."""
-    from onnxq.export import export_model
+    from onnxq.stages.export import export_model
     from tests.tiny import tiny_llama
 
     target = folder / name / "model.onnx"
@@ -53,7 +53,7 @@ def tiny_model(tiny_dir: Path) -> Path:
 
 def quantized(source: Path, factory: pytest.TempPathFactory, preset: str, windows: int) -> Path:
     """``source`` (a model or a KV-cache folder) quantized with ``preset`` on WikiText-2 validation text."""
-    from onnxq.pipeline import quantize
+    from onnxq.stages.pipeline import quantize
 
     out = factory.mktemp("q") / preset
     quantize(source, out, preset=preset, calib="wikitext2-valid", windows=windows)
@@ -75,7 +75,7 @@ def kv_folder(tiny_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """prefill (chunk 8) and decode graphs of the same tiny Llama as ``tiny_model``, 40 cache slots."""
     import numpy as np
 
-    from onnxq.export_kv import export_kv_model
+    from onnxq.stages.export_kv import export_kv_model
     from tests.tiny import tiny_llama
 
     folder = tmp_path_factory.mktemp("kv") / "tiny-kv"

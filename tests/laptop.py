@@ -23,8 +23,8 @@ def build(folder: Path) -> None:
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
     import numpy as np
 
-    from onnxq.export_kv import export_kv_model
-    from onnxq.pipeline import quantize
+    from onnxq.stages.export_kv import export_kv_model
+    from onnxq.stages.pipeline import quantize
     from tests.conftest import export_tiny
     from tests.tiny import tiny_llama, tiny_tokenizer
 

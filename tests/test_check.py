@@ -10,8 +10,8 @@ import numpy as np
 import onnx_ir as ir
 import pytest
 
-from onnxq.check import run_checks
 from onnxq.cli import main
+from onnxq.device.check import run_checks
 
 
 def _load(folder: Path) -> ir.Model:
@@ -128,7 +128,7 @@ def test_decomposed_norm_and_folded_mask_from_onnxruntime(tiny_dir: Path, tmp_pa
     from transformers import AutoTokenizer
 
     from calib.data import windows
-    from onnxq.export import export_model
+    from onnxq.stages.export import export_model
     from tests.tiny import tiny_llama
     from tools.ort_baseline import quantize_with_ort
 

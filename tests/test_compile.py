@@ -9,11 +9,11 @@ import numpy as np
 import onnx_ir as ir
 import pytest
 
-from onnxq import aimet
 from onnxq.cli import main
-from onnxq.compile import HOST, compile_model
-from onnxq.qnn import cpu_session, session
-from onnxq.split import split
+from onnxq.device.compile import HOST, compile_model
+from onnxq.device.qnn import cpu_session, session
+from onnxq.stages import aimet
+from onnxq.stages.split import split
 from rewrites.canonical import decompose_rms_norm
 
 
@@ -100,7 +100,7 @@ def test_qairt_hands_over_float_model_encodings_and_exact_commands(
 
 
 def test_decomposed_rms_norm_matches_the_fused_op(tiny_model: Path, tmp_path: Path) -> None:
-    from onnxq.pipeline import prepare
+    from onnxq.stages.prepare import prepare
 
     fused = prepare(ir.load(tiny_model), rotate="none").model
     ir.save(fused, tmp_path / "fused.onnx")

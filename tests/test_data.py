@@ -9,8 +9,8 @@ import pytest
 
 from calib import data
 from calib.data import SHIPPED, find_named, open_text, read_text, wikitext_rows, windows
-from onnxq import zeroshot
-from onnxq.errors import OnnxqError
+from onnxq.core.errors import OnnxqError
+from onnxq.evaluation import zeroshot
 
 #: the upstream files' sha256 (calib/datasets/README.md), checked on the decompressed shipped copies
 UPSTREAM = {

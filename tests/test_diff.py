@@ -8,8 +8,8 @@ import numpy as np
 import onnx_ir as ir
 import pytest
 
-from onnxq.diff import diff
-from onnxq.pipeline import quantize
+from onnxq.evaluation.diff import diff
+from onnxq.stages.pipeline import quantize
 from tests.conftest import export_tiny
 
 

@@ -9,8 +9,8 @@ import onnx_ir as ir
 import pytest
 import torch
 
-from onnxq.errors import OnnxqError
-from onnxq.export import export, export_model
+from onnxq.core.errors import OnnxqError
+from onnxq.stages.export import export, export_model
 from tests.tiny import tiny_llama
 
 # (shape, measured max |onnx - torch| when written)

@@ -8,11 +8,11 @@ from pathlib import Path
 
 import pytest
 
-from onnxq import genai
 from onnxq.cli import main
-from onnxq.errors import OnnxqError
-from onnxq.generate import generate
-from onnxq.tokenizer import FileTokenizer
+from onnxq.core.errors import OnnxqError
+from onnxq.core.tokenizer import FileTokenizer
+from onnxq.device import genai
+from onnxq.device.generate import generate
 from tests.conftest import quantized
 
 og = pytest.importorskip("onnxruntime_genai")
@@ -46,7 +46,7 @@ def test_genai_greedy_gives_the_tokens_of_onnxq_generate(
 
 
 def test_the_compiled_pair_runs_in_genai_on_the_htp(kv_w8a16: Path, tmp_path: Path) -> None:
-    from onnxq.compile import compile_model
+    from onnxq.device.compile import compile_model
 
     compile_model(kv_w8a16, tmp_path / "htp")
     result = genai.package(tmp_path / "htp", tmp_path / "genai")
@@ -67,8 +67,8 @@ def test_the_wrapper_computes_what_the_host_feeds(kv_w8a16: Path) -> None:
     import onnx_ir as ir
     import onnxruntime as ort
 
-    from onnxq import ir as oir
-    from onnxq.export_kv import read_shape, step_inputs
+    from onnxq.core import ir as oir
+    from onnxq.core.steps import read_shape, step_inputs
 
     chunk, shape, mask_value = read_shape(kv_w8a16 / "prefill.qdq.onnx")
     wrapped = genai.wrap(oir.load(kv_w8a16 / "prefill.qdq.onnx"), chunk, shape, mask_value, 384)

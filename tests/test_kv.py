@@ -7,10 +7,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from onnxq.errors import OnnxqError
-from onnxq.export_kv import step_mask
-from onnxq.generate import Stepper, generate
-from onnxq.qnn import cpu_session
+from onnxq.core.errors import OnnxqError
+from onnxq.core.steps import step_mask
+from onnxq.device.generate import Stepper, generate
+from onnxq.device.qnn import cpu_session
 
 TOL = 1e-4  # float32 noise between two graphs of the same model
 
@@ -28,7 +28,7 @@ def test_prefill_and_decode_match_the_scoring_graph(kv_folder: Path, tiny_model:
 
 
 def test_greedy_generation_equals_rerunning_the_scoring_graph(kv_folder: Path, tiny_model: Path) -> None:
-    from onnxq.sources import tokenizer_for
+    from onnxq.core.sources import tokenizer_for
 
     tok = tokenizer_for(kv_folder / "prefill.onnx")
     prompt = "The capital of France is"
@@ -102,7 +102,7 @@ def test_quantized_decode_equals_quantized_prefill(kv_w8a16: Path, kv_folder: Pa
 
 
 def test_quantized_step_graphs_run_whole_on_the_htp(kv_w8a16: Path, eval_ids: np.ndarray) -> None:
-    from onnxq import qnn
+    from onnxq.device import qnn
 
     for graph in ("prefill", "decode"):
         sess = qnn.session(kv_w8a16 / f"{graph}.qdq.onnx")
@@ -116,7 +116,7 @@ def test_quantized_step_graphs_run_whole_on_the_htp(kv_w8a16: Path, eval_ids: np
 
 
 def test_the_quantized_pair_compiles_to_two_context_binaries(kv_w8a16: Path, tmp_path: Path) -> None:
-    from onnxq.compile import compile_model
+    from onnxq.device.compile import compile_model
 
     result = compile_model(kv_w8a16, tmp_path / "htp")
     assert result.files["prefill_ctx.onnx"] > 0 and result.files["decode_ctx.onnx"] > 0
@@ -125,8 +125,8 @@ def test_the_quantized_pair_compiles_to_two_context_binaries(kv_w8a16: Path, tmp
 
 
 def test_scoring_graph_options_are_refused_on_a_kv_folder(kv_folder: Path, tmp_path: Path) -> None:
-    from onnxq.errors import OnnxqError
-    from onnxq.pipeline import quantize
+    from onnxq.core.errors import OnnxqError
+    from onnxq.stages.pipeline import quantize
 
     with pytest.raises(OnnxqError, match="--budget, --rotate learned is not supported for KV-cache graphs"):
         quantize(kv_folder, tmp_path / "q", preset="w8a8", budget=0.1, rotate="learned")
@@ -137,7 +137,7 @@ def massive_kv(tiny_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path
     """The KV pair of test_outliers' model: a planted massive channel in layer 0's MLP."""
     import shutil
 
-    from onnxq.export_kv import export_kv_model
+    from onnxq.stages.export_kv import export_kv_model
     from tests.test_outliers import MASSIVE
     from tests.tiny import tiny_llama
 
@@ -153,9 +153,9 @@ def test_the_a8_defaults_split_outliers_and_rotate_r4_on_the_pair(
 ) -> None:
     import json
 
-    from onnxq import ir as oir
-    from onnxq.options import read_recipe
-    from onnxq.pipeline import quantize
+    from onnxq.core import ir as oir
+    from onnxq.core.options import read_recipe
+    from onnxq.stages.pipeline import quantize
     from tests.test_outliers import MASSIVE
 
     alone = {"preset": "w8a8", "calib": "wikitext2-valid", "windows": 2, "weight_method": "mse"}
@@ -182,8 +182,8 @@ def test_the_a8_defaults_split_outliers_and_rotate_r4_on_the_pair(
 def test_the_kv_pair_replays_from_its_recipe(kv_w8a16: Path, kv_folder: Path, tmp_path: Path) -> None:
     import hashlib
 
-    from onnxq.options import read_recipe
-    from onnxq.pipeline import quantize
+    from onnxq.core.options import read_recipe
+    from onnxq.stages.pipeline import quantize
 
     recipe = read_recipe(kv_w8a16 / "recipe.toml")
     assert recipe.options.windows == 2 and recipe.options.weight_method == "mse"
@@ -203,7 +203,7 @@ def test_eval_scores_a_pair_as_it_scores_the_scoring_graph(
     import shutil
 
     from onnxq.cli import main
-    from onnxq.export_kv import export_kv_model
+    from onnxq.stages.export_kv import export_kv_model
     from tests.tiny import tiny_llama
 
     pair = tmp_path / "kv64"  # a cache as long as the scoring graph's window, so both cut the same windows
@@ -218,7 +218,7 @@ def test_eval_scores_a_pair_as_it_scores_the_scoring_graph(
 
 
 def test_a_precision_map_of_another_graph_is_refused(kv_folder: Path, tiny_w8a16: Path, tmp_path: Path) -> None:
-    from onnxq.pipeline import quantize
+    from onnxq.stages.pipeline import quantize
 
     with pytest.raises(OnnxqError, match="precision map names points this model does not have"):
         quantize(kv_folder, tmp_path / "q", preset="w8a16", precision_map=str(tiny_w8a16 / "precision_map.json"))

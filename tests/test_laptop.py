@@ -9,7 +9,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from onnxq.tokenizer import FileTokenizer
+from onnxq.core.tokenizer import FileTokenizer
 from tests.laptop import WORKSTATION_ONLY
 
 LAPTOP = Path(__file__).with_name("laptop.py")

@@ -19,11 +19,13 @@ from calib.data import windows
 from calib.fakequant import WeightQuant
 from calib.learn import LearnConfig, cayley, learn
 from calib.qsim import _key
-from onnxq import presets, recipes
-from onnxq.pipeline import prepare, quantize
+from onnxq.core import presets, recipes
+from onnxq.device.qnn import cpu_session
+from onnxq.device.validation import validate
 from onnxq.plan import build_plan
-from onnxq.qdq import emit_qdq
-from onnxq.qnn import cpu_session, validate
+from onnxq.stages.pipeline import quantize
+from onnxq.stages.prepare import prepare
+from onnxq.stages.qdq import emit_qdq
 
 CONFIG = LearnConfig(steps=30, samples=8, seed=0)
 #: the learned W4A8 run of these tests, repeated for determinism and resume: per-channel weights and
@@ -179,7 +181,7 @@ def test_same_seed_same_bytes_and_resume(tiny_model: Path, learned_w4a8: Path, t
 
 def test_learning_keeps_the_grids_the_htp_fixes(learned_w4a8: Path) -> None:
     """Stage 2 recalibrates the points stage 1 left; 16-bit Sigmoid/Softmax outputs keep the HTP's 1/65536 grid."""
-    from onnxq.check import RULES
+    from onnxq.device.check import RULES
 
     graph = ir.load(learned_w4a8 / "model.qdq.onnx").graph
     fixed = [n for n in graph if n.op_type in ("Sigmoid", "Softmax")]

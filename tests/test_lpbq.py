@@ -10,13 +10,14 @@ import onnx_ir as ir
 import pytest
 import torch
 
-from onnxq import aimet
-from onnxq.encodings import LPBQ_LEVELS, weight_encoding
-from onnxq.errors import OnnxqError
-from onnxq.pipeline import quantize
-from onnxq.qnn import cpu_session, validate
-from onnxq.qtypes import Encoding, QType, QuantSpec
-from onnxq.split import join, split
+from onnxq.core.encodings import LPBQ_LEVELS, weight_encoding
+from onnxq.core.errors import OnnxqError
+from onnxq.core.qtypes import Encoding, QType, QuantSpec
+from onnxq.device.qnn import cpu_session
+from onnxq.device.validation import validate
+from onnxq.stages import aimet
+from onnxq.stages.pipeline import quantize
+from onnxq.stages.split import join, split
 
 BLOCK = 32
 
@@ -244,9 +245,10 @@ def test_gptq_rounds_every_linear_and_frees_each_hessian(tiny_model: Path, tiny_
 
     from calib.calibrate import encode, observe
     from calib.data import windows
-    from onnxq import presets, recipes
-    from onnxq.pipeline import apply_gptq, gptq_inputs, prepare
+    from onnxq.core import presets, recipes
     from onnxq.plan import build_plan
+    from onnxq.stages.prepare import prepare
+    from onnxq.stages.weights import apply_gptq, gptq_inputs
 
     prep = prepare(ir.load(tiny_model))
     recipe = replace(recipes.get("llama"), weight_block=0)
@@ -292,7 +294,7 @@ def test_on_the_htp_every_op_computes_what_the_reference_computes(
 ) -> None:
     """Each op on the HTP against the reference op fed the HTP's own inputs; then without each rule."""
     from onnxq import plan as plan_mod
-    from onnxq.diff import htp_ops
+    from onnxq.evaluation.diff import htp_ops
 
     def worst(path: Path) -> dict[str, float]:
         """op type -> largest departure, in 8-bit steps"""
@@ -321,7 +323,7 @@ def test_on_the_htp_every_op_computes_what_the_reference_computes(
 
 
 def rules_found(path: Path) -> set[str]:
-    from onnxq.check import RULES
+    from onnxq.device.check import RULES
 
     graph = ir.load(path).graph
     return {f.rule for rule in RULES.values() for f in rule(graph)}

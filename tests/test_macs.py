@@ -10,7 +10,7 @@ import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from onnxq.macs import mac_widths
+from onnxq.stages.macs import mac_widths
 
 
 def _two_matmuls() -> onnx.ModelProto:

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from onnxq import memory
+from onnxq.core import memory
 
 
 def _rss_mb() -> float:

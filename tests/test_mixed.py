@@ -9,11 +9,11 @@ import numpy as np
 import onnx_ir as ir
 import pytest
 
-from onnxq import mixed
 from onnxq.cli import main
-from onnxq.errors import OnnxqError
-from onnxq.pipeline import quantize
-from onnxq.qnn import validate
+from onnxq.core.errors import OnnxqError
+from onnxq.device.validation import validate
+from onnxq.stages import mixed
+from onnxq.stages.pipeline import quantize
 
 
 def _q_dtypes(model: Path) -> dict[str, ir.DataType]:

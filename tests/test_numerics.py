@@ -10,9 +10,9 @@ from onnx import TensorProto, helper
 
 from calib.mirror import dequantize_linear, quantize_linear
 from calib.observers import Observer
-from onnxq.encodings import weight_encoding
-from onnxq.errors import OnnxqError
-from onnxq.qtypes import QType, QuantSpec, from_range
+from onnxq.core.encodings import weight_encoding
+from onnxq.core.errors import OnnxqError
+from onnxq.core.qtypes import QType, QuantSpec, from_range
 
 
 def test_asymmetric_uint8_range_by_hand() -> None:

@@ -9,9 +9,11 @@ import numpy as np
 import onnx_ir as ir
 import pytest
 
-from onnxq.errors import OnnxqError
-from onnxq.pipeline import prepare, quantize
-from onnxq.qnn import cpu_session, validate
+from onnxq.core.errors import OnnxqError
+from onnxq.device.qnn import cpu_session
+from onnxq.device.validation import validate
+from onnxq.stages.pipeline import quantize
+from onnxq.stages.prepare import prepare
 from rewrites.outliers import choose_channels
 from tests.conftest import export_tiny
 

@@ -7,8 +7,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from onnxq.errors import OnnxqError
-from onnxq.qnn import validate
+from onnxq.core.errors import OnnxqError
+from onnxq.device.validation import validate
 
 # HTP vs ORT CPU on the same QDQ model, in units of the logits' 16-bit output step, as measured
 # when the tests were written: the HTP's internal precision differs from ORT's float reference.
@@ -39,8 +39,8 @@ def test_float_model_is_refused_by_the_htp(tiny_model: Path, eval_ids: np.ndarra
 
 def test_the_kv_pair_runs_whole_on_the_htp_as_a_generator_runs_it(kv_w8a16: Path, kv_folder: Path) -> None:
     from calib.data import windows
-    from onnxq.qnn import validate_pair
-    from onnxq.tokenizer import FileTokenizer
+    from onnxq.core.tokenizer import FileTokenizer
+    from onnxq.device.validation import validate_pair
 
     ids = windows(FileTokenizer(kv_w8a16), "wikitext2", 40, 2).ids  # the whole cache: 36 by prefill, 4 by decode
     report = validate_pair(kv_w8a16, ids)

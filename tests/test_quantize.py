@@ -12,8 +12,8 @@ import pytest
 import torch
 
 from calib.mirror import Mirror
-from onnxq.pipeline import quantize
-from onnxq.qnn import cpu_session
+from onnxq.device.qnn import cpu_session
+from onnxq.stages.pipeline import quantize
 
 FLOAT_OPS_WITHOUT_QDQ = {"QuantizeLinear", "DequantizeLinear"}
 

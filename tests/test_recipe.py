@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 
 from onnxq.cli import main
-from onnxq.errors import OnnxqError
-from onnxq.options import LearnConfig, QuantizeOptions, read_recipe, recipe_toml
+from onnxq.core.errors import OnnxqError
+from onnxq.core.options import LearnConfig, QuantizeOptions, read_recipe, recipe_toml
 
 
 def _digest(path: Path) -> str:

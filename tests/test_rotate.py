@@ -10,9 +10,9 @@ import pytest
 import torch
 
 from calib.mirror import Mirror
-from onnxq.errors import OnnxqError
-from onnxq.pipeline import prepare
-from onnxq.qnn import cpu_session
+from onnxq.core.errors import OnnxqError
+from onnxq.device.qnn import cpu_session
+from onnxq.stages.prepare import prepare
 from rewrites.hadamard import BASE_ORDERS, hadamard_order, rotation
 from rewrites.rotate import rotate_heads, rotate_residual
 from rewrites.structure import discover
@@ -114,8 +114,8 @@ def test_r1_needs_folded_norms(tiny_model: Path) -> None:
 
 
 def test_rotated_w4a8_runs_on_the_htp(tiny_model: Path, tmp_path: Path, eval_ids: np.ndarray) -> None:
-    from onnxq.pipeline import quantize
-    from onnxq.qnn import validate
+    from onnxq.device.validation import validate
+    from onnxq.stages.pipeline import quantize
 
     out = tmp_path / "w4a8"
     quantize(tiny_model, out, preset="w4a8", calib="wikitext2-valid", windows=2, online_hadamard=("r3", "r4"))
@@ -136,7 +136,7 @@ def test_learned_r1_lowers_its_objective_and_stays_exact(
 
     from calib.data import windows
     from calib.residual import Widths, learn_r1
-    from onnxq.pipeline import r1_refiner
+    from onnxq.stages.prepare import r1_refiner
 
     base = _rotated(tiny_model)
     ids = windows(AutoTokenizer.from_pretrained(tiny_dir), "wikitext2-valid", 64, 4).ids

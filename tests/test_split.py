@@ -8,10 +8,10 @@ import numpy as np
 import onnx_ir as ir
 import pytest
 
-from onnxq import aimet
-from onnxq.errors import OnnxqError
-from onnxq.qnn import cpu_session
-from onnxq.split import join, split
+from onnxq.core.errors import OnnxqError
+from onnxq.device.qnn import cpu_session
+from onnxq.stages import aimet
+from onnxq.stages.split import join, split
 
 
 def _quantizers(model: ir.Model) -> list[tuple[str, tuple[float, ...], tuple[int, ...]]]:

@@ -9,10 +9,10 @@ import numpy as np
 import pytest
 import torch
 
-from onnxq import zeroshot
 from onnxq.cli import main
-from onnxq.qnn import cpu_session
-from onnxq.sources import tokenizer_for
+from onnxq.core.sources import tokenizer_for
+from onnxq.device.qnn import cpu_session
+from onnxq.evaluation import zeroshot
 from tests.tiny import tiny_llama
 
 
@@ -62,7 +62,7 @@ def test_eval_puts_float_and_quantized_side_by_side(
 
 def test_the_harness_scorer_rolls_over_windows_like_the_torch_model(tiny_model: Path) -> None:
     """lm-eval's loglikelihood_rolling on a text longer than the 64-token window, against transformers."""
-    from onnxq.harness import Scorer
+    from onnxq.evaluation.harness import Scorer
 
     scorer = Scorer(tiny_model)
     text = zeroshot.load("piqa", limit=3)[0].context * 3
@@ -106,11 +106,11 @@ def test_packed_requests_score_as_one_per_window(
     """Many requests per window (shared contexts, own positions, block mask) give each request's
     one-per-window log-likelihood: to float rounding on the float graph; on the QDQ graph a
     different summation order may move a value across a rounding boundary, so the bound is looser."""
-    from onnxq.packing import PackedSession, layout
+    from onnxq.evaluation.packing import PackedSession, layout
 
     model = tiny_model if which == "float" else tiny_w8a16 / "model.qdq.onnx"
     if which == "w4a8":  # 8-bit MatMul inputs, K and Q after RoPE included
-        from onnxq.pipeline import quantize
+        from onnxq.stages.pipeline import quantize
 
         model = quantize(tiny_model, tmp_path / "w4a8", preset="w4a8", calib="wikitext2-valid", windows=4).output
         model = model / "model.qdq.onnx"
@@ -146,7 +146,7 @@ def test_packed_requests_score_as_one_per_window(
 
 def test_the_harness_scorer_packs_a_batch_of_requests(tiny_model: Path) -> None:
     """lm-eval hands the adapter all requests at once; packed, they score as they do one by one."""
-    from onnxq.harness import Scorer
+    from onnxq.evaluation.harness import Scorer
 
     scorer = Scorer(tiny_model)
     pairs = [(item.context, " " + c) for item in zeroshot.load("piqa", limit=4) for c in item.choices]
@@ -167,8 +167,8 @@ def test_a_graph_with_an_unknown_positional_constant_is_not_packed(tiny_model: P
     positions 0..S-1 and give wrong scores, so such a graph is scored one request per window."""
     import onnx_ir as ir
 
-    from onnxq import ir as oir
-    from onnxq.packing import PackedSession
+    from onnxq.core import ir as oir
+    from onnxq.evaluation.packing import PackedSession
     from rewrites.positions import expose_positions
 
     assert expose_positions(oir.load(tiny_model)).counts == {"masks": 1, "tables": 2}

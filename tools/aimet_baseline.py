@@ -22,7 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
-from onnxq.metrics import peak_rss_mb
+from onnxq.stages.metrics import peak_rss_mb
 from tools.ort_baseline import canonical_graph, lm_head_weight
 
 #: preset -> (weight type, activation type)

@@ -226,7 +226,7 @@ def step_quantize_onnxq(
     learn = extra.pop("learn", None)
     windows = extra.pop("windows", windows if pinned else None)  # a row may calibrate on more windows
     code = (
-        "import json, sys; from onnxq.pipeline import quantize; from onnxq.options import LearnConfig; "
+        "import json, sys; from onnxq.stages.pipeline import quantize; from onnxq.core.options import LearnConfig; "
         f"r = quantize({str(model)!r}, {str(out)!r}, preset={preset!r}, calib={calib!r}, windows={windows}, "
         f"overwrite=True, learn=None if {learn!r} is None else LearnConfig(**{learn!r}), **{extra!r}); "
         "print(json.dumps({'seconds': r.summary['seconds'], 'peak_rss_mb': r.summary['peak_rss_mb'], "
@@ -237,7 +237,8 @@ def step_quantize_onnxq(
 
 def step_eval(model: Path, windows_file: Path, ep: str = "cpu") -> dict:
     code = (
-        "import json, numpy as np; from onnxq.evaluate import perplexity; from onnxq.metrics import peak_rss_mb; "
+        "import json, numpy as np; from onnxq.evaluation.evaluate import perplexity; "
+        "from onnxq.stages.metrics import peak_rss_mb; "
         f"r = perplexity({str(model)!r}, np.load({str(windows_file)!r}), ep={ep!r}); "
         "print(json.dumps({'ppl': r.ppl, 'nll': r.nll, 'seconds': round(r.seconds, 1), 'tokens': r.tokens, "
         "'peak_rss_mb': peak_rss_mb()}))"
@@ -248,9 +249,9 @@ def step_eval(model: Path, windows_file: Path, ep: str = "cpu") -> dict:
 ZEROSHOT = """
 import json, sys, time
 import numpy as np
-from onnxq import zeroshot
-from onnxq.metrics import peak_rss_mb
-from onnxq.sources import tokenizer_for
+from onnxq.evaluation import zeroshot
+from onnxq.stages.metrics import peak_rss_mb
+from onnxq.core.sources import tokenizer_for
 model, tasks, source = sys.argv[1], sys.argv[2].split(","), sys.argv[5]
 limit, check = int(sys.argv[3]), int(sys.argv[4])
 tok = tokenizer_for(source)  # the float model's folder: ONNX Runtime's quantizer writes no tokenizer beside its model
@@ -280,7 +281,7 @@ def step_zeroshot(model: Path, tasks: str, limit: int, check: int, source: Path)
 
 def step_validate(model: Path, windows_file: Path, context: Path) -> dict:
     code = (
-        "import json, numpy as np; from pathlib import Path; from onnxq.qnn import validate; "
+        "import json, numpy as np; from pathlib import Path; from onnxq.device.validation import validate; "
         f"r = validate({str(model)!r}, np.load({str(windows_file)!r})[:2], context_dir=Path({str(context)!r})); "
         "print(json.dumps({k: v for k, v in r.__dict__.items() if k != 'extra'}))"
     )
@@ -289,7 +290,7 @@ def step_validate(model: Path, windows_file: Path, context: Path) -> dict:
 
 def step_compile(model: Path, out: Path) -> dict:
     code = (
-        "import json; from onnxq.compile import compile_model; from onnxq.metrics import peak_rss_mb; "
+        "import json; from onnxq.device.compile import compile_model; from onnxq.stages.metrics import peak_rss_mb; "
         f"r = compile_model({str(model)!r}, {str(out)!r}, overwrite=True, verify=False); "
         "d = r.as_dict(); d['peak_rss_mb'] = peak_rss_mb(); print(json.dumps(d))"
     )
@@ -299,8 +300,8 @@ def step_compile(model: Path, out: Path) -> dict:
 def prepare_inputs(work: Path, model: Path | None, seq_len: int, calib_windows: int, eval_windows: int) -> dict:
     """Export the model (once) and write the token windows every row shares."""
     from calib.data import windows
-    from onnxq.export import export
-    from onnxq.sources import tokenizer_for
+    from onnxq.core.sources import tokenizer_for
+    from onnxq.stages.export import export
 
     if model is None:
         model = work / "smollm2" / "model.onnx"
@@ -618,7 +619,7 @@ def zeroshot_section(results: dict[str, Any]) -> str:
         "",
         "First " + ", ".join(f"{items[t]} {t} items" for t in tasks) + " (validation), scored as lm-eval-harness",
         "scores them (log-likelihood of each choice after the context; acc_norm per character), on ONNX Runtime",
-        "CPU with `onnxq eval --tasks`; requests packed several to a 512-token window (`onnxq.packing`).",
+        "CPU with `onnxq eval --tasks`; requests packed several to a 512-token window (`onnxq.evaluation.packing`).",
         "",
         f"| row | {head} | WikiText-2 PPL | time |",
         "|---|" + "---:|" * (2 * len(tasks) + 2),

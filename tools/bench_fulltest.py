@@ -43,8 +43,8 @@ PUBLISHED = [
 
 def run(rows: list[str], work: Path, every: int = 1) -> dict[str, Any]:
     from calib.data import windows
-    from onnxq.export import export
-    from onnxq.sources import tokenizer_for
+    from onnxq.core.sources import tokenizer_for
+    from onnxq.stages.export import export
 
     work.mkdir(parents=True, exist_ok=True)
     model = work / "smollm2-2048" / "model.onnx"

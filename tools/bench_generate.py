@@ -32,8 +32,8 @@ def measure(
     folder: Path, ids: np.ndarray, chunk: int, reference: np.ndarray | None
 ) -> tuple[dict[str, Any], np.ndarray]:
     """The row for one folder of graphs, and its prefill logits (the reference of later rows)."""
-    from onnxq import genai
-    from onnxq.generate import Stepper, generate
+    from onnxq.device import genai
+    from onnxq.device.generate import Stepper, generate
 
     out = generate(folder, PROMPT, max_new_tokens=24)
     packaged = genai.package(folder, folder.parent / f"{folder.name}-genai", overwrite=True)
@@ -66,9 +66,9 @@ def measure(
 def on_htp(folder: Path, tokens: int) -> dict[str, Any]:
     """The quantized pair on the HTP backend: `onnxq generate --ep qnn` on the QDQ pair, and the pair
     compiled (`onnxq compile`, HTP v75) and packaged, in onnxruntime-genai on the QNN EP."""
-    from onnxq import genai
-    from onnxq.compile import compile_model
-    from onnxq.generate import generate
+    from onnxq.device import genai
+    from onnxq.device.compile import compile_model
+    from onnxq.device.generate import generate
 
     compiled = compile_model(folder, folder.parent / f"{folder.name}-htp", overwrite=True, verify=False)
     packaged = genai.package(compiled.output, folder.parent / f"{folder.name}-htp-genai", overwrite=True)
@@ -87,9 +87,9 @@ def on_htp(folder: Path, tokens: int) -> dict[str, Any]:
 
 def main() -> None:
     from calib.data import windows
-    from onnxq.export_kv import export_kv
-    from onnxq.pipeline import quantize
-    from onnxq.sources import tokenizer_for
+    from onnxq.core.sources import tokenizer_for
+    from onnxq.stages.export_kv import export_kv
+    from onnxq.stages.pipeline import quantize
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--presets", default="w8a16,w4a8")

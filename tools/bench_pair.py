@@ -33,9 +33,9 @@ SEQ_LEN, CHUNK, CONTEXT = 512, 64, 512
 
 def score(folder: Path, ids: np.ndarray, ep: str) -> tuple[float, np.ndarray]:
     """Perplexity of the pair over ``ids`` as `onnxq eval FOLDER` computes it, and its next-token choices."""
-    from onnxq import memory
-    from onnxq.evaluate import token_nll
-    from onnxq.generate import Stepper
+    from onnxq.core import memory
+    from onnxq.device.generate import Stepper
+    from onnxq.evaluation.evaluate import token_nll
 
     stepper = Stepper(folder, ep)
     nll, choices = [], []
@@ -51,10 +51,10 @@ def score(folder: Path, ids: np.ndarray, ep: str) -> tuple[float, np.ndarray]:
 
 def main() -> None:
     from calib.data import windows
-    from onnxq.compile import compile_model
-    from onnxq.export_kv import export_kv
-    from onnxq.pipeline import quantize
-    from onnxq.sources import tokenizer_for
+    from onnxq.core.sources import tokenizer_for
+    from onnxq.device.compile import compile_model
+    from onnxq.stages.export_kv import export_kv
+    from onnxq.stages.pipeline import quantize
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--presets", default="w8a8,w4a8")
@@ -126,6 +126,11 @@ def section(results: dict[str, Any], bench_rows: dict[str, Any]) -> str:
         "chunk by chunk with the quantized cache. HTP: the QNN EP's HTP backend (its x86-64 emulator, HTP v75, CPU "
         f"fallback off) on the first {results['htp_windows']} windows, next to the CPU on the same windows "
         f"(`python tools/bench_pair.py`). Float pair: {fp:.2f}.",
+        "",
+        "The graphs follow the HTP rules of the README ('What the HTP accepts'). Two of them were found on this "
+        "pair with `onnxq diff --ep qnn`: ops read a 4-bit LPBQ FC's 8-bit output through an exact 16-bit "
+        "convert, and 16-bit Sigmoid and Softmax outputs take the HTP's 1/65536 grid. Before them (commit "
+        "abe7ea3, 2 windows) the W4A8 pair lost +6.7 % on the HTP against the CPU.",
         "",
         "| preset | scoring graph, CPU | pair, CPU | pair vs float | pair, HTP | pair, CPU, same windows | HTP vs CPU "
         "| top-1 HTP vs CPU | context binaries | compile | quantize |",

@@ -44,7 +44,7 @@ ROLE_GROUPS = (
 
 
 def layer_diff(float_model: Path, qdq: Path, ids: np.ndarray) -> dict[str, Any]:
-    from onnxq.diff import diff
+    from onnxq.evaluation.diff import diff
 
     report = diff(float_model, qdq, ids, ep="cpu")
     return {"layers": report.layers(), "first_jump": report.first_jump, "most_clipped": report.most_clipped}
@@ -84,7 +84,7 @@ def widen(qdq: onnx.ModelProto, points: dict[str, Any], roles: set[str] | None) 
 
 def act_roles(folder: Path, ids: np.ndarray, scratch: Path) -> dict[str, Any]:
     """WikiText-2 perplexity of ``folder``'s model with each role group's 8-bit activations widened."""
-    from onnxq.evaluate import perplexity
+    from onnxq.evaluation.evaluate import perplexity
 
     qdq = onnx.load(folder / "model.qdq.onnx")
     points = json.loads((folder / "precision_map.json").read_text(encoding="utf-8"))["points"]

@@ -17,7 +17,7 @@ from typing import Any
 
 import numpy as np
 
-from onnxq.metrics import peak_rss_mb
+from onnxq.stages.metrics import peak_rss_mb
 
 TYPES = {
     "w8a16": ("QUInt16", "QUInt8"),
@@ -31,8 +31,8 @@ def canonical_graph(model: Path, output: Path) -> Path:
     """onnxq's canonical float graph of ``model`` (no rotation), written next to ``output``."""
     import onnx_ir as ir
 
-    from onnxq import recipes
-    from onnxq.ir import save
+    from onnxq.core import recipes
+    from onnxq.core.ir import save
     from rewrites import canonical
     from rewrites.base import apply
 

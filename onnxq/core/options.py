@@ -1,0 +1,239 @@
+"""The options of one quantization, validated once: the recipe written beside every output.
+
+:class:`QuantizeOptions` is what ``onnxq quantize`` and :func:`onnxq.stages.pipeline.quantize` take. A run
+writes it to ``recipe.toml`` with every default resolved (the window count, the weight rounding,
+the outlier split, the block size, the sequence length), the versions of onnxq and its toolchain,
+and the hashes of the input model and the calibration tokens; ``onnxq quantize MODEL --recipe
+recipe.toml`` reads it back and gives the same bytes.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+import tomllib
+from dataclasses import asdict, dataclass, field, fields
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+from onnxq.core import presets
+from onnxq.core.errors import OnnxqError
+
+#: the recipe file's format; a reader refuses other versions
+RECIPE_VERSION = 1
+#: the packages whose versions decide the output's bytes (pinned in pyproject.toml)
+TOOLCHAIN = ("torch", "transformers", "onnx", "onnx-ir", "onnxscript", "onnxruntime", "onnxruntime-qnn", "numpy")
+#: calibration windows by default, and when GPTQ rounds the weights (4-bit presets by default):
+#: its Hessians want more data (SmolLM2 W4A8, blocks of 32: 33.99 at 16 windows, 33.12 at 64)
+DEFAULT_WINDOWS = 16
+GPTQ_WINDOWS = 64
+ROTATIONS = ("hadamard", "learned", "random", "none")
+ONLINE = ("r3", "r4")
+METHODS = ("auto", "minmax", "percentile", "mse", "aware")
+WEIGHT_METHODS = ("auto", "mse", "minmax", "gptq")
+BUDGET_BY = ("count", "macs")
+SELECTORS = ("fisher", "measured", "relative", "random")
+ENCODINGS_VERSIONS = ("1.0.0", "0.6.1")
+
+
+@dataclass(frozen=True)
+class LearnConfig:
+    """What ``onnxq quantize --learn`` trains (defaults fit SmolLM2-135M in minutes on 2 cores)."""
+
+    steps: int = 30  # per decoder layer
+    lr: float = 5e-3  # Adam, on log-factors of ranges and clip ratios
+    rotation_lr: float = 2e-3  # Adam, on the skew-symmetric generator of each layer's extra R2
+    samples: int = 8  # calibration windows used for learning
+    warmup: int = 5  # steps of local quantization-error loss per layer
+    learn_rotation: bool = True
+    seed: int = 0
+    device: str = "cpu"
+
+    def __post_init__(self) -> None:
+        for name in ("steps", "samples"):
+            if getattr(self, name) < 1:
+                raise OnnxqError(
+                    f"learn {name} {getattr(self, name)} is not a positive count", f"pass --{name} 1 or more"
+                )
+        if self.device not in ("cpu", "cuda"):
+            raise OnnxqError(f"unknown learning device {self.device!r}", "use cpu or cuda")
+
+    def digest(self) -> str:
+        return hashlib.sha256(json.dumps(asdict(self), sort_keys=True).encode()).hexdigest()[:12]
+
+
+def _one_of(flag: str, value: str, allowed: tuple[str, ...]) -> None:
+    if value not in allowed:
+        raise OnnxqError(f"{flag} {value!r} is not known", f"use one of: {', '.join(allowed)}")
+
+
+@dataclass(frozen=True)
+class QuantizeOptions:
+    """Every choice of one quantization. ``None`` means "the model's or the preset's default", which
+    the run resolves and records in the recipe it writes."""
+
+    preset: str = "w8a16"
+    calib: str = "c4"
+    windows: int | None = None  # 16, or 64 when GPTQ rounds the weights
+    method: str = "auto"
+    weight_method: str = "auto"  # gptq, except mse for w8a16
+    precision_map: str | None = None
+    seq_len: int | None = None  # the model's static length
+    mask_value: float | None = None  # the model family's
+    rotate: str = "hadamard"
+    online_hadamard: tuple[str, ...] | None = None  # the family's for all presets but w8a16 (Llama: r4)
+    split_outliers: float | None = None  # the model family's ratio (0: no split)
+    weight_block: int | None = None  # the model family's block for 4-bit weights (0: per channel)
+    gptq_sweeps: int | None = None  # calib.gptq.SWEEPS
+    seed: int = 0
+    learn: LearnConfig | None = None
+    budget: float | None = None
+    weight_budget: float | None = None
+    budget_by: str = "count"
+    selector: str = "fisher"
+    sensitivity_windows: int = 4
+    tokenizer: str | None = None
+    encodings_version: str = "1.0.0"
+
+    def __post_init__(self) -> None:
+        presets.get(self.preset)  # raises the one-line "unknown preset"
+        if self.online_hadamard is not None:
+            object.__setattr__(self, "online_hadamard", tuple(self.online_hadamard))
+        for name in ("calib", "precision_map", "tokenizer"):  # paths are recorded as text
+            value = getattr(self, name)
+            if value is not None:
+                object.__setattr__(self, name, str(value))
+        if isinstance(self.learn, dict):
+            object.__setattr__(self, "learn", LearnConfig(**self.learn))
+        _one_of("--rotate", self.rotate, ROTATIONS)
+        _one_of("--method", self.method, METHODS)
+        _one_of("--weight-method", self.weight_method, WEIGHT_METHODS)
+        _one_of("--budget-by", self.budget_by, BUDGET_BY)
+        _one_of("--selector", self.selector, SELECTORS)
+        _one_of("--encodings-version", self.encodings_version, ENCODINGS_VERSIONS)
+        for which in self.online_hadamard or ():
+            _one_of("--online-hadamard", which, ONLINE)
+        if self.windows is not None and self.windows < 1:
+            raise OnnxqError(f"--windows {self.windows} is not a positive count", "pass e.g. --windows 16")
+        if self.sensitivity_windows < 1:
+            raise OnnxqError(f"--sensitivity-windows {self.sensitivity_windows} is not a positive count", "pass e.g. 4")
+        if self.seq_len is not None and self.seq_len < 1:
+            raise OnnxqError(f"--seq-len {self.seq_len} is not a positive length", "pass e.g. --seq-len 512")
+        block = self.weight_block
+        if block is not None and block != 0 and (block < 16 or block & (block - 1)):
+            raise OnnxqError(
+                f"--weight-block {block} is not a power of two of at least 16",
+                "pass 16, 32, 64 or 128, or 0 for one scale per output channel",
+            )
+        if self.gptq_sweeps is not None and self.gptq_sweeps < 0:
+            raise OnnxqError(f"--gptq-sweeps {self.gptq_sweeps} is negative", "pass 0 (plain GPTQ) or more, e.g. 3")
+        ratio = self.split_outliers
+        if ratio is not None and (ratio < 0 or 0 < ratio <= 1):
+            raise OnnxqError(f"--split-outliers {ratio:g} is not above 1", "pass a ratio such as 16, or 0 for no split")
+        for flag, share in (("--budget", self.budget), ("--weight-budget", self.weight_budget)):
+            if share is not None and not 0 < share < 1:
+                raise OnnxqError(f"{flag} {share:g} is not a share between 0 and 1", f"pass e.g. {flag} 0.1")
+
+
+def _toml_value(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, int | float):
+        return repr(value)
+    if isinstance(value, str):
+        return json.dumps(value)  # a TOML basic string: JSON's escapes are TOML's
+    if isinstance(value, list | tuple):
+        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
+    raise TypeError(f"no TOML form for {type(value).__name__}")
+
+
+def _table(name: str, items: dict[str, Any]) -> list[str]:
+    """A TOML table; ``None`` values (an option left off) are omitted, keys quoted where TOML wants it."""
+    key = lambda k: k if re.fullmatch(r"[A-Za-z0-9_-]+", k) else json.dumps(k)  # noqa: E731
+    return [f"[{name}]", *(f"{key(k)} = {_toml_value(v)}" for k, v in items.items() if v is not None), ""]
+
+
+def versions() -> dict[str, str]:
+    """onnxq's version and its toolchain's, as installed."""
+    found = {"onnxq": _version("onnxq")}
+    found.update({name: _version(name) for name in TOOLCHAIN})
+    return found
+
+
+def _version(name: str) -> str:
+    try:
+        return metadata.version(name)
+    except metadata.PackageNotFoundError:
+        return "not installed"
+
+
+def sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with Path(path).open("rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def recipe_toml(options: QuantizeOptions, inputs: dict[str, str]) -> str:
+    """The recipe of a run: ``options`` as resolved, the versions, and ``inputs`` (name -> hash or path)."""
+    opts = {f.name: getattr(options, f.name) for f in fields(options) if f.name != "learn"}
+    lines = [
+        "# onnxq recipe: every option of this quantization, defaults resolved.",
+        "# Replay: onnxq quantize MODEL --recipe recipe.toml -o OUT (same inputs and versions: same bytes).",
+        f"recipe = {RECIPE_VERSION}",
+        "",
+        *_table("options", opts),
+    ]
+    if options.learn is not None:
+        lines += _table("options.learn", asdict(options.learn))
+    lines += _table("inputs", inputs)
+    lines += _table("versions", versions())
+    return "\n".join(lines)
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """A recipe read back: the options, and what the run that wrote it recorded."""
+
+    options: QuantizeOptions
+    inputs: dict[str, str] = field(default_factory=dict)
+    versions: dict[str, str] = field(default_factory=dict)
+
+
+def read_recipe(path: str | Path) -> Recipe:
+    """Read a ``recipe.toml`` written by ``onnxq quantize``; one-line errors for anything else."""
+    path = Path(path)
+    if not path.is_file():
+        raise OnnxqError(f"recipe {path} does not exist", "pass the recipe.toml that `onnxq quantize` wrote")
+    try:
+        data = tomllib.loads(path.read_text(encoding="utf-8"))
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+        raise OnnxqError(
+            f"recipe {path} is not valid TOML ({exc})", "pass the recipe.toml `onnxq quantize` wrote"
+        ) from None
+    if data.get("recipe") != RECIPE_VERSION or not isinstance(data.get("options"), dict):
+        raise OnnxqError(
+            f"{path} is not an onnxq recipe (version {RECIPE_VERSION} with [options])",
+            "pass the recipe.toml that `onnxq quantize` wrote",
+        )
+    opts = dict(data["options"])
+    known = {f.name for f in fields(QuantizeOptions)}
+    unknown = sorted(set(opts) - known)
+    if unknown:
+        raise OnnxqError(
+            f"recipe {path}: unknown options {', '.join(unknown)}", f"use only: {', '.join(sorted(known))}"
+        )
+    learn = opts.pop("learn", None)
+    learn_fields = {f.name for f in fields(LearnConfig)}
+    if learn is not None and (not isinstance(learn, dict) or set(learn) - learn_fields):
+        raise OnnxqError(
+            f"recipe {path}: [options.learn] is not a learning config", f"use only: {', '.join(sorted(learn_fields))}"
+        )
+    try:
+        options = QuantizeOptions(**opts, learn=LearnConfig(**learn) if learn is not None else None)
+    except TypeError as exc:
+        raise OnnxqError(f"recipe {path}: {exc}", "pass the recipe.toml that `onnxq quantize` wrote") from None
+    return Recipe(options, dict(data.get("inputs", {})), dict(data.get("versions", {})))
