@@ -127,9 +127,9 @@ def section(results: dict[str, Any], bench_rows: dict[str, Any]) -> str:
         f"fallback off) on the first {results['htp_windows']} windows, next to the CPU on the same windows "
         f"(`python tools/bench_pair.py`). Float pair: {fp:.2f}.",
         "",
-        "The graphs follow the HTP rules of the README ('What the HTP accepts'). Two of them were found on this "
-        "pair with `onnxq diff --ep qnn`: ops read a 4-bit LPBQ FC's 8-bit output through an exact 16-bit "
-        "convert, and 16-bit Sigmoid and Softmax outputs take the HTP's 1/65536 grid. Before them (commit "
+        "The graphs follow the HTP rules of the README ('What the HTP accepts'). Two of them were found on the "
+        "W4A8 scoring graph with `onnxq diff --ep qnn`: ops read a 4-bit LPBQ FC's 8-bit output through an exact "
+        "16-bit convert, and 16-bit Sigmoid and Softmax outputs take the HTP's 1/65536 grid. Before them (commit "
         "abe7ea3, 2 windows) the W4A8 pair lost +6.7 % on the HTP against the CPU.",
         "",
         "| preset | scoring graph, CPU | pair, CPU | pair vs float | pair, HTP | pair, CPU, same windows | HTP vs CPU "
