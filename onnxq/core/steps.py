@@ -2,6 +2,7 @@
 
 A step graph reads ``input_ids``, ``position_ids``, an additive ``attention_mask`` and per layer
 ``past_key_i``/``past_value_i``; its metadata names its chunk, cache slots and mask value.
+:class:`StepRunner` is the host side: it feeds a pair chunk by chunk and keeps the cache.
 """
 
 from __future__ import annotations
