@@ -293,8 +293,9 @@ def htp_ops(qdq_path: str | Path, ids: np.ndarray) -> list[OpDeparture]:
 
     work = Path(tempfile.mkdtemp(prefix="onnxq-ops-"))
     model = oir.load(qdq_path)
-    names = [q.outputs[0].name for q in codes(model)]
-    for q in codes(model):
+    quantizers = codes(model)
+    names = [q.outputs[0].name for q in quantizers]
+    for q in quantizers:
         if not q.outputs[0].is_graph_output():
             model.graph.outputs.append(q.outputs[0])
     oir.save(model, work / "htp.onnx")

@@ -22,17 +22,24 @@ SWEEP_TOKENS_PER_INPUT = 2
 
 def gptq_inputs(model: ir.Model, plan: QuantPlan) -> dict[str, Any]:
     """A Hessian observer for the input of every linear with a planned per-channel weight."""
-    from calib.gptq import HessianObserver, supported
+    from calib.gptq import HessianObserver
 
-    inputs: dict[str, Any] = {}
+    return {name: HessianObserver() for name, _, _ in _rounded_linears(model, plan)}
+
+
+def _rounded_linears(model: ir.Model, plan: QuantPlan) -> list[tuple[str, ir.Value, Any]]:
+    """(input name, weight, weight point) of every linear GPTQ rounds, in graph order."""
+    from calib.gptq import supported
+
+    linears = []
     for node in model.graph:
         if node.op_type != "MatMul" or node.metadata_props.get("onnxq.online_rotation"):
             continue
         weight = node.inputs[1]
         point = plan.points.get(weight.name) if weight is not None else None
         if point is not None and point.kind == "weight" and supported(point.spec):
-            inputs.setdefault(node.inputs[0].name, HessianObserver())
-    return inputs
+            linears.append((node.inputs[0].name, weight, point))
+    return linears
 
 
 def apply_gptq(
@@ -54,18 +61,11 @@ def apply_gptq(
     :data:`SWEEP_TOKENS_PER_INPUT` tokens per input channel they are skipped: on synthetic layers
     they then raise the error on new inputs (0.75 tokens per input: +2 %; 2: -2 %; 16: -6 %).
     """
-    from calib.gptq import SWEEPS, gptq, supported
+    from calib.gptq import SWEEPS, gptq
 
     done = 0
     swept: int | None = None
-    linears = []
-    for node in model.graph:
-        if node.op_type != "MatMul" or node.metadata_props.get("onnxq.online_rotation"):
-            continue
-        weight = node.inputs[1]
-        point = plan.points.get(weight.name) if weight is not None else None
-        if point is not None and point.kind == "weight" and supported(point.spec):
-            linears.append((node.inputs[0].name, weight, point))
+    linears = _rounded_linears(model, plan)
     readers = Counter(name for name, _, _ in linears)
     for name, weight, point in linears:
         obs = hessians.get(name)
