@@ -15,7 +15,6 @@ import numpy as np
 import onnx_ir as ir
 import torch
 
-from calib.feeds import CacheFeeds, WindowFeeds
 from calib.gptq import HessianObserver
 from calib.mirror import Mirror
 from calib.observers import METHODS, Observer
@@ -59,15 +58,13 @@ def method_for(point: Point, method: str, rotated: bool = True) -> str:
 def observe(
     model: ir.Model,
     plan: QuantPlan,
-    windows: Iterable[np.ndarray] | WindowFeeds | CacheFeeds,
+    windows: Iterable[np.ndarray],
     *,
     histogram: Callable[[Point], bool] | bool = True,
     hessians: dict[str, HessianObserver] | None = None,
     progress: Callable[[int], None] | None = None,
 ) -> dict[str, Observer]:
     """Run the float model over ``windows``, one observer per activation point (fixed memory).
-
-    ``windows`` are token windows, or :mod:`calib.feeds` (a KV-cache graph steps through its cache).
 
     ``histogram`` says which points keep a histogram (needed by ``mse`` and ``percentile``);
     ``hessians`` (tensor name -> observer) also gathers ``xᵀx`` of those tensors for GPTQ.
@@ -89,11 +86,10 @@ def observe(
         if name in hess:
             hess[name].update(value)
 
-    feeds = windows if isinstance(windows, (WindowFeeds, CacheFeeds)) else WindowFeeds(mirror.input_names[0], windows)
     seen = 0
     with torch.inference_mode():
-        for feed in feeds:
-            feeds.update(mirror.run(feed, tap=tap))
+        for window in windows:
+            mirror.run(mirror.window(window), tap=tap)
             seen += 1
             if progress is not None:
                 progress(1)

@@ -586,6 +586,10 @@ class Mirror(torch.nn.Module):
         """The trainable parameter that stands for initializer ``name``."""
         return self.trainable[self._param_keys[name]]
 
+    def window(self, ids: np.ndarray) -> dict[str, torch.Tensor]:
+        """The feeds of one window of token ids, for a graph whose one input is the ids."""
+        return {self.input_names[0]: torch.as_tensor(np.asarray(ids, dtype=np.int64)).reshape(1, -1)}
+
     def run(
         self,
         feeds: Mapping[str, torch.Tensor | np.ndarray],
@@ -608,7 +612,7 @@ class Mirror(torch.nn.Module):
         env: dict[str, torch.Tensor] = {}
         for name, value in feeds.items():
             env[name] = value if isinstance(value, torch.Tensor) else to_torch(np.asarray(value))
-            replaced = tap(name, env[name]) if tap is not None else None  # float inputs (a KV cache) are tapped too
+            replaced = tap(name, env[name]) if tap is not None else None  # float inputs are tapped too
             if replaced is not None:
                 env[name] = replaced
         if start:

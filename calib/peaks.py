@@ -11,15 +11,11 @@ import numpy as np
 import onnx_ir as ir
 import torch
 
-from calib.feeds import CacheFeeds, WindowFeeds
 from calib.mirror import Mirror
 
 
-def channel_peaks(
-    model: ir.Model, tensors: Sequence[str], windows: Iterable[np.ndarray] | WindowFeeds | CacheFeeds
-) -> dict[str, np.ndarray]:
-    """``max |x|`` over all tokens of each tensor in ``tensors``, per last-axis channel; a KV-cache step
-    graph takes its windows as :class:`CacheFeeds`, chunk after chunk."""
+def channel_peaks(model: ir.Model, tensors: Sequence[str], windows: Iterable[np.ndarray]) -> dict[str, np.ndarray]:
+    """``max |x|`` over all tokens of each tensor in ``tensors``, per last-axis channel."""
     mirror = Mirror(model)
     wanted = set(tensors)
     peaks: dict[str, torch.Tensor] = {}
@@ -29,10 +25,7 @@ def channel_peaks(
             p = value.detach().abs().reshape(-1, value.shape[-1]).amax(0)
             peaks[name] = torch.maximum(peaks[name], p) if name in peaks else p
 
-    feeds = windows
-    if not isinstance(feeds, WindowFeeds | CacheFeeds):
-        feeds = WindowFeeds(mirror.input_names[0], list(feeds))
     with torch.inference_mode():
-        for feed in feeds:
-            feeds.update(mirror.run(feed, tap=tap))
+        for window in windows:
+            mirror.run(mirror.window(window), tap=tap)
     return {k: v.double().numpy() for k, v in peaks.items()}

@@ -231,10 +231,7 @@ def cmd_quantize(args: argparse.Namespace) -> int:
             ("MatMul work", ", ".join(f"{k} {v:g} %" for k, v in s.get("macs", {}).items()) or "not measured"),
             (
                 "calibration",
-                f"{s['calibration']['data']}, {s['calibration']['windows']} windows x "
-                f"{s['calibration'].get('window_tokens', s['seq_len'])}"
-                + (f" ({s['calibration']['steps']} cache steps)" if "steps" in s["calibration"] else "")
-                + ", "
+                f"{s['calibration']['data']}, {s['calibration']['windows']} windows x {s['seq_len']}, "
                 f"{s['calibration']['method']}, {s['calibration']['seconds']:.0f} s",
             ),
             ("mixed precision", _mixed_line(s.get("mixed_precision"))),
@@ -243,8 +240,9 @@ def cmd_quantize(args: argparse.Namespace) -> int:
             ("recipe", f"{output / 'recipe.toml'} (replay: onnxq quantize MODEL --recipe it -o OUT)"),
         ]
     )
+    scoring = str(model / "model.onnx") if model.is_dir() else args.model  # a KV folder's scoring graph
     if args.eval_windows > 0 and (output / "model.qdq.onnx").exists():
-        s["eval"] = _float_vs_quantized(args.model, output / "model.qdq.onnx", args.eval_windows, args)
+        s["eval"] = _float_vs_quantized(scoring, output / "model.qdq.onnx", args.eval_windows, args)
         e = s["eval"]
         lines += _rows(
             [
@@ -256,7 +254,7 @@ def cmd_quantize(args: argparse.Namespace) -> int:
             ]
         )
     if not args.no_report and (output / "model.qdq.onnx").exists():
-        rep = _report(output, args.model, args.calib, args.tokenizer, quiet=args.quiet or args.json)
+        rep = _report(output, scoring, args.calib, args.tokenizer, quiet=args.quiet or args.json)
         s["report"] = str(rep.html)
         s["files"] = sorted([*s["files"], rep.html.name, "report"])
         lines += _rows([("report", f"{rep.html} ({len(rep.figures)} figures; --no-report to skip)")])
@@ -619,6 +617,7 @@ def _export_kv(args: argparse.Namespace) -> int:
         chunk=args.chunk,
         context=args.context,
         mask_value=args.mask_value,
+        seq_len=args.seq_len,
         overwrite=args.overwrite,
         progress=_stages(args),
     )
@@ -634,7 +633,8 @@ def _export_kv(args: argparse.Namespace) -> int:
     lines += _rows(
         [
             ("graphs", f"prefill: {result.chunk} tokens, decode: 1 token; KV cache of {result.slots} positions"),
-            ("exactness", f"max |onnx - transformers| = {result.max_abs_diff:.2g} (prefill then decode, float32)"),
+            ("scoring graph", f"model.onnx, {args.seq_len} tokens: what quantize calibrates, the pair follows it"),
+            ("exactness", f"max |onnx - transformers| = {result.max_abs_diff:.2g} (all three graphs, float32)"),
             ("files", ", ".join(f"{f.name} ({_mb(f)})" for f in result.files)),
             ("time", f"{result.seconds:.0f} s"),
         ]
@@ -774,7 +774,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true", help="replace an existing output")
     g = p.add_argument_group("generation graphs (-o is then a folder)")
     g.add_argument(
-        "--kv-cache", action="store_true", help="write prefill.onnx and decode.onnx with a static KV cache as I/O"
+        "--kv-cache",
+        action="store_true",
+        help="write prefill.onnx and decode.onnx with a static KV cache as I/O, and the scoring graph model.onnx "
+        "(--seq-len) that quantize calibrates",
     )
     g.add_argument("--chunk", type=int, default=64, help="tokens per prefill step (default 64)")
     g.add_argument("--context", type=int, default=512, help="KV cache positions (default 512)")
@@ -800,7 +803,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--windows",
         type=int,
         help="calibration windows of the sequence length (default: 64 when GPTQ rounds the weights, "
-        "as for 4-bit presets, 16 otherwise and for KV-cache folders)",
+        "as for 4-bit presets, 16 otherwise)",
     )
     p.add_argument(
         "--method",

@@ -55,6 +55,7 @@ HTP_PER_CHANNEL_LIMIT = 63
 HTP_16BIT_OUTPUT = frozenset({"SimplifiedLayerNormalization", "RMSNormalization", "LayerNormalization"})
 FORCED_WHY = "htp: norm output is 16-bit"
 OUTLIER_WHY = "outlier channels"
+CACHE_WHY = "kv cache"
 NORM_OUTPUTS = frozenset({"attn_in", "mlp_in", "head_in"})
 FLOAT_TYPES = {ir.DataType.FLOAT, ir.DataType.FLOAT16, ir.DataType.BFLOAT16}
 #: ops whose 16-bit output the HTP writes on a fixed grid: [0, 1) in steps of 1/65536
@@ -331,8 +332,8 @@ def build_plan(
             bits, why = 16, FORCED_WHY
         else:
             bits, why = act_width(role, preset, recipe)
-            if any(m in kv_inputs for m in members) and recipe.kv_cache_bits < bits:
-                bits, why = recipe.kv_cache_bits, "kv cache"
+            if any(m in kv_inputs for m in members):  # the cache's width, whatever the role's
+                bits, why = min(bits, recipe.kv_cache_bits), CACHE_WHY
         if name in overrides:
             wanted = overrides.pop(name)
             if wanted != bits and why == FORCED_WHY:
@@ -343,6 +344,8 @@ def build_plan(
             if wanted != bits:
                 bits, why = wanted, (reasons or {}).get(name, "user")
                 pinned.add(name)
+            elif reasons and name in reasons:  # held where it is, for a reason (a KV cache)
+                why = reasons[name]
         spec = QuantSpec(QType.for_bits(bits, signed=sym), symmetric=sym)
         if sym and why == "preset":
             why = "preset (symmetric: 2nd MatMul input)"

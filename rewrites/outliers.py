@@ -31,9 +31,15 @@ from onnxq.core.ir import add_initializer, const_array, is_const, unique_name
 from rewrites.base import RewriteResult
 from rewrites.structure import SPLIT_KEY, Structure, as_linear
 
+#: the fewest channels a side path takes: a one-channel side path is a 1-wide FC, and the HTP's
+#: compile of a one-token graph holding one runs away with memory (over 24 GB on SmolLM2's decode)
+MIN_SIDE_WIDTH = 2
+
 
 def choose_channels(peaks: np.ndarray, ratio: float, limit: int) -> list[int]:
-    """Channels whose peak |x| exceeds ``ratio`` × the median channel's peak, largest first, at most ``limit``.
+    """Channels whose peak |x| exceeds ``ratio`` × the median channel's peak, at most
+    ``max(limit, MIN_SIDE_WIDTH)``, and none or at least :data:`MIN_SIDE_WIDTH` (a lone channel takes
+    the next largest along).
 
     The median channel peak is what an ordinary channel reaches; a channel ``ratio`` times above it
     would take that share of an 8-bit range on its own.
@@ -42,8 +48,9 @@ def choose_channels(peaks: np.ndarray, ratio: float, limit: int) -> list[int]:
     if not np.all(np.isfinite(peaks)):
         raise OnnxqError("channel peaks of a down_proj input are not finite", "check the float model (onnxq eval)")
     typical = float(np.median(peaks))
-    order = np.argsort(-peaks, kind="stable")[:limit]
-    return sorted(int(c) for c in order if peaks[c] > ratio * typical) if typical > 0 else []
+    order = np.argsort(-peaks, kind="stable")[: max(limit, MIN_SIDE_WIDTH)]
+    over = int((peaks[order] > ratio * typical).sum()) if typical > 0 else 0  # a prefix: peaks descend
+    return sorted(int(c) for c in order[: max(over, MIN_SIDE_WIDTH)]) if over else []
 
 
 def _value(graph: ir.Graph, like: ir.Value, suffix: str, width: int | None = None) -> ir.Value:

@@ -617,8 +617,14 @@ def _compute_source(value: ir.Value | None) -> ir.Value | None:
     """Walk back through data movement to the value a computing op produced."""
     while value is not None:
         producer = value.producer()
-        if producer is None or producer.op_type not in DATA_MOVEMENT or producer.op_type == "Concat":
+        if producer is None or producer.op_type not in DATA_MOVEMENT:
             return value
+        if producer.op_type == "Concat":  # a KV cache: the new entries after the cache input
+            computed = [v for v in producer.inputs if v is not None and v.producer() is not None]
+            if len(computed) != 1:
+                return value
+            value = computed[0]
+            continue
         value = producer.inputs[0]
     return None
 

@@ -72,14 +72,15 @@ def tiny_w8a8(tiny_model: Path, tmp_path_factory: pytest.TempPathFactory) -> Pat
 
 @pytest.fixture(scope="session")
 def kv_folder(tiny_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """prefill (chunk 8) and decode graphs of the same tiny Llama as ``tiny_model``, 40 cache slots."""
+    """prefill (chunk 8) and decode graphs of the same tiny Llama as ``tiny_model``, 40 cache slots,
+    beside its scoring graph."""
     import numpy as np
 
     from onnxq.stages.export_kv import export_kv_model
     from tests.tiny import tiny_llama
 
     folder = tmp_path_factory.mktemp("kv") / "tiny-kv"
-    result = export_kv_model(tiny_llama(), folder, chunk=8, context=40, check_ids=np.arange(21) * 7 % 384)
+    result = export_kv_model(tiny_llama(), folder, chunk=8, context=40, check_ids=np.arange(21) * 7 % 384, seq_len=SEQ)
     assert result.max_abs_diff < 1e-4  # float32 noise between two graphs of the same model
     for f in ("tokenizer.json", "tokenizer_config.json"):
         shutil.copyfile(tiny_dir / f, folder / f)

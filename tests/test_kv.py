@@ -88,11 +88,12 @@ def test_quantized_decode_equals_quantized_prefill(kv_w8a16: Path, kv_folder: Pa
 
     assert (kv_w8a16 / "prefill.qdq.onnx").exists() and (kv_w8a16 / "decode.qdq.onnx").exists()
     points = json.loads((kv_w8a16 / "precision_map.json").read_text())["points"]
-    summary = json.loads((kv_w8a16 / "encodings.json").read_text())["points"]
-    for i in range(2):  # one 8-bit symmetric quantizer for each layer's cache input and output
-        for kv in ("key", "value"):
-            assert points[f"past_{kv}_{i}"]["bits"] == 8 and points[f"past_{kv}_{i}"]["why"] == "kv cache"
-            assert f"present_{kv}_{i}" in summary[f"past_{kv}_{i}"]["tensors"]
+    cache = [p for p in points.values() if p["why"] == "kv cache"]
+    assert len(cache) == 4 and all(p["bits"] == 8 for p in cache)  # each layer's keys after RoPE and values
+    encodings = json.loads((kv_w8a16 / "encodings.json").read_text())["points"]
+    prefill = cpu_session(kv_w8a16 / "prefill.qdq.onnx")
+    assert {o.name for o in prefill.get_outputs()} >= {f"present_{kv}_{i}" for i in range(2) for kv in ("key", "value")}
+    assert len({encodings[n]["scale"] for n, p in points.items() if p["why"] == "kv cache"}) == 4
     ids = eval_ids[0][:30]
     by_prefill = Stepper(kv_w8a16).step(ids)  # chunks of 8
     by_decode = _steps(Stepper(kv_w8a16), ids, 1)  # one token at a time
@@ -124,14 +125,6 @@ def test_the_quantized_pair_compiles_to_two_context_binaries(kv_w8a16: Path, tmp
     assert result.rerun_max_abs_error == 0.0  # each reloaded binary computes what was compiled
 
 
-def test_scoring_graph_options_are_refused_on_a_kv_folder(kv_folder: Path, tmp_path: Path) -> None:
-    from onnxq.core.errors import OnnxqError
-    from onnxq.stages.pipeline import quantize
-
-    with pytest.raises(OnnxqError, match="--budget, --rotate learned is not supported for KV-cache graphs"):
-        quantize(kv_folder, tmp_path / "q", preset="w8a8", budget=0.1, rotate="learned")
-
-
 @pytest.fixture(scope="module")
 def massive_kv(tiny_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The KV pair of test_outliers' model: a planted massive channel in layer 0's MLP."""
@@ -142,7 +135,9 @@ def massive_kv(tiny_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path
     from tests.tiny import tiny_llama
 
     folder = tmp_path_factory.mktemp("kv") / "massive"
-    export_kv_model(tiny_llama(massive=MASSIVE), folder, chunk=8, context=40, check_ids=np.arange(21) * 7 % 384)
+    export_kv_model(
+        tiny_llama(massive=MASSIVE), folder, chunk=8, context=40, check_ids=np.arange(21) * 7 % 384, seq_len=64
+    )
     for name in ("tokenizer.json", "tokenizer_config.json"):
         shutil.copyfile(tiny_dir / name, folder / name)
     return folder
@@ -165,7 +160,7 @@ def test_the_a8_defaults_split_outliers_and_rotate_r4_on_the_pair(
     options = read_recipe(split / "recipe.toml").options
     assert options.split_outliers == 16.0 and options.online_hadamard == ("r4",)
     notes = json.loads((split / "summary.json").read_text())["notes"]
-    assert any(f"layer 0: {MASSIVE}" in note for note in notes)  # the planted channel, found through the cache
+    assert any(f"layer 0: {MASSIVE}" in note for note in notes)  # the planted channel, found on the scoring graph
     for graph in ("prefill", "decode"):
         meta = oir.metadata(oir.load(split / f"{graph}.qdq.onnx"))
         assert (meta["onnxq.online"], meta["onnxq.split_outliers"]) == ("r4", "16.0")
@@ -179,6 +174,29 @@ def test_the_a8_defaults_split_outliers_and_rotate_r4_on_the_pair(
     np.testing.assert_allclose(_steps(Stepper(split), ids, 1), Stepper(split).step(ids), atol=1e-5)
 
 
+def test_a_one_channel_side_path_is_widened_for_the_htp(
+    massive_kv: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A lone outlier channel would make 1-wide FCs, whose one-token (decode) compile runs away on the HTP."""
+    from onnxq.core import ir as oir
+    from onnxq.device import qnn
+    from onnxq.device.check import run_checks
+    from onnxq.stages.pipeline import quantize
+    from rewrites import outliers
+
+    options = {"preset": "w8a8", "calib": "wikitext2-valid", "windows": 2, "weight_method": "mse"}
+    quantize(massive_kv, tmp_path / "q", **options)
+    decode = tmp_path / "q" / "decode.qdq.onnx"
+    assert not [f for f in run_checks(oir.load(decode)) if f.rule == "htp-fc-width-1"]
+    assert set(qnn.assigned_nodes(qnn.session(decode))) == {"QNNExecutionProvider"}  # loads in about a second
+    monkeypatch.setattr(outliers, "MIN_SIDE_WIDTH", 1)  # the planted channel alone (its HTP compile: > 3 GB)
+    quantize(massive_kv, tmp_path / "lone", **options)
+    flagged = {
+        f.tensor for f in run_checks(oir.load(tmp_path / "lone" / "decode.qdq.onnx")) if f.rule == "htp-fc-width-1"
+    }
+    assert len(flagged) == 3 and all(t.startswith("model.layers.0.mlp.") for t in flagged)  # gate, up and down
+
+
 def test_the_kv_pair_replays_from_its_recipe(kv_w8a16: Path, kv_folder: Path, tmp_path: Path) -> None:
     import hashlib
 
@@ -187,10 +205,11 @@ def test_the_kv_pair_replays_from_its_recipe(kv_w8a16: Path, kv_folder: Path, tm
 
     recipe = read_recipe(kv_w8a16 / "recipe.toml")
     assert recipe.options.windows == 2 and recipe.options.weight_method == "mse"
-    assert set(recipe.inputs) == {"prefill.onnx sha256", "decode.onnx sha256", "calibration tokens sha256"}
+    graphs = ("model.onnx", "prefill.onnx", "decode.onnx")
+    assert set(recipe.inputs) == {f"{g} sha256" for g in graphs} | {"calibration tokens sha256"}
     again = tmp_path / "again"
     quantize(kv_folder, again, recipe.options)
-    for graph in ("prefill.qdq.onnx", "decode.qdq.onnx"):
+    for graph in ("model.qdq.onnx", "prefill.qdq.onnx", "decode.qdq.onnx"):
         digests = {hashlib.sha256((folder / graph).read_bytes()).hexdigest() for folder in (kv_w8a16, again)}
         assert len(digests) == 1, graph
 
@@ -207,7 +226,7 @@ def test_eval_scores_a_pair_as_it_scores_the_scoring_graph(
     from tests.tiny import tiny_llama
 
     pair = tmp_path / "kv64"  # a cache as long as the scoring graph's window, so both cut the same windows
-    export_kv_model(tiny_llama(), pair, chunk=8, context=64, check_ids=np.arange(21) * 7 % 384)
+    export_kv_model(tiny_llama(), pair, chunk=8, context=64, check_ids=np.arange(21) * 7 % 384, seq_len=64)
     for name in ("tokenizer.json", "tokenizer_config.json"):
         shutil.copyfile(tiny_dir / name, pair / name)
     assert main(["eval", str(tiny_model), str(pair), "--ppl", "wikitext2", "--windows", "3", "--json"]) == 0
@@ -217,9 +236,87 @@ def test_eval_scores_a_pair_as_it_scores_the_scoring_graph(
     assert main(["eval", str(pair), "--tasks", "piqa"]) == 2
 
 
-def test_a_precision_map_of_another_graph_is_refused(kv_folder: Path, tiny_w8a16: Path, tmp_path: Path) -> None:
+@pytest.mark.parametrize("preset, learned", [("w8a8", False), ("w4a8", False), ("w4a8", True)])
+def test_the_pair_computes_what_the_scoring_qdq_graph_computes(
+    massive_kv: Path, tmp_path: Path, eval_ids: np.ndarray, preset: str, learned: bool
+) -> None:
+    """The whole recipe (outlier split, R4, GPTQ for w4, a budget; learning and a learned R1) on the
+    pair: prefill then decode give the scoring QDQ graph's logits on the same tokens."""
+    import json
+
+    from onnxq.core.options import LearnConfig
     from onnxq.stages.pipeline import quantize
 
+    out = tmp_path / preset
+    more = {"learn": LearnConfig(steps=3, samples=2, warmup=1), "rotate": "learned", "weight_budget": 0.2}
+    options = {"calib": "wikitext2-valid", "windows": 4, "budget": 0.1, "online_hadamard": ("r4",)}
+    quantize(massive_kv, out, preset=preset, **options, **(more if learned else {}))
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["mixed_precision"]["promoted"] and any("side path" in n for n in summary["notes"])
+    assert (summary["learning"] is not None) == learned
+    points = json.loads((out / "precision_map.json").read_text())["points"]
+    cache = {n for n, p in points.items() if p["why"] == "kv cache"}
+    assert len(cache) == 4 and all(points[n]["bits"] == 8 for n in cache)  # the budget leaves the cache alone
+    scoring = cpu_session(out / "model.qdq.onnx")
+    for window in eval_ids:
+        want = scoring.run(None, {"input_ids": window.reshape(1, -1)})[0][0][:40]
+        got = _steps(Stepper(out), window[:40], 19)  # prefill chunks of 8, 8 and 3, then decode
+        # measured 0.0 (the same integer codes); the bound leaves another CPU's float order in the 16-bit ops
+        assert np.abs(got - want).max() < 0.01 * np.abs(want).max()
+        assert (got.argmax(-1) == want.argmax(-1)).mean() >= 0.95
+
+
+def test_a_precision_map_applies_to_the_pair_and_one_of_another_model_is_refused(
+    kv_folder: Path, tiny_w8a16: Path, tmp_path: Path
+) -> None:
+    import json
+
+    from onnxq.stages.pipeline import quantize
+
+    data = json.loads((tiny_w8a16 / "precision_map.json").read_text())  # the same model's scoring graph
+    wide = next(n for n, p in data["points"].items() if p["kind"] == "weight" and "q_proj" in n)
+    data["points"][wide]["bits"] = 4
+    own = tmp_path / "map.json"
+    own.write_text(json.dumps(data))
+    quantize(kv_folder, tmp_path / "q", preset="w8a16", calib="wikitext2-valid", windows=2, precision_map=str(own))
+    for graph in ("model", "prefill", "decode"):
+        blocked = _blocked_weights(tmp_path / "q" / f"{graph}.qdq.onnx")
+        assert blocked == {"model.layers.0.self_attn.q_proj.weight.T.q"}, graph
+    data["points"]["model.layers.2.mlp.down_proj.weight.T"] = {"kind": "weight", "bits": 8}  # a third layer
+    other = tmp_path / "other.json"
+    other.write_text(json.dumps(data))
     with pytest.raises(OnnxqError, match="precision map names points this model does not have"):
-        quantize(kv_folder, tmp_path / "q", preset="w8a16", precision_map=str(tiny_w8a16 / "precision_map.json"))
-    assert not (tmp_path / "q").exists()
+        quantize(kv_folder, tmp_path / "r", preset="w8a16", precision_map=str(other))
+    assert not (tmp_path / "r").exists()
+
+
+def _blocked_weights(path: Path) -> set[str]:
+    """Initializers dequantized per block (LPBQ: 4-bit) in a QDQ graph."""
+    import onnx
+
+    model = onnx.load(str(path))
+    out = set()
+    for node in model.graph.node:
+        if node.op_type == "DequantizeLinear" and any(a.name == "block_size" and a.i > 0 for a in node.attribute):
+            out.add(node.input[0])
+    return out
+
+
+def test_the_cli_quantizes_a_folder_and_refuses_one_without_its_scoring_graph(
+    kv_folder: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import json
+    import shutil
+
+    from onnxq.cli import main
+
+    argv = ["--preset", "w8a8", "--calib", "wikitext2-valid", "--windows", "2", "--eval-windows", "1", "--json"]
+    assert main(["quantize", str(kv_folder), "-o", str(tmp_path / "q"), *argv]) == 0
+    summary = json.loads(capsys.readouterr().out)
+    assert summary["eval"]["windows"] == 1 and summary["eval"]["quantized"] < 2 * summary["eval"]["float"]
+    assert {"model.qdq.onnx", "prefill.qdq.onnx", "decode.qdq.onnx", "report.html"} <= set(summary["files"])
+    old = tmp_path / "old"
+    shutil.copytree(kv_folder, old)
+    (old / "model.onnx").unlink()
+    assert main(["quantize", str(old), "-o", str(tmp_path / "r")]) == 2
+    assert "has no scoring graph model.onnx" in capsys.readouterr().err

@@ -49,7 +49,8 @@ def test_channels_are_chosen_by_peak_over_the_median() -> None:
     peaks = np.ones(100)
     peaks[[7, 40, 41]] = [50.0, 20.0, 10.0]
     assert choose_channels(peaks, ratio=16, limit=8) == [7, 40]
-    assert choose_channels(peaks, ratio=16, limit=1) == [7]
+    assert choose_channels(peaks, ratio=30, limit=8) == [7, 40]  # a lone channel takes the next largest along
+    assert choose_channels(peaks, ratio=16, limit=1) == [7, 40]
     assert choose_channels(np.full(100, 3.0), ratio=16, limit=8) == []
     peaks[3] = np.nan
     with pytest.raises(OnnxqError, match="not finite"):

@@ -768,7 +768,7 @@ per-channel clipping search then round to nearest; `gptq`: the same scales, GPTQ
         sys.path.insert(0, str(ROOT))
         from tools.bench_pair import section as pair_section
 
-        text += "\n" + pair_section(json.loads(pair.read_text(encoding="utf-8")), results["rows"])
+        text += "\n" + pair_section(json.loads(pair.read_text(encoding="utf-8")))
     TABLE.write_text(text, encoding="utf-8")
     from tools.readme import update
 

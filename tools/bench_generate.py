@@ -1,13 +1,16 @@
-"""Generation benchmark: SmolLM2's KV-cache graphs, float and quantized, on ONNX Runtime CPU.
+"""Generation benchmark: SmolLM2's KV-cache graphs, float and quantized, on ONNX Runtime CPU and the HTP.
 
-    python tools/bench_generate.py [--presets w8a16,w4a8] [--chunk 64] [--context 256]
+    python tools/bench_generate.py [--presets w8a16,w4a8] [--chunk 64] [--context 256] [--reuse]
 
-For each preset: export (once) the prefill/decode graphs, quantize them from one calibration, and
-measure (1) greedy generation for a fixed prompt (the text, prefill and decode tokens/s), (2) how far
-the decode graph's logits are from the prefill graph's for the same positions (the same WikiText-2
-tokens run both ways), (3) top-1 agreement of the quantized graphs with the float ones there, (4) the
-same prompt in onnxruntime-genai's own loop on the folder `onnxq package` writes, on CPU.
-Writes ``tools/results/generate.json`` and the "Generation" section of BENCHMARKS.md.
+For each preset: export (once) the prefill/decode graphs, quantize them with the preset's best
+recipe (``tools/bench_pair.py``'s, in its own process; ``--reuse --work runs/pair --context 512``
+takes the pairs the pair bench quantized), and measure (1) greedy generation for a fixed prompt
+(the text, prefill and decode tokens/s), (2) how far the decode graph's logits are from the prefill
+graph's for the same positions (the same WikiText-2 tokens run both ways), (3) top-1 agreement of the
+quantized graphs with the float ones there, (4) the same prompt in onnxruntime-genai's own loop on
+the folder `onnxq package` writes, on CPU, and (5) generation on the HTP, from the QDQ pair and from
+its compiled context binaries. Writes ``tools/results/generate.json`` and the "Generation" section of
+BENCHMARKS.md.
 """
 
 from __future__ import annotations
@@ -89,7 +92,7 @@ def main() -> None:
     from calib.data import windows
     from onnxq.core.sources import tokenizer_for
     from onnxq.stages.export_kv import export_kv
-    from onnxq.stages.pipeline import quantize
+    from tools.bench_pair import QUIET, RECIPES, run
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--presets", default="w8a16,w4a8")
@@ -98,6 +101,9 @@ def main() -> None:
     parser.add_argument("--tokens", type=int, default=96, help="WikiText-2 tokens run through both graphs")
     parser.add_argument("--work", default=str(ROOT / "runs" / "generate"))
     parser.add_argument("--htp-tokens", type=int, default=8, help="tokens generated on the HTP (0: skip it)")
+    parser.add_argument(
+        "--reuse", action="store_true", help="keep pairs quantized by an earlier run (e.g. the pair bench's)"
+    )
     args = parser.parse_args()
     work = Path(args.work)
     float_dir = work / "float"
@@ -107,8 +113,8 @@ def main() -> None:
         if all(before.get(k) == results[k] for k in ("chunk", "context", "prompt")):
             results["rows"] = before["rows"]
     t = time.perf_counter()
-    if not float_dir.exists():
-        export_kv(None, float_dir, chunk=args.chunk, context=args.context)
+    if not (float_dir / "model.onnx").exists():
+        export_kv(None, float_dir, chunk=args.chunk, context=args.context, overwrite=True)
     results["export_seconds"] = round(time.perf_counter() - t, 1)
     tok = tokenizer_for(float_dir / "prefill.onnx")
     ids = windows(tok, "wikitext2", args.tokens, 1).ids[0]
@@ -116,12 +122,12 @@ def main() -> None:
     results["rows"]["float"] = row
     for preset in [p for p in args.presets.split(",") if p]:
         out = work / preset
-        t = time.perf_counter()
-        q = quantize(float_dir, out, preset=preset, overwrite=True)
-        seconds = round(time.perf_counter() - t, 1)
+        if not (args.reuse and (out / "summary.json").exists()):
+            run("quantize", str(float_dir), "-o", str(out), "--preset", preset, *RECIPES[preset], *QUIET)
+        summary = json.loads((out / "summary.json").read_text(encoding="utf-8"))
         row, _ = measure(out, ids, args.chunk, reference)
-        row["quantize_seconds"] = seconds
-        row["peak_rss_mb"] = q.summary["peak_rss_mb"]
+        row["quantize_seconds"] = summary["seconds"]
+        row["peak_rss_mb"] = summary["peak_rss_mb"]
         if args.htp_tokens:
             row["htp"] = on_htp(out, args.htp_tokens)
         row["recipe"] = tomllib.loads((out / "recipe.toml").read_text(encoding="utf-8"))["options"]
@@ -141,7 +147,8 @@ def section(results: dict[str, Any]) -> str:
         "## Generation (KV-cache graphs)",
         "",
         f"`onnxq export --kv-cache --chunk {results['chunk']} --context {results['context']}`, quantized with "
-        "`onnxq quantize FOLDER`, greedy `onnxq generate` on ONNX Runtime CPU (2 cores) for "
+        "`onnxq quantize FOLDER` and each preset's best recipe (flags below), greedy `onnxq generate` on "
+        "ONNX Runtime CPU (2 cores) for "
         f"{results['prompt']!r}; decode vs prefill: the same WikiText-2 tokens through both graphs, "
         "positions after the first chunk (`python tools/bench_generate.py`).",
         "",
@@ -209,6 +216,8 @@ def _recipe(options: dict[str, Any] | None) -> str:
         parts.append("--online-hadamard none")
     if preset.endswith("a8") and not options.get("split_outliers"):
         parts.append("--split-outliers 0")
+    if options.get("budget"):
+        parts.append(f"--budget {options['budget']}")
     return " ".join(parts)
 
 

@@ -205,13 +205,15 @@ def device(bench: dict[str, Any], generation: dict[str, Any]) -> list[str]:
         ]
     on_htp = {name: r["htp"] for name, r in gen.items() if "htp" in r}
     if on_htp:
+        direct = "; ".join(f"{n.upper()} {_first_words(h['text'])!r}" for n, h in on_htp.items())
         said = _answers(
             {n: (h["genai_text"], h["genai_same_tokens"]) for n, h in on_htp.items()}, "onnxq generate --ep qnn"
         )
         lines += [
             "",
-            "Compiled for the HTP (`onnxq compile`, then `onnxq package`) and run by onnxruntime-genai on the QNN "
-            f"EP's HTP backend: {said}.",
+            f"On the QNN EP's HTP backend (CPU fallback off), `onnxq generate --ep qnn` on the QDQ pair: {direct}. "
+            "Compiled (`onnxq compile`, then `onnxq package`) and run by onnxruntime-genai on the QNN EP: "
+            f"{said}.",
         ]
     return lines
 
@@ -251,17 +253,24 @@ def pair(results: dict[str, Any]) -> list[str]:
         return []
     fp = results["float_ppl"]
     said = "; ".join(
-        f"{p.upper()} {r['cpu_ppl']:.2f} ({r['cpu_ppl'] / fp:.3f}x), on the HTP "
-        f"{100 * (r['htp_ppl'] / r['cpu_ppl_same_windows'] - 1):+.1f} % against the CPU on its first "
-        f"{results['htp_windows']} windows"
+        f"{p.upper()}{_with(r.get('flags'))} {r['cpu_ppl']:.2f} "
+        f"({r['cpu_ppl'] / fp:.3f}x"
+        + (f"; its scoring graph {r['scoring_cpu_ppl']:.2f}" if "scoring_cpu_ppl" in r else "")
+        + f"), on the HTP {100 * (r['htp_ppl'] / r['cpu_ppl_same_windows'] - 1):+.1f} % against the CPU on its "
+        f"first {results['htp_windows']} windows"
         for p, r in rows.items()
     )
     return [
-        f"What a user ships, the prefill/decode pair (`onnxq export --kv-cache`, then `onnxq quantize FOLDER --preset "
-        f"P`), scored as deployed (`onnxq eval FOLDER`: the same {results['windows']} windows streamed chunk by chunk "
-        f"through the quantized cache; float pair {fp:.2f}): {said}. Per row in [BENCHMARKS.md](BENCHMARKS.md), "
-        "'Deployed pair'.",
+        "What a user ships, the prefill/decode pair (`onnxq export --kv-cache`, then `onnxq quantize FOLDER` with "
+        "the preset's best recipe: one run quantizes the folder's scoring graph and gives the pair its widths, "
+        f"encodings and weights), scored as deployed (`onnxq eval FOLDER`: the same {results['windows']} windows "
+        f"streamed chunk by chunk through the quantized cache; float {fp:.2f}): {said}. Per row in "
+        "[BENCHMARKS.md](BENCHMARKS.md), 'Deployed pair'.",
     ]
+
+
+def _with(flags: str | None) -> str:
+    return f" with `{flags}`" if flags else ""
 
 
 def block(
@@ -277,10 +286,10 @@ def block(
     deployed = _load("pair.json") if deployed is None else deployed
     parts = [
         headline(bench),
+        pair(deployed),
         defaults_table(bench),
         steps(bench),
         fulltest(full),
-        pair(deployed),
         device(bench, generation),
     ]
     parts = [part for part in parts if part]

@@ -279,6 +279,27 @@ def fixed_output_grid(graph: ir.Graph) -> Iterator[Finding]:
             )
 
 
+@rule("htp-fc-width-1")
+def one_wide_fc(graph: ir.Graph) -> Iterator[Finding]:
+    """A one-token FC with a weight one row or one column wide: the HTP's compile of it runs away.
+
+    A symbolic dimension counts as more than one token (a dynamic graph is not flagged)."""
+    for node in graph:
+        w_dq = _dq_of(node.inputs[1]) if node.op_type == "MatMul" else None
+        weight = const_array(w_dq.inputs[0]) if w_dq is not None else None
+        x = node.inputs[0]
+        if weight is None or weight.ndim != 2 or min(weight.shape) != 1 or x is None or x.shape is None:
+            continue
+        if int(np.prod([d if isinstance(d, int) else 2 for d in list(x.shape)[:-1]])) == 1:
+            yield Finding(
+                "htp-fc-width-1",
+                node.outputs[0].name,
+                f"a one-token FC with a {weight.shape[0]}x{weight.shape[1]} weight: the HTP's compile of it runs "
+                "away with memory",
+                "give the outlier side path at least 2 channels (onnxq quantize does)",
+            )
+
+
 def _readers(q: ir.Node) -> Iterator[ir.Node]:
     """Compute ops that read ``q``'s codes through its DQs and any data movement (not through a convert)."""
     for dq_use in q.outputs[0].uses():

@@ -81,7 +81,7 @@ def _role_values(model_path: Path, rotate: str, ids: np.ndarray, seed: int) -> d
 
     mirror = Mirror(prepared.model)
     with torch.inference_mode():
-        mirror.run({mirror.input_names[0]: torch.as_tensor(ids.reshape(1, -1))}, tap=tap)
+        mirror.run(mirror.window(ids), tap=tap)
     return found
 
 

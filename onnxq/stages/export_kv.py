@@ -29,6 +29,15 @@ import numpy as np
 from onnxq.core import ir as oir
 from onnxq.core.errors import OnnxqError
 from onnxq.core.steps import DEFAULT_CHUNK, DEFAULT_CONTEXT, CacheShape, StepRunner, step_inputs
+from onnxq.stages.export import (
+    CHECK_TEXT,
+    DEFAULT_SEQ_LEN,
+    EXACTNESS_TOL,
+    _register_attention,
+    export_model,
+    save_side_files,
+    trace,
+)
 
 log = logging.getLogger(__name__)
 
@@ -104,8 +113,6 @@ def export_step(
     """
     import torch
 
-    from onnxq.stages.export import trace
-
     start = time.perf_counter()
     shape = cache_shape(hf_model.config, slots)
     module = _step_module(hf_model, max_positions or slots + chunk)
@@ -135,7 +142,7 @@ class KVExportResult:
     files: list[Path]
     chunk: int
     slots: int
-    max_abs_diff: float  # prefill + decode logits against transformers on the check text
+    max_abs_diff: float  # prefill + decode, and the scoring graph, against transformers on the check text
     seconds: float
 
 
@@ -165,9 +172,11 @@ def export_kv_model(
     mask_value: float = -100.0,
     metadata: dict[str, str] | None = None,
     check_ids: np.ndarray | None = None,
+    seq_len: int = DEFAULT_SEQ_LEN,
+    tokenizer: Any = None,
 ) -> KVExportResult:
-    """Write ``prefill.onnx`` (chunk N) and ``decode.onnx`` (1 token) with ``context`` cache slots into ``folder``."""
-    from onnxq.stages.export import _register_attention
+    """Write ``prefill.onnx`` (chunk N) and ``decode.onnx`` (1 token) with ``context`` cache slots into
+    ``folder``, and the scoring graph ``model.onnx`` (``seq_len`` tokens) they are quantized as."""
 
     if not 1 < chunk <= context:
         raise OnnxqError(f"--chunk {chunk} must be between 2 and --context {context}", "pass e.g. --chunk 64")
@@ -193,6 +202,11 @@ def export_kv_model(
         diff = check_against(hf_model, folder, np.asarray(check_ids[: min(len(check_ids), context)]))
     finally:
         hf_model.set_attn_implementation(previous)
+    scoring = export_model(
+        hf_model, folder / "model.onnx", seq_len=seq_len, mask_value=mask_value, metadata=metadata, tokenizer=tokenizer
+    )
+    files = [*scoring.files, *files]
+    diff = max(diff, scoring.max_abs_diff)
     return KVExportResult(folder, files, chunk, context, diff, time.perf_counter() - start)
 
 
@@ -203,14 +217,14 @@ def export_kv(
     chunk: int = DEFAULT_CHUNK,
     context: int = DEFAULT_CONTEXT,
     mask_value: float = -100.0,
+    seq_len: int = DEFAULT_SEQ_LEN,
     overwrite: bool = False,
     progress: Any = None,
 ) -> KVExportResult:
-    """Export MODEL's prefill and decode graphs (and tokenizer) into the folder ``folder``."""
+    """Export MODEL's prefill and decode graphs, its scoring graph and tokenizer into the folder ``folder``."""
     step = progress or (lambda _stage: None)
     from onnxq.core.files import atomic_dir, check_new_output
     from onnxq.core.sources import load_model, load_tokenizer, resolve
-    from onnxq.stages.export import CHECK_TEXT, EXACTNESS_TOL, save_side_files
 
     folder = Path(folder)
     if folder.suffix == ".onnx":
@@ -220,12 +234,20 @@ def export_kv(
     step("loading the model")
     hf_model = load_model(source)
     tokenizer = load_tokenizer(source)
-    step(f"exporting prefill ({chunk} tokens) and decode (1 token), checking against transformers")
+    step(f"exporting prefill ({chunk} tokens), decode (1 token) and scoring ({seq_len}), checking against transformers")
     ids = np.asarray(tokenizer(CHECK_TEXT * 4, return_attention_mask=False)["input_ids"][: chunk + 8])
     meta = {"onnxq.source": source.label or source.ref, "onnxq.model_type": hf_model.config.model_type}
     with atomic_dir(folder, overwrite=overwrite) as tmp:
         result = export_kv_model(
-            hf_model, tmp, chunk=chunk, context=context, mask_value=mask_value, metadata=meta, check_ids=ids
+            hf_model,
+            tmp,
+            chunk=chunk,
+            context=context,
+            mask_value=mask_value,
+            metadata=meta,
+            check_ids=ids,
+            seq_len=seq_len,
+            tokenizer=tokenizer,
         )
         save_side_files(tmp, tokenizer=tokenizer, config=hf_model.config)
     result.folder = folder

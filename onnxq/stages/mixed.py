@@ -16,7 +16,7 @@ fraction of the candidates (``--budget 0.1``) or of the candidates' MACs (``--bu
 from __future__ import annotations
 
 import random
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -151,17 +151,19 @@ def choose_precision(
     recipe: recipes.Recipe,
     prepared: Prepared,
     progress: Progress | None = None,
+    held: Collection[str] = (),
 ) -> tuple[QuantPlan, dict[str, Any]]:
     """Score the 8-bit MatMul inputs (and 4-bit weights), promote the best within the budgets, re-plan.
 
-    Returns the new plan and the summary's ``mixed_precision`` record.
+    ``held``: points whose width is not the budget's to change (a KV cache's). Returns the new plan
+    and the summary's ``mixed_precision`` record.
     """
     from calib.qsim import QuantSim
     from calib.sensitivity import measured_gain, relative_and_fisher
 
     if selector not in SELECTORS:
         raise OnnxqError(f"unknown selector {selector!r}", f"use one of: {', '.join(SELECTORS)}")
-    acts = candidates(plan, model) if budget is not None else []
+    acts = [p for p in candidates(plan, model) if p.name not in held] if budget is not None else []
     wts = weight_candidates(plan) if weight_budget is not None else []
     scores: dict[str, float] = {}
     if (acts or wts) and selector != "random":
@@ -188,7 +190,7 @@ def choose_precision(
         record.update(
             weight_budget=weight_budget, promoted_weights=list(wchoice.promoted), weight_scores=_rounded(scores, wts)
         )
-    reasons = dict.fromkeys(promoted, f"promoted ({selector})")
+    reasons = {**{n: plan.points[n].why for n in held}, **dict.fromkeys(promoted, f"promoted ({selector})")}
     merged = {**(overrides or {}), **promoted}
     new_plan = build_plan(model, plan.preset, recipe, prepared.roles, prepared.structure, merged, reasons)
     return new_plan, record

@@ -60,18 +60,19 @@ def write_quantized(
     """Write ``graphs`` (file name -> QDQ model), their side files and ``recipe`` (the text of
     ``recipe.toml``) into ``output``; returns the files.
 
-    The AIMET encodings are taken from the first graph (``<stem>.encodings``): the graphs of one
-    run share their quantizers. ``summary`` gains ``macs`` (the share of MatMul multiply-adds per
+    Each graph gets its AIMET encodings (``<stem>.encodings``, by its own tensor names); onnxq's
+    ``encodings.json`` and ``precision_map.json`` name the points of ``plan`` (the first graph's).
+    ``summary`` gains ``macs`` (the share of MatMul multiply-adds per
     pair of operand widths, :func:`~onnxq.stages.macs.mac_widths`), ``files``, ``seconds`` and ``peak_rss_mb``.
     """
-    first_name, first = next(iter(graphs.items()))
+    first_name = next(iter(graphs))
     with atomic_dir(output, overwrite=overwrite) as tmp:
         for name, model in graphs.items():
             oir.save(model, tmp / name)
-        parts = split(first, weights=False)
-        stem = first_name.removesuffix(".onnx").removesuffix(".qdq")
-        aimet.write_tensors(parts.activations, parts.params, tmp / f"{stem}.encodings", encodings_version)
-        del parts
+            parts = split(model, weights=False)
+            stem = name.removesuffix(".onnx").removesuffix(".qdq")
+            aimet.write_tensors(parts.activations, parts.params, tmp / f"{stem}.encodings", encodings_version)
+            del parts
         try:  # where the MatMul work runs, by operand widths (the first graph's)
             summary["macs"] = mac_widths(onnx.load(tmp / first_name))
         except ValueError as exc:

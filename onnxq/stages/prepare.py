@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -56,24 +56,15 @@ def outlier_chooser(
     calib: str,
     ratio: float,
     limit: int = DEFAULT_OUTLIER_LIMIT,
-    *,
-    feeds: Callable[[np.ndarray], Any] | None = None,
-    length: int | None = None,
 ) -> OutlierChooser:
     """Pick each layer's outlier channels from peaks over a few calibration windows of the float model.
 
-    ``tokenizer`` is loaded only when the chooser runs, after the model's own checks. A KV-cache step
-    graph gives ``length`` (its windows' tokens) and ``feeds`` (the windows stepped through its cache).
+    ``tokenizer`` is loaded only when the chooser runs, after the model's own checks.
     """
-    from calib import data
     from calib.peaks import channel_peaks
 
     def choose(model: ir.Model, structure: Structure) -> dict[int, list[int]]:
-        if feeds is None:
-            windows = _windows_of(model, tokenizer, calib, OUTLIER_WINDOWS)
-        else:
-            assert length is not None
-            windows = feeds(data.windows(tokenizer(), calib, length, OUTLIER_WINDOWS).ids)
+        windows = _windows_of(model, tokenizer, calib, OUTLIER_WINDOWS)
         inputs = {layer.index: layer.mlp.down.input for layer in structure.layers}
         peaks = channel_peaks(model, list(inputs.values()), windows)
         return {i: choose_channels(peaks[name], ratio, limit) for i, name in inputs.items()}
@@ -105,6 +96,7 @@ class Prepared:
     roles: dict[str, Any]
     rewrites: list[RewriteResult]
     notes: list[str]
+    channels: dict[int, list[int]] = field(default_factory=dict)  # split off to the outlier side path
 
 
 def prepare(
@@ -192,8 +184,10 @@ def prepare(
             extra, note = refine_r1(model, structure)
             results.append(rotate_residual(model, structure, extra))
             notes.append(note)
+    channels: dict[int, list[int]] = {}
     if outliers is not None:
-        split = split_outlier_channels(model, structure, outliers(model, structure))
+        channels = outliers(model, structure)
+        split = split_outlier_channels(model, structure, channels)
         results.append(split)
         if split.modified:
             notes.append("down_proj input channels on the 16-bit side path: " + "; ".join(split.notes))
@@ -202,4 +196,4 @@ def prepare(
         results.append(online_hadamard(model, structure, list(online), seed))
         structure = discover(model)
     roles = tensor_roles(model, structure)
-    return Prepared(model, seq_len, structure, roles, results, notes)
+    return Prepared(model, seq_len, structure, roles, results, notes, channels)

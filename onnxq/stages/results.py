@@ -1,26 +1,18 @@
-"""What a quantization run returns and records: the result, the summary and the recipe as resolved."""
+"""What a quantization run returns and records: the result and the recipe as resolved."""
 
 from __future__ import annotations
 
 import hashlib
-import logging
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 
 from onnxq.core.options import QuantizeOptions, recipe_toml, sha256_file
 from onnxq.core.qtypes import Encoding
 from onnxq.plan import QuantPlan
-
-if TYPE_CHECKING:
-    pass
-
-from onnxq.stages.prepare import Prepared
-
-log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -47,45 +39,3 @@ def recipe_text(resolved: QuantizeOptions, models: Sequence[Path], calib_ids: np
     if resolved.precision_map:
         inputs["precision map sha256"] = sha256_file(Path(resolved.precision_map))
     return recipe_toml(resolved, inputs)
-
-
-def build_summary(
-    model_path: Path,
-    preset: str,
-    plan: QuantPlan,
-    prepared: Prepared,
-    calib: str,
-    windows: int,
-    method: str,
-    weight_method: str,
-    stats: dict[str, Any],
-    seconds: float,
-    calib_seconds: float,
-    rotation: dict[str, Any],
-) -> dict[str, Any]:
-    dtypes: dict[str, int] = {}
-    for p in plan.points.values():
-        key = f"{p.kind}:{p.spec.qtype.value}"
-        dtypes[key] = dtypes.get(key, 0) + 1
-    clipped = sorted(((s.clipped, name) for name, s in stats.items()), reverse=True)[:10]
-    return {
-        "onnxq": "summary/1",
-        "input": str(model_path),
-        "preset": preset,
-        "seq_len": prepared.seq_len,
-        "rotation": rotation,
-        "structure": prepared.structure.describe() if prepared.structure else None,
-        "rewrites": [r.summary() for r in prepared.rewrites],
-        "notes": prepared.notes,
-        "calibration": {
-            "data": calib,
-            "windows": windows,
-            "method": method,
-            "weights": weight_method,
-            "seconds": round(calib_seconds, 2),
-        },
-        "counts": plan.counts(),
-        "dtypes": dtypes,
-        "most_clipped": [{"point": n, "fraction": round(c, 6)} for c, n in clipped if c > 0],
-        "quantize_seconds_before_save": round(seconds, 2),
-    }

@@ -4,15 +4,12 @@ from __future__ import annotations
 
 import logging
 from collections import Counter
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import onnx_ir as ir
 
 from onnxq.core.qtypes import Encoding
 from onnxq.plan import QuantPlan
-
-if TYPE_CHECKING:
-    pass
 
 log = logging.getLogger(__name__)
 

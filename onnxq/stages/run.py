@@ -1,0 +1,270 @@
+"""The stages of one quantization, run on one float graph: what the scoring and KV pipelines share.
+
+:func:`run_stages` takes the options and goes through prepare (:mod:`~onnxq.stages.prepare`:
+canonical rewrites, structure, rotations, the outlier split), plan (:mod:`onnxq.plan`), calibrate
+(:mod:`calib.calibrate`), choose precisions (:mod:`~onnxq.stages.mixed`), learn (:mod:`calib.learn`)
+and round the weights (:mod:`~onnxq.stages.weights`). The caller emits the quantizers
+(:mod:`~onnxq.stages.qdq`) into its graphs and :func:`write_run` writes them
+(:mod:`~onnxq.stages.outputs`).
+"""
+
+from __future__ import annotations
+
+import shutil
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnx_ir as ir
+
+from onnxq.core import memory, recipes
+from onnxq.core import presets as presets_mod
+from onnxq.core.errors import OnnxqError
+from onnxq.core.options import DEFAULT_WINDOWS, GPTQ_WINDOWS, QuantizeOptions
+from onnxq.core.qtypes import Encoding
+from onnxq.plan import CACHE_WHY, QuantPlan, build_plan, read_precision_map
+from onnxq.stages.mixed import choose_precision
+from onnxq.stages.outputs import write_quantized
+from onnxq.stages.prepare import Prepared, Progress, outlier_chooser, prepare, r1_refiner
+from onnxq.stages.resolve import check_encodings_version, r1_widths, resolve_online, resolve_weight_method, with_block
+from onnxq.stages.results import QuantizeResult, recipe_text
+from onnxq.stages.weights import apply_gptq, gptq_inputs
+
+#: (the prepared float graph, the options as resolved, the recipe) -> point -> width to hold it at
+Pins = Callable[[Prepared, QuantizeOptions, recipes.Recipe], Mapping[str, int]]
+
+
+@dataclass
+class Run:
+    """What the stages made of one float graph, before its quantizers are emitted."""
+
+    resolved: QuantizeOptions  # every default resolved: the recipe
+    recipe: recipes.Recipe
+    prepared: Prepared
+    plan: QuantPlan
+    encodings: dict[str, Encoding]
+    stats: dict[str, Any]
+    calib_ids: np.ndarray
+    calib_seconds: float
+    summary: dict[str, Any]  # what the stages report beyond the common summary
+    metadata: dict[str, str]  # the options the graph's metadata records (the scoring graph has them)
+    scratch: Path  # learning's checkpoint, kept until the output is written
+
+
+def run_stages(
+    model_path: Path,
+    float_model: ir.Model,
+    o: QuantizeOptions,
+    *,
+    progress: Progress | None,
+    scratch: Path,
+    pins: Pins | None = None,
+) -> Run:
+    """Prepare, plan, calibrate, choose precisions, learn and round the weights of one float graph.
+
+    ``pins``: widths the caller holds points at (the KV cache's), chosen once the graph is prepared.
+    ``scratch``: where learning keeps its checkpoint (removed when it is done).
+    """
+    from calib import data
+    from calib.calibrate import encode, method_for, observe
+    from onnxq.core.sources import tokenizer_for
+
+    chosen = presets_mod.get(o.preset)
+    overrides = read_precision_map(o.precision_map) if o.precision_map else {}
+    recipe = with_block(recipes.for_model_type(float_model.metadata_props.get("onnxq.model_type")), o.weight_block)
+    if chosen.weight_bits == 4 and recipe.weight_block:  # before any data is read (outliers, calibration)
+        check_encodings_version(o.encodings_version, blocked=True)
+    # the family's default (Llama: 16); 16-bit inputs have the range already
+    split_outliers = recipe.split_outliers if o.split_outliers is None else o.split_outliers
+    splitting = split_outliers > 0 and chosen.act_bits < 16
+    online = resolve_online(o, chosen, recipe)
+    prepared = prepare(
+        float_model,
+        seq_len=o.seq_len,
+        mask_value=o.mask_value,
+        rotate=o.rotate,
+        online=online,
+        seed=o.seed,
+        where=str(model_path),
+        outliers=outlier_chooser(lambda: tokenizer_for(model_path, o.tokenizer), o.calib, split_outliers)
+        if splitting
+        else None,
+        refine_r1=r1_refiner(lambda: tokenizer_for(model_path, o.tokenizer), o.calib, r1_widths(chosen, recipe), o.seed)
+        if o.rotate == "learned"
+        else None,
+    )
+    weight_method = resolve_weight_method(o, chosen)
+    use_gptq = weight_method == "gptq"
+    resolved = replace(
+        o,
+        windows=o.windows or (GPTQ_WINDOWS if use_gptq else DEFAULT_WINDOWS),  # GPTQ's Hessians want more data
+        weight_method=weight_method,
+        online_hadamard=online,
+        split_outliers=split_outliers if splitting else 0.0,
+        weight_block=recipe.weight_block,
+        seq_len=prepared.seq_len,
+    )
+    pinned = dict(pins(prepared, resolved, recipe)) if pins else {}
+    reasons = {name: CACHE_WHY for name in pinned if name not in overrides}
+    overrides = {**pinned, **overrides}  # the user's map has the last word
+    model = prepared.model
+    plan = build_plan(model, chosen, recipe, prepared.roles, prepared.structure, overrides, reasons)
+    check_encodings_version(o.encodings_version, blocked=plan.has_blocked_weights())
+    tok = tokenizer_for(model_path, o.tokenizer)
+    assert resolved.windows is not None
+    calib_windows = data.windows(tok, o.calib, prepared.seq_len, resolved.windows)
+    tick = progress("calibrating", len(calib_windows)) if progress else None
+    t_cal = time.perf_counter()
+    rotated = o.rotate != "none"
+    # With learning, GPTQ's inputs are gathered after it, on the learned model: the Hessians (~0.8 GB
+    # on SmolLM2) are then never held while learning runs, and they see the learned rotations.
+    hessians = gptq_inputs(model, plan) if use_gptq and o.learn is None else None
+    observers = observe(
+        model,
+        plan,
+        calib_windows.ids,
+        histogram=lambda p: method_for(p, o.method, rotated) in ("mse", "percentile") or p.bits < 16,
+        hessians=hessians,
+        progress=tick,
+    )
+    scale_method = "mse" if use_gptq else weight_method
+    encodings, stats = encode(model, plan, observers, method=o.method, weight_method=scale_method, rotated=rotated)
+    mixed: dict[str, Any] | None = None
+    if o.budget is not None or o.weight_budget is not None:
+        plan, mixed = choose_precision(
+            model,
+            plan,
+            encodings,
+            calib_windows.ids[: o.sensitivity_windows],
+            budget=o.budget,
+            weight_budget=o.weight_budget,
+            by=o.budget_by,
+            selector=o.selector,
+            seed=o.seed,
+            overrides=overrides,
+            held=set(pinned),
+            recipe=recipe,
+            prepared=prepared,
+            progress=progress,
+        )
+        encodings, stats = encode(
+            model, plan, observers, method=o.method, weight_method=scale_method, rotated=rotated, previous=encodings
+        )
+        memory.release()  # the sensitivity pass's QuantSim and per-window tensors
+    t_cal = time.perf_counter() - t_cal
+    learned: dict[str, Any] | None = None
+    if o.learn is not None:
+        if prepared.structure is None:
+            raise OnnxqError(
+                "--learn needs the transformer structure, which was not recognised", "quantize without --learn"
+            )
+        from calib.learn import learn as run_learning
+
+        ticks = progress("learning (layers)", len(prepared.structure.layers)) if progress else None
+        result = run_learning(
+            model,
+            prepared.structure,
+            plan,
+            encodings,
+            calib_windows.ids[: o.learn.samples],
+            calib_windows.ids,
+            config=o.learn,
+            method=o.method,
+            down_in="r4" in online or splitting,
+            progress=ticks,
+            checkpoint=scratch / "checkpoint.pt",
+        )
+        encodings = result.encodings
+        learned = {"config": asdict(o.learn), "seconds": round(result.seconds, 1), "layers": result.history}
+        del result
+        memory.release()  # what learning freed, before GPTQ's Hessians (~0.8 GB) are gathered
+    swept: int | None = None
+    if use_gptq:
+        if hessians is None:
+            hessians = gptq_inputs(model, plan)
+            tick = progress("GPTQ inputs", len(calib_windows)) if progress else None
+            observe(model, plan, calib_windows.ids, histogram=lambda _: False, hessians=hessians, progress=tick)
+        swept = apply_gptq(model, plan, encodings, hessians, sweeps=o.gptq_sweeps)
+        del hessians
+        memory.release()  # GPTQ's temporaries, before the QDQ model and its serialised copy are made
+    metadata = {
+        "onnxq.calib": str(o.calib),
+        "onnxq.rotate": o.rotate,
+        "onnxq.online": ",".join(online),
+        "onnxq.split_outliers": str(split_outliers) if splitting else "",
+        "onnxq.seed": str(o.seed),
+        "onnxq.learned_rotation": "true" if o.learn is not None and o.learn.learn_rotation else "false",
+    }
+    model.metadata_props.update({"onnxq.seq_len": str(prepared.seq_len), **metadata})
+    extras = {"weight_block": recipe.weight_block, "gptq_sweeps": swept, "learning": learned, "mixed_precision": mixed}
+    return Run(resolved, recipe, prepared, plan, encodings, stats, calib_windows.ids, t_cal, extras, metadata, scratch)
+
+
+def write_run(
+    run: Run,
+    output: Path,
+    graphs: Mapping[str, ir.Model],
+    inputs: list[Path],
+    *,
+    source: Path,
+    started: float,
+    overwrite: bool,
+    summary: Mapping[str, Any] | None = None,
+) -> QuantizeResult:
+    """Write ``graphs`` (file name -> QDQ model) with the run's summary, recipe and encodings.
+
+    ``inputs``: the float graphs read (hashed into the recipe); ``source``: what was quantized (a
+    model or a folder), whose side files (tokenizer, config) are copied along.
+    """
+    o = run.resolved
+    info = _summary(run, source, time.perf_counter() - started)
+    info.update(run.summary)
+    info.update(summary or {})
+    files = write_quantized(
+        output,
+        graphs,
+        plan=run.plan,
+        encodings=run.encodings,
+        encodings_version=o.encodings_version,
+        source=source if source.is_dir() else source.parent,
+        summary=info,
+        recipe=recipe_text(o, inputs, run.calib_ids, sweeps=run.summary["gptq_sweeps"]),
+        started=started,
+        overwrite=overwrite,
+    )
+    shutil.rmtree(run.scratch, ignore_errors=True)
+    return QuantizeResult(output, files, info, run.plan, run.encodings)
+
+
+def _summary(run: Run, source: Path, seconds: float) -> dict[str, Any]:
+    """``summary.json``: what the run did, by the numbers (the writer adds files, time and memory)."""
+    o, plan = run.resolved, run.plan
+    dtypes: dict[str, int] = {}
+    for p in plan.points.values():
+        key = f"{p.kind}:{p.spec.qtype.value}"
+        dtypes[key] = dtypes.get(key, 0) + 1
+    clipped = sorted(((s.clipped, name) for name, s in run.stats.items()), reverse=True)[:10]
+    return {
+        "onnxq": "summary/1",
+        "input": str(source),
+        "preset": plan.preset.name,
+        "seq_len": run.prepared.seq_len,
+        "rotation": {"offline": o.rotate, "online": list(o.online_hadamard or ()), "seed": o.seed},
+        "structure": run.prepared.structure.describe() if run.prepared.structure else None,
+        "rewrites": [r.summary() for r in run.prepared.rewrites],
+        "notes": run.prepared.notes,
+        "calibration": {
+            "data": o.calib,
+            "windows": len(run.calib_ids),
+            "method": o.method,
+            "weights": o.weight_method,
+            "seconds": round(run.calib_seconds, 2),
+        },
+        "counts": plan.counts(),
+        "dtypes": dtypes,
+        "most_clipped": [{"point": n, "fraction": round(c, 6)} for c, n in clipped if c > 0],
+        "quantize_seconds_before_save": round(seconds, 2),
+    }
