@@ -17,6 +17,7 @@ from pathlib import Path
 import onnx_ir as ir
 
 from onnxq.core import ir as oir
+from onnxq.core import memory
 from onnxq.core import presets as presets_mod
 from onnxq.core.errors import OnnxqError
 from onnxq.core.files import check_new_output
@@ -79,6 +80,7 @@ def quantize_kv(
         follower.model.metadata_props.update(run.metadata)
         graphs[f"{g}.qdq.onnx"] = emit_qdq(follower.model, plan, encodings)
         del follower
+        memory.release()  # its float weights, before the next follower is loaded
     graphs = {"model.qdq.onnx": emit_qdq(run.prepared.model, run.plan, run.encodings), **graphs}
     kv = {"chunk": chunk, "context": shape.slots, "layers": shape.layers}
     return write_run(

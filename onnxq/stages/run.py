@@ -50,7 +50,7 @@ class Run:
     calib_ids: np.ndarray
     calib_seconds: float
     summary: dict[str, Any]  # what the stages report beyond the common summary
-    metadata: dict[str, str]  # the options the graph's metadata records (the scoring graph has them)
+    metadata: dict[str, str]  # the options each quantized graph records in its metadata
     scratch: Path  # learning's checkpoint, kept until the output is written
 
 
@@ -66,7 +66,7 @@ def run_stages(
     """Prepare, plan, calibrate, choose precisions, learn and round the weights of one float graph.
 
     ``pins``: widths the caller holds points at (the KV cache's), chosen once the graph is prepared.
-    ``scratch``: where learning keeps its checkpoint (removed when it is done).
+    ``scratch``: where learning keeps its checkpoint (removed once the output is written).
     """
     from calib import data
     from calib.calibrate import encode, method_for, observe
@@ -108,6 +108,7 @@ def run_stages(
         seq_len=prepared.seq_len,
     )
     pinned = dict(pins(prepared, resolved, recipe)) if pins else {}
+    memory.release()  # what the pins were found on (a prepared KV graph: a cycle of IR objects)
     reasons = {name: CACHE_WHY for name in pinned if name not in overrides}
     overrides = {**pinned, **overrides}  # the user's map has the last word
     model = prepared.model
