@@ -45,13 +45,14 @@ def run(*argv: str) -> None:
 
 def compile_apart(folder: Path, output: Path) -> dict[str, Any]:
     """Compile a quantized pair in its own process; its files, times and peak memory."""
+    from tools.bench import _run
+
     code = (
         "import json; from onnxq.device.compile import compile_model; from onnxq.stages.metrics import peak_rss_mb; "
         f"r = compile_model({str(folder)!r}, {str(output)!r}, overwrite=True, verify=False); "
         "print(json.dumps({'files': r.files, 'seconds': r.seconds, 'peak_rss_mb': peak_rss_mb()}))"
     )
-    done = subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, text=True)
-    return json.loads(done.stdout.strip().splitlines()[-1])
+    return _run([sys.executable, "-c", code])
 
 
 def score(folder: Path, ids: np.ndarray, ep: str) -> tuple[float, np.ndarray]:
@@ -137,8 +138,8 @@ def main() -> None:
         if args.compile:
             try:
                 compiled = compile_apart(out, work / f"{preset}-htp")
-            except subprocess.CalledProcessError as exc:  # recorded, e.g. killed for memory
-                row["compile_error"] = f"exit {exc.returncode}: {(exc.stderr or '').strip()[-300:]}"
+            except RuntimeError as exc:  # recorded, e.g. killed for memory
+                row["compile_error"] = str(exc)[-300:]
         if compiled:
             row["context_bytes"] = {n: b for n, b in compiled["files"].items() if n.endswith(".bin")}
             row["compile_seconds"] = round(sum(v for k, v in compiled["seconds"].items() if k.endswith("compile")), 1)
