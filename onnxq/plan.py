@@ -21,6 +21,10 @@ The HTP's rules are applied here, once:
   about a fifth of the elements (those whose code minus zero point is a multiple of 4), though
   the FC reports the right codes; a Convert reads them right. So every compute op reads an LPBQ
   FC's 8-bit output through a convert to 16 bits on the same grid (code x 257: exact);
+- an op that reads 8 bits and writes 16 is computed coarsely by the HTP (a Sigmoid of an 8-bit
+  input is off by up to 2 8-bit steps of its 16-bit output; within 4 16-bit steps from a 16-bit
+  input), and an RmsNorm that does so is refused outright (Qwen3's q_norm and k_norm). So such an
+  op reads its 8-bit input through a convert to 16 bits on the same grid;
 - a 16-bit Sigmoid or Softmax output is written by the HTP on its own grid, step 1/65536 from 0,
   whatever encoding the graph gives it (ONNX Runtime's QNN quantizer sets the same); those
   points get that encoding instead of a calibrated one.
@@ -392,36 +396,40 @@ def build_plan(
             target = point_of.get(use.node.outputs[0].name) if use.node.outputs else None
             if target is not None and points[target].spec.symmetric:
                 converts.append(Convert(target, fc_out, use.node.name, use.idx))
-    converts += _widen_lpbq_outputs(graph, points, point_of, weights, converts)
+    converts += _widen_8bit_reads(graph, points, point_of, weights, converts)
     _fix_htp_grids(graph, points)
     plan = QuantPlan(preset, points, converts, structure)
     log.info("plan: %s", plan.counts())
     return plan
 
 
-def _widen_lpbq_outputs(
+def _widen_8bit_reads(
     graph: ir.Graph,
     points: Mapping[str, Point],
     point_of: Mapping[str, str],
     weights: Mapping[str, tuple[ir.Node, int]],
     converts: list[Convert],
 ) -> list[Convert]:
-    """Converts to 16 bits on the edges where a compute op reads an LPBQ FC's 8-bit output."""
-    values = {o.name: o for n in graph for o in n.outputs}
+    """Converts to 16 bits (same grid) on the edges where a compute op reads an 8-bit activation:
+    every reader of an LPBQ FC's output, and every reader that writes 16 bits (not a MatMul) of any."""
+    values = {v.name: v for v in graph.inputs} | {o.name: o for n in graph for o in n.outputs}
     taken = {(c.consumer, c.index) for c in converts}
+    lpbq = {point_of[node.outputs[0].name] for w, (node, _) in weights.items() if points[w].spec.block_size}
     out: list[Convert] = []
-    for wname, (node, _) in weights.items():
-        if not points[wname].spec.block_size:
-            continue
-        point = points[point_of[node.outputs[0].name]]
-        if point.bits != 8:
+    for point in points.values():
+        if point.kind != "act" or point.bits != 8:
             continue
         wide = QuantSpec(QType.for_bits(16, signed=point.spec.qtype.signed), symmetric=point.spec.symmetric)
         for tensor in point.tensors:
             for use in values[tensor].uses():
                 reader = use.node
-                moves = reader.op_type in DATA_MOVEMENT and _stays_in(reader, point, point_of)
-                if not moves and (reader.name, use.idx) not in taken:
+                if reader.op_type in DATA_MOVEMENT and _stays_in(reader, point, point_of):
+                    continue
+                if (reader.name, use.idx) in taken:
+                    continue
+                written = point_of.get(reader.outputs[0].name) if reader.outputs else None
+                widens = written is not None and points[written].bits == 16 and reader.op_type != "MatMul"
+                if point.name in lpbq or widens:
                     out.append(Convert(point.name, tensor, reader.name, use.idx, wide))
     return out
 

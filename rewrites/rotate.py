@@ -148,6 +148,10 @@ def rotate_heads(model: ir.Model, structure: Structure, r2: np.ndarray | Sequenc
         wv = _weight(graph, a.v)  # [hidden, kv * d]
         wv = (wv.reshape(wv.shape[0], a.num_kv_heads, d) @ r).reshape(wv.shape)
         _set(graph, a.v.weight, wv)
+        if a.v.bias is not None:  # Qwen2: the bias is part of each head's value
+            bv = const_array(graph.initializers[a.v.bias])
+            assert bv is not None
+            _set(graph, a.v.bias, (bv.astype(np.float64).reshape(a.num_kv_heads, d) @ r).reshape(bv.shape))
         wo = _weight(graph, a.o)  # [heads * d, hidden]
         wo = (r.T @ wo.reshape(a.num_heads, d, wo.shape[1])).reshape(wo.shape)
         _set(graph, a.o.weight, wo)

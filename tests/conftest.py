@@ -29,7 +29,7 @@ def tiny_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return folder
 
 
-def export_tiny(folder: Path, name: str, **shape: int | bool) -> Path:
+def export_tiny(folder: Path, name: str, **shape: int | bool | str) -> Path:
     """Export a tiny Llama (with the tiny tokenizer copied beside it) and return the .onnx path."""
     from onnxq.stages.export import export_model
     from tests.tiny import tiny_llama

@@ -6,11 +6,25 @@ from pathlib import Path
 
 import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+from transformers import (
+    LlamaConfig,
+    LlamaForCausalLM,
+    PreTrainedModel,
+    PreTrainedTokenizerFast,
+    Qwen2Config,
+    Qwen2ForCausalLM,
+    Qwen3Config,
+    Qwen3ForCausalLM,
+)
 
 from calib.data import find_named, open_text
 
 VOCAB = 384
+FAMILIES = {
+    "llama": (LlamaConfig, LlamaForCausalLM),
+    "qwen2": (Qwen2Config, Qwen2ForCausalLM),
+    "qwen3": (Qwen3Config, Qwen3ForCausalLM),
+}
 
 
 def tiny_tokenizer(folder: Path, vocab: int = VOCAB) -> PreTrainedTokenizerFast:
@@ -44,33 +58,39 @@ def tiny_llama(
     tied: bool = True,
     seed: int = 0,
     massive: int | None = None,
-) -> LlamaForCausalLM:
-    """A random Llama with non-trivial norm weights and a few outlier channels, like real ones.
+    family: str = "llama",
+) -> PreTrainedModel:
+    """A random Llama-family model with non-trivial norm weights and a few outlier channels, like real ones.
 
+    ``family``: ``llama``, ``qwen2`` (biases on q/k/v) or ``qwen3`` (per-head q_norm and k_norm).
     ``massive``: an intermediate channel of layer 0 whose gate and up rows are scaled 12x, so the
     down_proj input carries ~100x values there (the "massive activations" of trained LLMs).
     """
-    config = LlamaConfig(
+    config_class, model_class = FAMILIES[family]
+    config = config_class(
         vocab_size=vocab,
         hidden_size=hidden,
         intermediate_size=intermediate,
         num_hidden_layers=layers,
         num_attention_heads=heads,
         num_key_value_heads=kv_heads,
+        head_dim=hidden // heads,
         tie_word_embeddings=tied,
         max_position_embeddings=512,
         rms_norm_eps=1e-5,
     )
     torch.manual_seed(seed)
-    model = LlamaForCausalLM(config).eval()
+    model = model_class(config).eval()
     gen = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for name, param in model.named_parameters():
             if name.endswith("norm.weight"):
                 param.copy_(0.5 + torch.rand(param.shape, generator=gen))
-                param[: max(1, hidden // 32)] *= 4.0  # outlier channels, as in trained LLMs
+                param[: max(1, param.shape[0] // 32)] *= 4.0  # outlier channels, as in trained LLMs
             elif param.dim() == 2:
                 param.normal_(0.0, 0.08, generator=gen)
+            elif name.endswith("bias"):  # Qwen2's q/k/v biases are large in trained models
+                param.normal_(0.0, 0.5, generator=gen)
         if massive is not None:
             mlp = model.model.layers[0].mlp
             mlp.gate_proj.weight[massive] *= 12.0

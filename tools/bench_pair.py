@@ -171,7 +171,10 @@ def section(results: dict[str, Any]) -> str:
         "The graphs follow the HTP rules of the README ('What the HTP accepts'). Two of them were found on the "
         "W4A8 scoring graph with `onnxq diff --ep qnn`: ops read a 4-bit LPBQ FC's 8-bit output through an exact "
         "16-bit convert, and 16-bit Sigmoid and Softmax outputs take the HTP's 1/65536 grid. Before them (commit "
-        "abe7ea3, 2 windows) the W4A8 pair lost +6.7 % on the HTP against the CPU.",
+        "abe7ea3, 2 windows) the W4A8 pair lost +6.7 % on the HTP against the CPU. A third, found with `onnxq diff "
+        "--ep qnn` on tiny Qwen models: any op that writes 16 bits reads an 8-bit input through the same convert "
+        "(the W8A8 SwiGLU's Sigmoid and Muls read the 8-bit gate and up outputs). Before it (commit f227f53) the "
+        "W8A8 pair lost +0.9 % on the HTP against the CPU.",
         "",
         "| preset | flags | scoring graph, CPU | pair, CPU | pair vs float | pair, HTP | pair, CPU, same windows "
         "| HTP vs CPU | top-1 HTP vs CPU | context binaries | compile | quantize | quantize peak RSS |",

@@ -340,6 +340,50 @@ def decomposed_norm(graph: ir.Graph) -> Iterator[Finding]:
             )
 
 
+NOT_COMPUTE = ("QuantizeLinear", "DequantizeLinear", *DATA_MOVEMENT)
+
+
+@rule("htp-norm-width")
+def norm_width(graph: ir.Graph) -> Iterator[Finding]:
+    """An RMSNorm reading one width and writing another; the HTP's RmsNorm has no such kernel."""
+    for node in graph:
+        if node.op_type not in ("SimplifiedLayerNormalization", "RMSNormalization"):
+            continue
+        x_dq, out_q = _dq_of(node.inputs[0]), _q_after(node.outputs[0])
+        if x_dq is None or out_q is None:
+            continue
+        bits_in, bits_out = _bits(_qtype(x_dq)), _bits(_qtype(out_q))
+        if bits_in != bits_out:
+            yield Finding(
+                "htp-norm-width",
+                node.name,
+                f"RMSNorm reads {bits_in}-bit and writes {bits_out}-bit; the HTP fails to finalize such a graph",
+                "read its input through a DequantizeLinear->QuantizeLinear convert to 16 bits (onnxq quantize does)",
+            )
+
+
+@rule("htp-coarse-widening")
+def coarse_widening(graph: ir.Graph) -> Iterator[Finding]:
+    """An elementwise op reading 8 bits and writing 16; the HTP computes it to about 8-bit precision."""
+    for node in graph:
+        if node.op_type in (*NOT_COMPUTE, "MatMul", "SimplifiedLayerNormalization", "RMSNormalization"):
+            continue
+        out_q = _q_after(node.outputs[0]) if node.outputs else None
+        if out_q is None or _bits(_qtype(out_q)) != 16:
+            continue
+        for value in node.inputs:
+            dq = _dq_of(value)
+            if dq is not None and not dq.inputs[0].is_initializer() and _bits(_qtype(dq)) == 8:
+                yield Finding(
+                    "htp-coarse-widening",
+                    node.name,
+                    f"{node.op_type} reads the 8-bit {value.name!r} and writes 16 bits; the HTP computes it "
+                    "up to 2 8-bit steps off",
+                    "read it through a DequantizeLinear->QuantizeLinear convert to 16 bits (onnxq quantize does)",
+                )
+                break
+
+
 def _levels(dtype: ir.DataType | None) -> int:
     return 65535 if _bits(dtype) == 16 else 255
 

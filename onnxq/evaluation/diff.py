@@ -18,6 +18,7 @@ so a departure shows at the op that makes it, not smeared over everything after 
 
 from __future__ import annotations
 
+import json
 import math
 import tempfile
 from dataclasses import dataclass, field
@@ -170,7 +171,11 @@ def diff(float_path: str | Path, qdq_path: str | Path, windows: np.ndarray, *, e
     seq = windows.shape[1]
     learned_r1 = rotate == "learned"  # the reference gets the Hadamard R1 under it; q/k/v, gate/up see no R1
     reference_rotation = "hadamard" if learned_r1 else rotate
-    ref = prepare(oir.load(float_path), seq_len=seq, rotate=reference_rotation, online=online, seed=seed).model
+    channels = {int(k): v for k, v in json.loads(meta.get("onnxq.outlier_channels") or "{}").items()}
+    split = (lambda _m, _s: channels) if channels else None  # the main path's down_in, not the whole one
+    ref = prepare(
+        oir.load(float_path), seq_len=seq, rotate=reference_rotation, online=online, seed=seed, outliers=split
+    ).model
     view = oir.load(qdq_path)
     strip_qdq(view)
     try:
@@ -190,7 +195,8 @@ def diff(float_path: str | Path, qdq_path: str | Path, windows: np.ndarray, *, e
     if rotate != "none":
         notes.append(
             f"float reference rotated like the QDQ model ({rotate}, seed {seed}"
-            + (f", online {','.join(online)})" if online else ")")
+            + (f", online {','.join(online)}" if online else "")
+            + (", the same outlier split)" if channels else ")")
         )
     ref_values = {v.name: v for n in ref.graph for v in n.outputs}
     ref_path = _with_outputs(ref, [ref_values[p_ref[k]] for k in keys])

@@ -10,6 +10,7 @@ and round the weights (:mod:`~onnxq.stages.weights`). The caller emits the quant
 
 from __future__ import annotations
 
+import json
 import shutil
 import time
 from collections.abc import Callable, Mapping
@@ -196,6 +197,7 @@ def run_stages(
         "onnxq.rotate": o.rotate,
         "onnxq.online": ",".join(online),
         "onnxq.split_outliers": str(split_outliers) if splitting else "",
+        "onnxq.outlier_channels": json.dumps(prepared.channels, sort_keys=True) if prepared.channels else "",
         "onnxq.seed": str(o.seed),
         "onnxq.learned_rotation": "true" if o.learn is not None and o.learn.learn_rotation else "false",
     }
