@@ -331,6 +331,7 @@ def _tokenizer_or_none(model: str, explicit: str | None) -> Any:
 def cmd_eval(args: argparse.Namespace) -> int:
     from calib.data import windows
     from onnxq.core.sources import tokenizer_for
+    from onnxq.core.steps import PARTS_SUFFIX
     from onnxq.device.generate import graphs
     from onnxq.evaluation import zeroshot
     from onnxq.evaluation.evaluate import pair_perplexity, perplexity
@@ -340,6 +341,9 @@ def cmd_eval(args: argparse.Namespace) -> int:
     pairs = [m for m in args.model if Path(m).is_dir()]
     if pairs and tasks:
         raise OnnxqError(f"--tasks runs on scoring graphs; {pairs[0]} is a KV-cache folder", "pass --ppl for it")
+    compiled = [m for m in pairs if graphs(m)[0].name.endswith(PARTS_SUFFIX)]
+    if compiled and args.ep != "qnn":
+        raise OnnxqError(f"{compiled[0]} is compiled for the HTP", "run it with --ep qnn")
     progress = _Progress(not (args.quiet or args.json))
     models = []
     try:
@@ -399,7 +403,10 @@ def _model_seq_len(model: str) -> int:
     import onnx
 
     from onnxq.core import ir as oir
+    from onnxq.core.steps import PARTS_SUFFIX, WINDOW, read_shape
 
+    if model.endswith(PARTS_SUFFIX):  # a step graph compiled in parts: windows fill its cache
+        return min(read_shape(Path(model))[1].slots, WINDOW)
     if not Path(model).is_file():
         oir.load(model)  # raises the documented error
     try:
@@ -413,8 +420,6 @@ def _model_seq_len(model: str) -> int:
     dims = [d.dim_value if d.HasField("dim_value") else None for d in proto.graph.input[0].type.tensor_type.shape.dim]
     meta = {p.key: p.value for p in proto.metadata_props}
     if "onnxq.kv_slots" in meta:  # a KV-cache step graph: windows fill its cache
-        from onnxq.core.steps import WINDOW
-
         return min(int(meta["onnxq.kv_slots"]), WINDOW)
     if len(dims) == 2 and dims[1]:
         return int(dims[1])
@@ -430,12 +435,17 @@ def cmd_validate(args: argparse.Namespace) -> int:
     model = args.model
     pair = Path(model).is_dir()
     if pair:  # a KV-cache folder: two chunks of prefill per window, the last tokens through decode
-        from onnxq.core.steps import read_shape
+        from onnxq.core.steps import PARTS_SUFFIX, read_shape
         from onnxq.device.generate import graphs
 
         if args.context:
             raise OnnxqError("--context takes a single graph", "write the pair's context binaries with `onnxq compile`")
         graph = str(graphs(model)[0])
+        if graph.endswith(PARTS_SUFFIX):
+            raise OnnxqError(
+                f"{model} is compiled; validate compares a QDQ pair on the HTP with ONNX Runtime CPU",
+                "validate the quantized folder, or run this one with `onnxq eval FOLDER --ep qnn`",
+            )
         chunk, shape, _ = read_shape(Path(graph))
         seq_len = min(2 * chunk, shape.slots)
     else:
@@ -592,6 +602,8 @@ def cmd_compile(args: argparse.Namespace) -> int:
         encodings_version=args.encodings_version,
         overwrite=args.overwrite,
         progress=_stages(args),
+        max_part_mb=args.max_part_mb,
+        parts=args.parts,
     )
     target = f"SoC {args.soc_model}" if args.soc_model else f"HTP v{args.htp_arch}"
     lines = [f"onnxq compile: {model} -> {output}/  ({result.toolchain}, {target})"]
@@ -963,6 +975,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--encodings-version", default="1.0.0", choices=["1.0.0", "0.6.1"], help="AIMET format (qairt; default 1.0.0)"
     )
+    p.add_argument(
+        "--max-part-mb",
+        type=int,
+        default=1800,
+        help="a graph whose weights exceed this is compiled in parts at decoder-layer boundaries, each its own "
+        "context (default 1800: the HTP allocates a context in pieces of under about 2 GB)",
+    )
+    p.add_argument("--parts", type=int, help="compile each graph in this many parts instead")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
     p.set_defaults(func=cmd_compile)
 

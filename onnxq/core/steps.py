@@ -7,8 +7,9 @@ A step graph reads ``input_ids``, ``position_ids``, an additive ``attention_mask
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +21,8 @@ DEFAULT_CHUNK = 64
 DEFAULT_CONTEXT = 512
 #: the scoring graph's window: a pair is calibrated and evaluated on windows this long, or its whole cache
 WINDOW = 512
+#: A step graph compiled in parts (:mod:`onnxq.device.parts`) is a manifest with this suffix.
+PARTS_SUFFIX = ".parts.json"
 
 
 @dataclass(frozen=True)
@@ -76,10 +79,27 @@ def write_cache(cache: dict[str, np.ndarray], results: dict[str, np.ndarray], po
 
 
 def read_shape(model_path: Path) -> tuple[int, CacheShape, float]:
-    """(chunk, cache shape, mask value) of an exported step graph, from its inputs and metadata."""
+    """(chunk, cache shape, mask value) of an exported step graph, from its inputs and metadata, or
+    of a step graph compiled in parts, from its manifest."""
     import onnx
 
+    if model_path.name.endswith(PARTS_SUFFIX):
+        step = json.loads(model_path.read_text()).get("step")
+        if not step:
+            raise OnnxqError(f"{model_path} is not a KV-cache step graph", "export one with `onnxq export --kv-cache`")
+        return int(step["chunk"]), CacheShape(**step["cache"]), float(step["mask_value"])
     return shape_of(onnx.load(str(model_path), load_external_data=False), model_path)
+
+
+def write_parts(path: Path, files: list[str], step: tuple[int, CacheShape, float] | None) -> None:
+    """The manifest of a graph compiled in parts: its part files in order, and its step shape."""
+    shape = None if step is None else {"chunk": step[0], "cache": asdict(step[1]), "mask_value": step[2]}
+    path.write_text(json.dumps({"parts": files, "step": shape}, indent=1) + "\n")
+
+
+def read_parts(path: Path) -> list[Path]:
+    """The part files a manifest names, in order."""
+    return [path.parent / name for name in json.loads(path.read_text())["parts"]]
 
 
 def shape_of(proto: Any, model_path: Path) -> tuple[int, CacheShape, float]:

@@ -25,10 +25,13 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import onnx
 
 from onnxq.core import ir as oir
 from onnxq.core.errors import OnnxqError
 from onnxq.core.files import CARRIED, atomic_dir, check_new_output
+from onnxq.core.ir import EXTERNAL_DATA_BYTES
+from onnxq.device.parts import DEFAULT_MAX_PART_MB, Part, layer_bytes, plan_parts, split_graph
 from onnxq.stages import aimet
 
 TOOLCHAINS = ("ort", "qairt")
@@ -84,38 +87,53 @@ def compile_model(
     verify: bool = True,
     runner: Runner | None = None,
     progress: Callable[[str], None] | None = None,
+    max_part_mb: int = DEFAULT_MAX_PART_MB,
+    parts: int | None = None,
 ) -> CompileResult:
     """Compile the QDQ model at ``model`` into the folder ``output`` (written atomically).
 
     ``verify`` (ort) also runs the compiling session, to compare the reloaded binary with it; without
     it the reloaded binary is only run once (on the emulator a run of a large model takes minutes).
+    A graph whose weights exceed ``max_part_mb`` (or any graph, with ``parts``) is compiled as
+    consecutive parts at decoder-layer boundaries (:mod:`onnxq.device.parts`).
     """
     from onnxq.device.qnn import DEFAULT_HTP_ARCH
 
     model, output = Path(model), Path(output)
     if toolchain not in TOOLCHAINS:
         raise OnnxqError(f"unknown toolchain {toolchain!r}", f"use one of: {', '.join(TOOLCHAINS)}")
+    if max_part_mb < 1:
+        raise OnnxqError(f"--max-part-mb {max_part_mb} is not a size", f"pass e.g. --max-part-mb {DEFAULT_MAX_PART_MB}")
     graphs = _graphs(model)
     if len(graphs) > 1 and toolchain != "ort":
         raise OnnxqError("--toolchain qairt takes one graph", "compile prefill.qdq.onnx and decode.qdq.onnx one by one")
     check_new_output(output, overwrite=overwrite, inputs=[model])
+    plans = {g: part_plan(g, max_part_mb * 2**20, parts) for g in graphs}  # a layer over the limit: one line now
+    if toolchain != "ort" and any(len(p) > 1 for p in plans.values()):
+        raise OnnxqError("--toolchain qairt compiles a graph whole", "compile in parts with --toolchain ort")
     arch = None if soc_model else (htp_arch or DEFAULT_HTP_ARCH)
     sdk = sdk_root() if toolchain == "qairt" else None  # fail before any work
     if progress is not None:  # after every check of the inputs: a mistake gets one line, nothing else
         target = f"SoC {soc_model}" if soc_model else f"HTP v{arch}"
-        progress(f"compiling {', '.join(g.name for g in graphs)} for {target} ({toolchain})")
+        split = "".join(f", {g.name} in {len(p)} parts" for g, p in plans.items() if len(p) > 1)
+        progress(f"compiling {', '.join(g.name for g in graphs)} for {target} ({toolchain}{split})")
     with atomic_dir(output, overwrite=overwrite) as tmp:
         for name in CARRIED:
             if (graphs[0].parent / name).exists():
                 shutil.copyfile(graphs[0].parent / name, tmp / name)
         if toolchain == "ort":
-            parts = [_compile_ort(g, tmp, arch, soc_model, verify) for g in graphs]
-            result = parts[0]
-            if len(parts) > 1:  # prefill + decode: one context binary each
+            parts_done = [
+                _compile_ort(g, tmp, arch, soc_model, verify)
+                if len(plans[g]) == 1
+                else _compile_parts(g, plans[g], tmp, arch, soc_model, verify, max_part_mb)
+                for g in graphs
+            ]
+            result = parts_done[0]
+            if len(parts_done) > 1:  # prefill + decode: one context binary (or one set of parts) each
                 result.seconds = {
-                    f"{_stem(g)} {k}": v for g, r in zip(graphs, parts, strict=True) for k, v in r.seconds.items()
+                    f"{_stem(g)} {k}": v for g, r in zip(graphs, parts_done, strict=True) for k, v in r.seconds.items()
                 }
-                errors = [r.rerun_max_abs_error for r in parts if r.rerun_max_abs_error is not None]
+                errors = [r.rerun_max_abs_error for r in parts_done if r.rerun_max_abs_error is not None]
                 result.rerun_max_abs_error = max(errors) if errors else None
         else:
             assert sdk is not None
@@ -142,21 +160,81 @@ def _stem(model: Path) -> str:
     return model.name.removesuffix(".onnx").removesuffix(".qdq")
 
 
+def part_plan(graph: Path, max_bytes: int, parts: int | None) -> list[Part]:
+    """How ``graph`` is cut: one part if its weights fit ``max_bytes`` (and ``parts`` is not given)."""
+    proto = onnx.load(str(graph), load_external_data=False)
+    per_layer, head, tail = layer_bytes(proto)
+    total = sum(per_layer) + head + tail
+    if parts in (None, 1) and total <= max_bytes:
+        return [Part(0, len(per_layer), total)]
+    if not per_layer:
+        raise OnnxqError(
+            f"{graph.name} holds {total / 2**20:.0f} MB of weights and no decoder layers to cut it at",
+            "compile it whole with a higher --max-part-mb",
+        )
+    return plan_parts(per_layer, head, tail, max_bytes, parts)
+
+
+def _compile_parts(
+    graph: Path, plan: list[Part], tmp: Path, arch: str | None, soc_model: str | None, verify: bool, max_part_mb: int
+) -> CompileResult:
+    """Compile ``graph`` as the parts of ``plan``, each its own context; write their manifest."""
+    from onnxq.core.steps import PARTS_SUFFIX, read_shape, write_parts
+
+    proto = onnx.load(str(graph))
+    step = read_shape(graph) if any(p.key == "onnxq.kv_slots" for p in proto.metadata_props) else None
+    protos = split_graph(proto, plan)
+    del proto
+    files: list[str] = []
+    seconds: dict[str, float] = {}
+    errors: list[float] = []
+    for index, (part, sub) in enumerate(zip(plan, protos, strict=True)):
+        path = tmp / f"{_stem(graph)}.part{index}.qdq.onnx"
+        onnx.save(sub, str(path), save_as_external_data=sub.ByteSize() > EXTERNAL_DATA_BYTES)
+        done = _compile_ort(path, tmp, arch, soc_model, verify, step)
+        for leftover in tmp.glob(f"{path.name}*"):  # the part's QDQ graph (and data) is not shipped
+            leftover.unlink()
+        binaries = list(tmp.glob(f"{_stem(path)}_ctx*.bin"))
+        size = sum(p.stat().st_size for p in binaries)
+        if size > max_part_mb * 2**20:
+            raise OnnxqError(
+                f"part {index} of {graph.name} (layers {part.first}-{part.last - 1}) compiled to "
+                f"{size / 2**20:.0f} MB, over --max-part-mb {max_part_mb}",
+                f"compile in more parts (--parts {len(plan) + 1})",
+            )
+        files.append(f"{_stem(path)}_ctx.onnx")
+        seconds.update({f"part {index} {k}": v for k, v in done.seconds.items()})
+        if done.rerun_max_abs_error is not None:
+            errors.append(done.rerun_max_abs_error)
+    write_parts(tmp / f"{_stem(graph)}{PARTS_SUFFIX}", files, step)
+    return CompileResult(tmp, "ort", {}, seconds, rerun_max_abs_error=max(errors) if errors else None)
+
+
 # --------------------------------------------------------------------------- ONNX Runtime's QNN EP
-def _feed(sess: Any, model: Path) -> dict[str, np.ndarray]:
-    """Fixed, in-vocabulary token ids for ``sess`` (and an empty cache for a KV-cache step graph)."""
+def _feed(sess: Any, model: Path, step: tuple[int, Any, float] | None = None) -> dict[str, np.ndarray]:
+    """Fixed, in-vocabulary token ids for ``sess`` (and an empty cache for a KV-cache step graph); zeros
+    for what a part is handed."""
     inputs = sess.get_inputs()
     if len(inputs) > 1:
         from onnxq.core.steps import read_shape, step_inputs
 
-        chunk, shape, mask_value = read_shape(model)
-        return {**step_inputs(np.arange(chunk) % 97 + 3, 0, chunk, shape, mask_value), **shape.empty()}
+        chunk, shape, mask_value = step or read_shape(model)
+        known = {**step_inputs(np.arange(chunk) % 97 + 3, 0, chunk, shape, mask_value), **shape.empty()}
+        return {i.name: known[i.name] if i.name in known else _zeros(i) for i in inputs}
     inp = inputs[0]
     length = next((d for d in reversed(inp.shape) if isinstance(d, int) and d > 0), 1)
     return {inp.name: (np.arange(length, dtype=np.int64) % 97 + 3).reshape(1, -1)}
 
 
-def _compile_ort(model: Path, tmp: Path, arch: str | None, soc_model: str | None, verify: bool) -> CompileResult:
+def _zeros(arg: Any) -> np.ndarray:
+    types = {"tensor(uint16)": np.uint16, "tensor(uint8)": np.uint8, "tensor(int64)": np.int64}
+    dtype = types.get(arg.type, np.float32)
+    return np.zeros([int(d) for d in arg.shape], dtype)
+
+
+def _compile_ort(
+    model: Path, tmp: Path, arch: str | None, soc_model: str | None, verify: bool, step: Any = None
+) -> CompileResult:
     from onnxq.device.qnn import session
 
     context = tmp / f"{_stem(model)}_ctx.onnx"
@@ -165,7 +243,7 @@ def _compile_ort(model: Path, tmp: Path, arch: str | None, soc_model: str | None
     t_compile = time.perf_counter() - t
     if not context.exists():
         raise OnnxqError(f"the QNN EP did not write {context.name}", "check the provider options (--htp-arch)")
-    feed = _feed(compiled, model)
+    feed = _feed(compiled, model, step)
     first = compiled.run(None, feed)[0] if verify else None
     del compiled
     t = time.perf_counter()

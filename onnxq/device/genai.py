@@ -32,7 +32,7 @@ import onnx_ir as ir
 from onnxq.core import ir as oir
 from onnxq.core.errors import OnnxqError
 from onnxq.core.files import CARRIED, atomic_dir, check_new_output, write_text
-from onnxq.core.steps import CacheShape, read_shape, shape_of
+from onnxq.core.steps import PARTS_SUFFIX, CacheShape, read_shape, shape_of
 from onnxq.device.generate import Generation
 
 CONFIG = "genai_config.json"
@@ -64,6 +64,11 @@ def find_pair(folder: Path) -> Pair:
         )
     if not folder.is_dir():
         raise OnnxqError(f"{folder} does not exist", "pass the folder written by `onnxq quantize` or `onnxq compile`")
+    if (folder / f"prefill{PARTS_SUFFIX}").exists():
+        raise OnnxqError(
+            f"{folder} is compiled in parts, which `package` does not take yet",
+            "package the quantized folder, or one compiled whole (no --parts, weights under --max-part-mb)",
+        )
     for prefill, decode in (
         ("prefill_ctx.onnx", "decode_ctx.onnx"),
         ("prefill.qdq.onnx", "decode.qdq.onnx"),

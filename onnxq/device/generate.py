@@ -16,15 +16,15 @@ from typing import Any
 import numpy as np
 
 from onnxq.core.errors import OnnxqError
-from onnxq.core.steps import CacheShape, StepRunner
+from onnxq.core.steps import PARTS_SUFFIX, CacheShape, StepRunner
 
 PREFILL, DECODE = "prefill.onnx", "decode.onnx"
 
 
 def graphs(folder: str | Path) -> tuple[Path, Path]:
-    """The prefill and decode graphs in ``folder``: quantized (``*.qdq.onnx``) if there, else float."""
+    """The prefill and decode graphs in ``folder``: compiled in parts, quantized (``*.qdq.onnx``) or float."""
     folder = Path(folder)
-    for suffix in (".qdq.onnx", ".onnx"):
+    for suffix in (PARTS_SUFFIX, ".qdq.onnx", ".onnx"):
         pair = (folder / f"prefill{suffix}", folder / f"decode{suffix}")
         if all(p.exists() for p in pair):
             return pair
@@ -65,9 +65,9 @@ class Stepper(StepRunner):
     """The pair in ``folder`` on ``ep`` (``cpu`` or ``qnn``)."""
 
     def __init__(self, folder: str | Path, ep: str = "cpu", **qnn_options: Any) -> None:
-        from onnxq.device.qnn import make_session
+        from onnxq.device.parts import open_graph
 
-        super().__init__(*graphs(folder), lambda path: make_session(path, ep, **qnn_options))
+        super().__init__(*graphs(folder), lambda path: open_graph(path, ep, **qnn_options))
 
 
 def _pick(logits: np.ndarray, temperature: float, top_k: int, rng: np.random.Generator) -> int:
