@@ -101,6 +101,16 @@ def test_compiled_in_three_parts_the_pair_gives_the_whole_pairs_logits_on_the_ht
     )
 
 
+def test_a_scoring_graph_compiles_in_parts(four_layer_pair: Path, tmp_path: Path) -> None:
+    from onnxq.device.compile import compile_model
+
+    result = compile_model(four_layer_pair / "model.qdq.onnx", tmp_path / "htp", parts=2)
+    assert read_parts(tmp_path / "htp" / f"model{PARTS_SUFFIX}") == [
+        tmp_path / "htp" / f"model.part{i}_ctx.onnx" for i in range(2)
+    ]
+    assert result.rerun_max_abs_error == 0.0  # each part's reloaded context computes what compiled it
+
+
 def test_a_folder_compiled_in_parts_is_refused_where_it_cannot_run(
     compiled_in_three: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:

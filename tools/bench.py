@@ -769,6 +769,11 @@ per-channel clipping search then round to nearest; `gptq`: the same scales, GPTQ
         from tools.bench_pair import section as pair_section
 
         text += "\n" + pair_section(json.loads(pair.read_text(encoding="utf-8")))
+    scale = RESULTS.parent / "scale.json"
+    if scale.exists():
+        from tools.bench_scale import section as scale_section
+
+        text += "\n" + scale_section(json.loads(scale.read_text(encoding="utf-8")))
     TABLE.write_text(text, encoding="utf-8")
     from tools.readme import update
 

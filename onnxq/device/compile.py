@@ -214,16 +214,19 @@ def _compile_parts(
 def _feed(sess: Any, model: Path, step: tuple[int, Any, float] | None = None) -> dict[str, np.ndarray]:
     """Fixed, in-vocabulary token ids for ``sess`` (and an empty cache for a KV-cache step graph); zeros
     for what a part is handed."""
-    inputs = sess.get_inputs()
-    if len(inputs) > 1:
-        from onnxq.core.steps import read_shape, step_inputs
+    from onnxq.core.steps import read_shape, step_inputs
 
-        chunk, shape, mask_value = step or read_shape(model)
+    inputs = sess.get_inputs()
+    if step is None and any(i.name.startswith("past_") for i in inputs):
+        step = read_shape(model)
+    if step is not None:
+        chunk, shape, mask_value = step
         known = {**step_inputs(np.arange(chunk) % 97 + 3, 0, chunk, shape, mask_value), **shape.empty()}
-        return {i.name: known[i.name] if i.name in known else _zeros(i) for i in inputs}
-    inp = inputs[0]
-    length = next((d for d in reversed(inp.shape) if isinstance(d, int) and d > 0), 1)
-    return {inp.name: (np.arange(length, dtype=np.int64) % 97 + 3).reshape(1, -1)}
+    else:
+        ids = next((i for i in inputs if i.name == "input_ids"), None)
+        length = next((d for d in reversed(ids.shape) if isinstance(d, int) and d > 0), 1) if ids else 1
+        known = {"input_ids": (np.arange(length, dtype=np.int64) % 97 + 3).reshape(1, -1)}
+    return {i.name: known[i.name] if i.name in known else _zeros(i) for i in inputs}
 
 
 def _zeros(arg: Any) -> np.ndarray:

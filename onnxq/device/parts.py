@@ -139,6 +139,7 @@ def split_graph(model: onnx.ModelProto, parts: Sequence[Part]) -> list[onnx.Mode
     inits = {i.name: i for i in graph.initializer}
     graph_inputs = {i.name: i for i in graph.input}
     types = {v.name: v for v in [*graph.value_info, *graph.output]}
+    order = {id(n): i for i, n in enumerate(graph.node)}
     out: list[onnx.ModelProto] = []
     for index, part in enumerate(parts):
         given = cuts[part.first - 1] if part.first > 0 else None
@@ -150,7 +151,6 @@ def split_graph(model: onnx.ModelProto, parts: Sequence[Part]) -> list[onnx.Mode
         nodes: set[int] = set()
         reads: set[str] = set()
         stack = list(wanted)
-        order = {id(n): i for i, n in enumerate(graph.node)}
         while stack:
             name = stack.pop()
             if name == given or name in inits or name in graph_inputs or name == "" or name in reads:
