@@ -21,10 +21,9 @@ The HTP's rules are applied here, once:
   about a fifth of the elements (those whose code minus zero point is a multiple of 4), though
   the FC reports the right codes; a Convert reads them right. So every compute op reads an LPBQ
   FC's 8-bit output through a convert to 16 bits on the same grid (code x 257: exact);
-- an op that reads 8 bits and writes 16 is computed coarsely by the HTP (a Sigmoid of an 8-bit
-  input is off by up to 2 8-bit steps of its 16-bit output; within 4 16-bit steps from a 16-bit
-  input), and an RmsNorm that does so is refused outright (Qwen3's q_norm and k_norm). So such an
-  op reads its 8-bit input through a convert to 16 bits on the same grid;
+- an op that reads 8 bits and writes 16 is computed by the HTP to about 8-bit precision, and an
+  RmsNorm that does so is refused outright (Qwen3's q_norm and k_norm). So such an op reads its
+  8-bit input through a convert to 16 bits on the same grid;
 - a 16-bit Sigmoid or Softmax output is written by the HTP on its own grid, step 1/65536 from 0,
   whatever encoding the graph gives it (ONNX Runtime's QNN quantizer sets the same); those
   points get that encoding instead of a calibrated one.

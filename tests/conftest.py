@@ -51,6 +51,16 @@ def tiny_model(tiny_dir: Path) -> Path:
     return export_tiny(tiny_dir, "gqa")
 
 
+def worst_by_op(qdq: Path, ids: object) -> dict[str, float]:
+    """op type -> its largest departure on the HTP from the reference op fed the HTP's own inputs, in 8-bit steps."""
+    from onnxq.evaluation.diff import htp_ops
+
+    out: dict[str, float] = {}
+    for d in htp_ops(qdq, ids):  # type: ignore[arg-type]
+        out[d.op] = max(out.get(d.op, 0.0), d.max_steps / 2 ** (d.bits - 8))
+    return out
+
+
 def quantized(source: Path, factory: pytest.TempPathFactory, preset: str, windows: int) -> Path:
     """``source`` (a model or a KV-cache folder) quantized with ``preset`` on WikiText-2 validation text."""
     from onnxq.stages.pipeline import quantize

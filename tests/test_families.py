@@ -15,11 +15,10 @@ from onnxq.device.check import run_checks
 from onnxq.device.generate import Stepper
 from onnxq.device.qnn import cpu_session
 from onnxq.device.validation import validate
-from onnxq.evaluation.diff import htp_ops
 from onnxq.stages.pipeline import quantize
 from onnxq.stages.prepare import prepare
 from rewrites.structure import discover
-from tests.conftest import export_tiny
+from tests.conftest import export_tiny, worst_by_op
 from tests.test_outliers import MASSIVE
 
 FAMILIES = ("qwen2", "qwen3")
@@ -70,7 +69,7 @@ def test_the_default_recipe_runs_whole_on_the_htp(
     report = validate(out / "model.qdq.onnx", eval_ids[:1])
     assert report.nodes_on_qnn == report.nodes_total > 0
     assert report.top1_agreement > MIN_TOP1
-    worst = max(d.max_steps / 2 ** (d.bits - 8) for d in htp_ops(out / "model.qdq.onnx", eval_ids[:1]))
+    worst = max(worst_by_op(out / "model.qdq.onnx", eval_ids[:1]).values())
     assert worst <= 1.0  # 8-bit steps; measured 1 (an FC's rounding) for both families and presets
 
 

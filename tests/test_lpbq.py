@@ -294,14 +294,10 @@ def test_on_the_htp_every_op_computes_what_the_reference_computes(
 ) -> None:
     """Each op on the HTP against the reference op fed the HTP's own inputs; then without each rule."""
     from onnxq import plan as plan_mod
-    from onnxq.evaluation.diff import htp_ops
+    from tests.conftest import worst_by_op
 
     def worst(path: Path) -> dict[str, float]:
-        """op type -> largest departure, in 8-bit steps"""
-        out: dict[str, float] = {}
-        for d in htp_ops(path, eval_ids[:1]):
-            out[d.op] = max(out.get(d.op, 0.0), d.max_steps / 2 ** (d.bits - 8))
-        return out
+        return worst_by_op(path, eval_ids[:1])
 
     def without(rule: str) -> Path:
         monkeypatch.setattr(plan_mod, rule, lambda *_: [])

@@ -59,22 +59,15 @@ def test_an_op_reading_8_bits_and_writing_16_reads_through_a_convert(
     the HTP computes them about 2 8-bit steps off; through a convert to 16 bits, within rounding."""
     from onnxq import plan
     from onnxq.device.check import run_checks
-    from onnxq.evaluation.diff import htp_ops
     from onnxq.stages.pipeline import quantize
+    from tests.conftest import worst_by_op
 
-    def worst(path: Path) -> dict[str, float]:
-        """op type -> largest departure from the reference fed the HTP's own inputs, in 8-bit steps"""
-        out: dict[str, float] = {}
-        for d in htp_ops(path, eval_ids[:1]):
-            out[d.op] = max(out.get(d.op, 0.0), d.max_steps / 2 ** (d.bits - 8))
-        return out
-
-    widened = worst(tiny_w8a8 / "model.qdq.onnx")
+    widened = worst_by_op(tiny_w8a8 / "model.qdq.onnx", eval_ids[:1])
     assert max(widened.values()) <= 1.0, widened  # measured: 1 code (FC rounding)
     monkeypatch.setattr(plan, "_widen_8bit_reads", lambda *_: [])
     quantize(tiny_model, tmp_path / "direct", preset="w8a8", calib="wikitext2-valid", windows=4)
     direct = tmp_path / "direct" / "model.qdq.onnx"
     rules = {f.rule for f in run_checks(ir.load(direct))}
     assert "htp-coarse-widening" in rules
-    raw = worst(direct)
+    raw = worst_by_op(direct, eval_ids[:1])
     assert raw["Sigmoid"] > 1.2, raw  # measured 1.4-1.9 steps

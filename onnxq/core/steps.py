@@ -84,7 +84,7 @@ def read_shape(model_path: Path) -> tuple[int, CacheShape, float]:
     import onnx
 
     if model_path.name.endswith(PARTS_SUFFIX):
-        step = json.loads(model_path.read_text()).get("step")
+        step = json.loads(model_path.read_text(encoding="utf-8")).get("step")
         if not step:
             raise OnnxqError(f"{model_path} is not a KV-cache step graph", "export one with `onnxq export --kv-cache`")
         return int(step["chunk"]), CacheShape(**step["cache"]), float(step["mask_value"])
@@ -94,12 +94,12 @@ def read_shape(model_path: Path) -> tuple[int, CacheShape, float]:
 def write_parts(path: Path, files: list[str], step: tuple[int, CacheShape, float] | None) -> None:
     """The manifest of a graph compiled in parts: its part files in order, and its step shape."""
     shape = None if step is None else {"chunk": step[0], "cache": asdict(step[1]), "mask_value": step[2]}
-    path.write_text(json.dumps({"parts": files, "step": shape}, indent=1) + "\n")
+    path.write_text(json.dumps({"parts": files, "step": shape}, indent=1) + "\n", encoding="utf-8")
 
 
 def read_parts(path: Path) -> list[Path]:
     """The part files a manifest names, in order."""
-    return [path.parent / name for name in json.loads(path.read_text())["parts"]]
+    return [path.parent / name for name in json.loads(path.read_text(encoding="utf-8"))["parts"]]
 
 
 def shape_of(proto: Any, model_path: Path) -> tuple[int, CacheShape, float]:
