@@ -179,10 +179,10 @@ def _compile_parts(
     graph: Path, plan: list[Part], tmp: Path, arch: str | None, soc_model: str | None, verify: bool, max_part_mb: int
 ) -> CompileResult:
     """Compile ``graph`` as the parts of ``plan``, each its own context; write their manifest."""
-    from onnxq.core.steps import PARTS_SUFFIX, read_shape, write_parts
+    from onnxq.core.steps import PARTS_SUFFIX, shape_of, write_parts
 
     proto = onnx.load(str(graph))
-    step = read_shape(graph) if any(p.key == "onnxq.kv_slots" for p in proto.metadata_props) else None
+    step = shape_of(proto, graph) if any(p.key == "onnxq.kv_slots" for p in proto.metadata_props) else None
     protos = split_graph(proto, plan)
     del proto
     files: list[str] = []
