@@ -15,7 +15,6 @@ import numpy as np
 import onnx_ir as ir
 import torch
 
-from calib.gptq import HessianObserver
 from calib.mirror import Mirror
 from calib.observers import METHODS, Observer
 from onnxq.core.encodings import const_encoding, weight_encoding
@@ -61,13 +60,11 @@ def observe(
     windows: Iterable[np.ndarray],
     *,
     histogram: Callable[[Point], bool] | bool = True,
-    hessians: dict[str, HessianObserver] | None = None,
     progress: Callable[[int], None] | None = None,
 ) -> dict[str, Observer]:
     """Run the float model over ``windows``, one observer per activation point (fixed memory).
 
-    ``histogram`` says which points keep a histogram (needed by ``mse`` and ``percentile``);
-    ``hessians`` (tensor name -> observer) also gathers ``xᵀx`` of those tensors for GPTQ.
+    ``histogram`` says which points keep a histogram (needed by ``mse`` and ``percentile``).
     """
     mirror = Mirror(model)
     observers: dict[str, Observer] = {}
@@ -78,13 +75,9 @@ def observe(
         for root in point.roots:
             by_root.setdefault(root, []).append(obs)
 
-    hess = hessians or {}
-
     def tap(name: str, value: torch.Tensor) -> None:
         for obs in by_root.get(name, ()):
             obs.update(value)
-        if name in hess:
-            hess[name].update(value)
 
     seen = 0
     with torch.inference_mode():

@@ -108,16 +108,26 @@ class WeightQuant(torch.nn.Module):
         ratio = torch.clamp(self.ratio0 * torch.exp(self.t), max=self.max_ratio).float()
         return torch.clamp(ratio * self._amax(weight) / self.spec.qmax, min=1e-12)
 
-    def forward(self, weight: torch.Tensor) -> torch.Tensor:
+    def _steps(self, weight: torch.Tensor) -> torch.Tensor:
+        """The scale of every element's channel (or block), shaped to broadcast against ``weight``."""
         scale = self.scale(weight)
         if self.spec.block_size:
-            s = scale.repeat_interleave(self.spec.block_size, dim=self.axis)
-        else:
-            shape = [1] * weight.dim()
-            shape[self.axis] = -1
-            s = scale.reshape(shape)
+            return scale.repeat_interleave(self.spec.block_size, dim=self.axis)
+        shape = [1] * weight.dim()
+        shape[self.axis] = -1
+        return scale.reshape(shape)
+
+    def forward(self, weight: torch.Tensor) -> torch.Tensor:
+        s = self._steps(weight)
         q = torch.clamp(round_ste(weight / s), self.spec.qmin, self.spec.qmax)
         return q * s
+
+    @torch.no_grad()
+    def frozen(self, weight: torch.Tensor) -> torch.Tensor:
+        """What :meth:`forward` gives, for a weight no gradient flows into, in place on one copy: a
+        128k-vocabulary lm_head would otherwise pass through four temporaries of its size."""
+        s = self._steps(weight)
+        return (weight / s).round_().clamp_(self.spec.qmin, self.spec.qmax).mul_(s)
 
     def encoding(self, weight: torch.Tensor) -> Encoding:
         weight = weight.detach().to(self.ratio0.device)
@@ -129,12 +139,13 @@ class WeightQuant(torch.nn.Module):
 
 
 def fixed(encoding: Encoding, x: torch.Tensor) -> torch.Tensor:
-    """Fake-quantize with a frozen encoding (constants, stage-2 points)."""
+    """Fake-quantize a constant with a frozen encoding (no gradient flows through it)."""
     scale = torch.as_tensor(np.asarray(encoding.scale), dtype=torch.float32)
     zp = torch.as_tensor(np.asarray(encoding.zero_point), dtype=torch.float32)
     if scale.dim() and encoding.spec.axis is not None:
         shape = [1] * x.dim()
         shape[encoding.spec.axis % x.dim()] = -1
         scale, zp = scale.reshape(shape), zp.reshape(shape)
-    q = torch.clamp(torch.round(x / scale) + zp, encoding.qtype.qmin, encoding.qtype.qmax)
-    return (q - zp) * scale
+    # in place on one copy: an embedding table would otherwise pass through five temporaries of its size
+    with torch.no_grad():
+        return (x / scale).round_().add_(zp).clamp_(encoding.qtype.qmin, encoding.qtype.qmax).sub_(zp).mul_(scale)

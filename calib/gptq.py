@@ -70,7 +70,8 @@ def gptq(
     dead = torch.diag(h) == 0
     h[dead, dead] = 1.0
     w[dead, :] = 0.0
-    exact = h.clone()
+    sweeps = SWEEPS if sweeps is None else sweeps
+    exact = h.clone() if sweeps > 0 else None  # the sweeps' objective
     order = torch.argsort(torch.diag(h), descending=True) if act_order else torch.arange(h.shape[0])
     # per channel every row has the same scales: leave that view unpermuted (lm_head: 49k columns)
     w, h = w[order], h[order][:, order]
@@ -79,6 +80,7 @@ def gptq(
     h += damp * torch.eye(h.shape[0], dtype=torch.float64)
     try:
         hinv = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(h)), upper=True)
+        del h  # a down_proj's is 0.5 GB in float64 at Llama-3.2-1B
     except RuntimeError:  # not positive definite even after damping: fall back to rounding
         q = torch.clamp(torch.round(w / scale), qmin, qmax) * scale
         return q[torch.argsort(order)].float().numpy()
@@ -98,8 +100,8 @@ def gptq(
             errors[i] = err
         w[start:end] = block
         w[end:] -= hinv[start:end, end:].T @ errors
-    sweeps = SWEEPS if sweeps is None else sweeps
-    if sweeps > 0:
+    del hinv
+    if exact is not None:
         target = torch.as_tensor(weight, dtype=torch.float64)[order]
         target[dead[order], :] = 0.0
         w = refine(w, target, exact[order][:, order], scale, qmin, qmax, sweeps)

@@ -572,9 +572,14 @@ class Mirror(torch.nn.Module):
             last_use[name] = len(steps)
         self.last_use = last_use
         self.debug = os.environ.get("ONNXQ_MIRROR_DEBUG") == "1"
+        #: constants computed each time a step reads them instead of held (fake-quantized weights)
+        self.on_read: dict[str, Callable[[], torch.Tensor]] = {}
 
     def const(self, name: str) -> torch.Tensor:
         """The current value of a constant (trainable or not)."""
+        computed = self.on_read.get(name)
+        if computed is not None:
+            return computed()
         key = self._param_keys.get(name)
         return self.trainable[key] if key is not None else self.consts[name]
 

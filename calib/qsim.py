@@ -16,6 +16,7 @@ everything but the selected points in float during stage 1.
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
+from functools import partial
 
 import numpy as np
 import onnx_ir as ir
@@ -89,6 +90,15 @@ class QuantSim(torch.nn.Module):
         """Put the fake-quantized (and possibly rotated) weights into the mirror."""
         for name in names if names is not None else self.base:
             self.mirror.consts[name] = self.wq(name)(self.effective_weight(name))
+
+    def quantize_weights_on_read(self) -> None:
+        """Fake-quantize each weight when a step reads it, without gradients, instead of holding a
+        fake-quantized copy of every weight beside the float ones (the sensitivity pass's memory)."""
+
+        def read(name: str) -> torch.Tensor:
+            return self.wq(name).frozen(self.effective_weight(name))
+
+        self.mirror.on_read = {name: partial(read, name) for name in self.base}
 
     # ------------------------------------------------------------------ running
     def tap(self, name: str, value: torch.Tensor) -> torch.Tensor | None:

@@ -117,9 +117,9 @@ def relative_and_fisher(
                 per_token = (grad * (inputs.pop(q) @ deltas[q])).reshape(-1, grad.shape[-1]).sum(-1)
             fisher[q] += 0.5 * float((per_token**2).sum())
 
+    sim.quantize_weights_on_read()
     with torch.no_grad():  # gradients are wanted for activations only
-        sim.load_weights()
-        deltas = {w: (sim.mirror.consts[w] - sim.effective_weight(w)).float() for w in edges}
+        deltas = {w: (sim.mirror.const(w) - sim.effective_weight(w)).float() for w in edges}
     mirror = sim.mirror
     feed = mirror.input_names[0]
     cuts = mirror.segments(segments or SEGMENTS)
@@ -134,7 +134,8 @@ def relative_and_fisher(
             for (first, crossing), last in zip(cuts, bounds, strict=True):
                 saved.append({k: env[k] for k in crossing if k in env})
                 mirror.run_range(first, last, env, sim.tap)
-                keep = set(cuts[len(saved)][1]) if len(saved) < len(cuts) else set(mirror.output_names)
+                # the next segment's inputs; nothing after the last (the backward recomputes the logits)
+                keep = set(cuts[len(saved)][1]) if len(saved) < len(cuts) else set()
                 env = {k: v for k, v in env.items() if k in keep}
         # backward segment by segment, last first, recomputing each from its saved inputs
         upstream: dict[str, torch.Tensor] = {}  # dL/d(value) summed over the segments read so far
@@ -177,11 +178,11 @@ def measured_gain(
 ) -> dict[str, float]:
     """Exact drop of calibration NLL when each candidate alone is run in float (≈ at 16 bits)."""
     feed = sim.mirror.input_names[0]
+    sim.quantize_weights_on_read()
 
     def loss() -> float:
         total = 0.0
         with torch.no_grad():
-            sim.load_weights()
             for w in windows:
                 ids = torch.as_tensor(np.asarray(w, dtype=np.int64)).reshape(1, -1)
                 total += float(_nll(sim.mirror.run({feed: ids}, tap=sim.tap)[sim.mirror.output_names[0]], ids))

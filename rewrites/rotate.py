@@ -34,18 +34,51 @@ from rewrites.structure import Linear, Norm, Structure
 ONLINE_KEY = "onnxq.online_rotation"
 
 
-def _weight(graph: ir.Graph, lin: Linear) -> np.ndarray:
+def _weight_name(graph: ir.Graph, lin: Linear) -> str:
+    """The linear's ``[in, out]`` weight initializer, or the error that it has none."""
     if lin.transposed:
         raise OnnxqError(f"linear {lin.node!r} keeps its weight transposed", "run untie_weights first")
-    arr = const_array(graph.initializers.get(lin.weight))
-    if arr is None:
+    if const_array(graph.initializers.get(lin.weight)) is None:
         raise OnnxqError(f"weight {lin.weight!r} of {lin.node!r} is not an initializer", "run untie_weights first")
+    return lin.weight
+
+
+def _weight(graph: ir.Graph, lin: Linear) -> np.ndarray:
+    arr = const_array(graph.initializers[_weight_name(graph, lin)])
+    assert arr is not None
     return arr.astype(np.float64)
 
 
 def _set(graph: ir.Graph, name: str, array: np.ndarray) -> None:
     value = graph.initializers[name]
     value.const_value = ir.tensor(array.astype(np.float32), name=name)
+
+
+#: float64 bytes above which a rotated table is computed in column blocks: an embedding or lm_head of
+#: a 128k vocabulary would otherwise hold two float64 copies of itself (4 GB at Llama-3.2-1B)
+BLOCK_BYTES = 1 << 28
+
+
+def _rotate_table(graph: ir.Graph, name: str, r: np.ndarray, *, left: bool) -> None:
+    """``W ← rᵀ W`` (``left``) or ``W ← W r``, in float64, stored as float32.
+
+    A large table goes in blocks of the dimension ``r`` does not touch, each block in float64 and
+    straight into the float32 result, so no float64 copy of the whole table is ever held.
+    """
+    arr = const_array(graph.initializers[name])
+    assert arr is not None
+    if arr.size * 8 <= BLOCK_BYTES:
+        _set(graph, name, r.T @ arr.astype(np.float64) if left else arr.astype(np.float64) @ r)
+        return
+    out = np.empty(arr.shape, dtype=np.float32)
+    free = arr.shape[1] if left else arr.shape[0]
+    step = max(1, BLOCK_BYTES // (8 * (arr.shape[0] if left else arr.shape[1])))
+    for i in range(0, free, step):
+        if left:
+            out[:, i : i + step] = r.T @ arr[:, i : i + step].astype(np.float64)
+        else:
+            out[i : i + step] = arr[i : i + step].astype(np.float64) @ r
+    graph.initializers[name].const_value = ir.tensor(out, name=name)
 
 
 def _shared(graph: ir.Graph, name: str) -> bool:
@@ -116,17 +149,15 @@ def rotate_residual(model: ir.Model, structure: Structure, r1: np.ndarray) -> Re
     table = graph.initializers[structure.embed_table]
     if _shared(graph, structure.embed_table):
         raise OnnxqError("the embedding table is shared with a MatMul", "run untie_weights first")
-    emb = const_array(table)
-    assert emb is not None
-    _set(graph, structure.embed_table, emb.astype(np.float64) @ r1)
+    _rotate_table(graph, table.name, r1, left=False)
     readers = writers = 0
     for _, lins in readers_of(structure):
         for lin in lins:
-            _set(graph, lin.weight, r1.T @ _weight(graph, lin))
+            _rotate_table(graph, _weight_name(graph, lin), r1, left=True)
             readers += 1
     for layer in structure.layers:
         for lin in (layer.attn.o, layer.mlp.down):
-            _set(graph, lin.weight, _weight(graph, lin) @ r1)
+            _rotate_table(graph, _weight_name(graph, lin), r1, left=False)
             if lin.bias is not None:
                 bias = const_array(graph.initializers[lin.bias])
                 assert bias is not None

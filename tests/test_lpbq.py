@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -236,9 +237,10 @@ def test_gptq_sweeps_change_only_the_4bit_rounding(
     assert code == 2 and len(err.splitlines()) == 1 and "--gptq-sweeps" in err and "Traceback" not in err
 
 
-def test_gptq_rounds_every_linear_and_frees_each_hessian(tiny_model: Path, tiny_dir: Path) -> None:
-    """apply_gptq drops a Hessian once its last reader is rounded (memory before lm_head's big one):
-    q, k and v share one, so freeing it after q would leave k and v unrounded, off their grids."""
+def test_gptq_layer_by_layer_rounds_every_linear_as_the_whole_graph_does(tiny_model: Path, tiny_dir: Path) -> None:
+    """GPTQ gathers each layer's Hessians from the saved residual stream and rounds that layer before
+    the next (its memory is one layer's Hessians): the same weights, bit for bit, as one pass over
+    the whole graph, and every linear rounded (q, k and v share one Hessian)."""
     from dataclasses import replace
 
     from transformers import AutoTokenizer
@@ -248,27 +250,30 @@ def test_gptq_rounds_every_linear_and_frees_each_hessian(tiny_model: Path, tiny_
     from onnxq.core import presets, recipes
     from onnxq.plan import build_plan
     from onnxq.stages.prepare import prepare
-    from onnxq.stages.weights import apply_gptq, gptq_inputs
+    from onnxq.stages.weights import round_by_layer
 
-    prep = prepare(ir.load(tiny_model))
-    recipe = replace(recipes.get("llama"), weight_block=0)
-    plan = build_plan(prep.model, presets.get("w4a8"), recipe, prep.roles, prep.structure)
     ids = windows(AutoTokenizer.from_pretrained(tiny_dir), "wikitext2-valid", 64, 4).ids
-    hessians = gptq_inputs(prep.model, plan)
-    observers = observe(prep.model, plan, ids, histogram=False, hessians=hessians)
-    encodings, _ = encode(prep.model, plan, observers, weight_method="mse")
-    shared = {n for n in hessians if sum(node.inputs[0].name == n for node in prep.model.graph) > 1}
-    assert shared  # the tiny model's q/k/v and gate/up read one input each
+    recipe = replace(recipes.get("llama"), weight_block=0)
+    rounded: list[dict[str, np.ndarray]] = []
+    for by_layer in (True, False):
+        prep = prepare(ir.load(tiny_model))
+        plan = build_plan(prep.model, presets.get("w4a8"), recipe, prep.roles, prep.structure)
+        encodings, _ = encode(prep.model, plan, observe(prep.model, plan, ids, histogram=False), weight_method="mse")
+        segments: list[int] = []
 
-    apply_gptq(prep.model, plan, encodings, hessians)
+        def progress(_label: str, total: int, segments: list[int] = segments) -> Callable[..., None]:
+            segments.append(total)
+            return lambda _n, _note=None: None
 
-    assert hessians == {}
-    inits = prep.model.graph.initializers
-    rounded = [p for p in plan.weight_points() if p.spec.axis == 1]
-    assert len(rounded) >= 7 * 2  # 7 linears per layer, 2 layers (+ lm_head)
-    for point in rounded:
-        steps = inits[point.name].const_value.numpy() / np.asarray(encodings[point.name].scale).reshape(1, -1)
-        assert np.abs(steps - np.round(steps)).max() < 1e-3, point.name  # on the grid: GPTQ rounded it
+        round_by_layer(prep.model, plan, encodings, ids, prep.structure if by_layer else None, progress=progress)
+        assert segments == [1 + 2 + 1 if by_layer else 1]  # embedding, 2 layers, head; or the whole graph
+        inits = prep.model.graph.initializers
+        rounded.append({p.name: inits[p.name].const_value.numpy() for p in plan.weight_points() if p.spec.axis == 1})
+    assert len(rounded[0]) >= 7 * 2  # 7 linears per layer, 2 layers (+ lm_head)
+    for name, weight in rounded[0].items():
+        assert np.array_equal(weight, rounded[1][name]), name
+        steps = weight / np.asarray(encodings[name].scale).reshape(1, -1)
+        assert np.abs(steps - np.round(steps)).max() < 1e-3, name  # on the grid: GPTQ rounded it
 
 
 def test_compute_ops_read_an_lpbq_output_through_an_exact_16_bit_convert(tiny_w4a8_lpbq: Path) -> None:

@@ -113,6 +113,39 @@ def test_weight_mse_clipping_never_increases_the_error() -> None:
     assert err(searched).sum() < 0.9 * err(plain).sum()
 
 
+@pytest.mark.parametrize("bits", [8, 4])
+def test_weight_mse_search_in_channel_chunks_gives_the_same_scales(bits: int, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The clipping search goes through a large weight a few channels at a time (an lm_head's
+    temporaries would be several copies of it): every scale is the one the whole search gives."""
+    from onnxq.core import encodings
+
+    w = np.random.default_rng(2).standard_t(3, size=(96, 70)).astype(np.float32)
+    spec = QuantSpec(QType.for_bits(bits, signed=True), symmetric=True, axis=1)
+    whole = weight_encoding(w, spec, "mse")
+    monkeypatch.setattr(encodings, "CHUNK_BYTES", 8 * 96 * 3)  # 3 channels per chunk
+    chunked = weight_encoding(w, spec, "mse")
+    assert np.array_equal(np.asarray(whole.scale), np.asarray(chunked.scale))
+    assert np.asarray(whole.scale).dtype == np.asarray(chunked.scale).dtype
+
+
+@pytest.mark.parametrize(("bits", "block"), [(8, 0), (4, 0), (4, 16)])
+def test_a_frozen_weight_quantizer_gives_its_forward_values_bit_for_bit(bits: int, block: int) -> None:
+    """The sensitivity pass fake-quantizes each weight as it is read, in place (``frozen``): the
+    values are the learnable quantizer's forward ones (its straight-through round is exact)."""
+    from calib.fakequant import WeightQuant
+
+    torch.manual_seed(0)
+    w = torch.randn(256, 96) * torch.rand(96) * 3
+    spec = QuantSpec(QType.for_bits(bits, signed=True), symmetric=True, axis=0 if block else 1, block_size=block)
+    wq = WeightQuant(spec, w, weight_encoding(w.numpy(), spec))
+    with torch.no_grad():
+        wq.t.add_(0.1 * torch.randn_like(wq.t))  # a learned clipping, not the initial one
+        want = wq(w)
+    got = wq.frozen(w)
+    assert torch.equal(got, want)
+    assert len(torch.unique(got[:, 0])) > 2**bits // 4  # on a grid of many levels, not collapsed
+
+
 def test_gptq_beats_rounding_on_the_layer_output() -> None:
     from calib.gptq import HessianObserver, gptq
 

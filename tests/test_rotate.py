@@ -46,6 +46,18 @@ def test_rotated_float_model_matches_the_original(
     assert float((ref64 - rot64).abs().max()) < 1e-5  # measured 5.7e-7
 
 
+def test_large_tables_rotate_in_blocks_to_the_same_bits(tiny_model: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A table over ``BLOCK_BYTES`` (a 128k-vocabulary embedding or lm_head) is rotated in column or row
+    blocks, never holding a float64 copy of itself: the same float32 weights as rotated whole."""
+    from rewrites import rotate
+
+    whole = _rotated(tiny_model)
+    monkeypatch.setattr(rotate, "BLOCK_BYTES", 4096)  # blocks of a few rows/columns on the tiny model
+    blocked = _rotated(tiny_model)
+    for name, value in whole.graph.initializers.items():
+        assert np.array_equal(value.const_value.numpy(), blocked.graph.initializers[name].const_value.numpy()), name
+
+
 def test_online_hadamard_is_exact(tiny_model: Path, tmp_path: Path, eval_ids: np.ndarray) -> None:
     rotated = _rotated(tiny_model, online=("r3", "r4"))
     tags = [(n.metadata_props.get("onnxq.online_rotation"), n.op_type) for n in rotated.graph]

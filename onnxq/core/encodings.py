@@ -13,6 +13,15 @@ from onnxq.core.qtypes import Encoding, QuantSpec, from_range, lpbq
 
 #: clip ratios searched per output channel for weights (1.0 = plain max)
 CLIP_RATIOS = np.linspace(1.0, 0.55, 19)
+#: float64 bytes of weight searched at once: channels are independent, and a 128k-vocabulary lm_head
+#: searched whole holds several float copies of itself
+CHUNK_BYTES = 1 << 26
+
+
+def _chunks(channels: int, rows: int) -> list[slice]:
+    """Consecutive channel ranges of about :data:`CHUNK_BYTES` (float64) each."""
+    step = max(1, CHUNK_BYTES // (8 * max(rows, 1)))
+    return [slice(i, i + step) for i in range(0, channels, step)]
 
 
 def const_encoding(spec: QuantSpec, *arrays: np.ndarray) -> Encoding:
@@ -40,18 +49,25 @@ def weight_encoding(weight: np.ndarray, spec: QuantSpec, method: str = "mse") ->
     amax = np.where(amax > 0, amax, 1e-8)
     if method == "minmax":
         return from_range(spec, -amax, amax)
-    qmax = spec.qmax
+    best_amax = amax.astype(np.float64)  # the clipped maxima are float64 (amax x a float64 ratio)
+    for cols in _chunks(moved.shape[1], moved.shape[0]):
+        best_amax[cols] = _mse_amax(moved[:, cols], amax[cols], spec)
+    return from_range(spec, -best_amax, best_amax)
+
+
+def _mse_amax(moved: np.ndarray, amax: np.ndarray, spec: QuantSpec) -> np.ndarray:
+    """Per channel (column of ``moved``), the clipped max with the least squared rounding error."""
     best_err = np.full(amax.shape, np.inf)
     best_amax = amax.copy()
     for ratio in CLIP_RATIOS:
         a = amax * ratio
-        scale = a / qmax
+        scale = a / spec.qmax
         q = np.clip(np.rint(moved / scale), spec.qmin, spec.qmax)
         err = ((q * scale - moved) ** 2).sum(axis=0)
         better = err < best_err
         best_err = np.where(better, err, best_err)
         best_amax = np.where(better, a, best_amax)
-    return from_range(spec, -best_amax, best_amax)
+    return best_amax
 
 
 #: LPBQ block scales are integers 1..16 times the channel's float scale (4 bits, as AIMET and QNN use)

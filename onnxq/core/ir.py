@@ -45,7 +45,30 @@ def load(path: str | os.PathLike) -> ir.Model:
         ) from None
     if len(model.graph) == 0:
         raise OnnxqError(f"{path} is not an ONNX model (no nodes)", "pass the exported .onnx file")
+    _own_tensors(model)
     return model
+
+
+def _own_tensors(model: ir.Model) -> None:
+    """Copy weights stored inside the protobuf out of it.
+
+    A tensor read from the protobuf is a view of the whole parsed file: while any one is referenced,
+    every weight in the file stays in memory, so each weight a rewrite replaces would be held twice.
+    Weights in external data are memory-mapped and released one by one; they stay as they are.
+    """
+
+    def owned(tensor: ir.TensorProtocol) -> ir.TensorProtocol:
+        if not isinstance(tensor, ir.TensorProtoTensor) or tensor.dtype == ir.DataType.STRING:
+            return tensor
+        return ir.Tensor(np.array(tensor.numpy()), dtype=tensor.dtype, name=tensor.name)
+
+    for value in model.graph.initializers.values():
+        if value.const_value is not None:
+            value.const_value = owned(value.const_value)
+    for node in model.graph.all_nodes():
+        for name, attr in list(node.attributes.items()):
+            if attr.type == ir.AttributeType.TENSOR:
+                node.attributes[name] = ir.AttrTensor(name, owned(attr.as_tensor()))
 
 
 def save(model: ir.Model, path: str | os.PathLike) -> list[Path]:

@@ -163,12 +163,18 @@ class Encoding:
     def quantize(self, x: np.ndarray) -> np.ndarray:
         """Integers as ONNX QuantizeLinear gives them (float division, round half to even)."""
         scale, zp = self._broadcast(x)
-        q = np.rint(x.astype(np.float32) / scale) + zp
-        return np.clip(q, self.spec.qmin, self.spec.qmax)
+        q = x.astype(np.float32)  # a copy, worked on in place: one weight-sized temporary, not five
+        np.divide(q, scale, out=q)
+        np.rint(q, out=q)
+        q += zp
+        return np.clip(q, self.spec.qmin, self.spec.qmax, out=q)
 
     def dequantize(self, q: np.ndarray) -> np.ndarray:
         scale, zp = self._broadcast(q)
-        return ((q.astype(np.float32) - zp) * scale).astype(np.float32)
+        x = q.astype(np.float32)
+        x -= zp
+        x *= scale
+        return x
 
     def fake(self, x: np.ndarray) -> np.ndarray:
         return self.dequantize(self.quantize(x))

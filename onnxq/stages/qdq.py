@@ -122,6 +122,7 @@ def _quantize_const(graph: ir.Graph, name: str, enc: Encoding, scale: ir.Value, 
     for node, idx in users:
         node.replace_input_with(idx, dq_out)
     graph.initializers.pop(name)
+    value.const_value = None  # the float weight goes now, not at the next cycle collection
 
 
 def emit_qdq(model: ir.Model, plan: QuantPlan, encodings: Mapping[str, Encoding]) -> ir.Model:

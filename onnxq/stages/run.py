@@ -32,7 +32,7 @@ from onnxq.stages.outputs import write_quantized
 from onnxq.stages.prepare import Prepared, Progress, outlier_chooser, prepare, r1_refiner
 from onnxq.stages.resolve import check_encodings_version, r1_widths, resolve_online, resolve_weight_method, with_block
 from onnxq.stages.results import QuantizeResult, recipe_text
-from onnxq.stages.weights import apply_gptq, gptq_inputs
+from onnxq.stages.weights import round_by_layer
 
 #: (the prepared float graph, the options as resolved, the recipe) -> point -> width to hold it at
 Pins = Callable[[Prepared, QuantizeOptions, recipes.Recipe], Mapping[str, int]]
@@ -121,19 +121,16 @@ def run_stages(
     tick = progress("calibrating", len(calib_windows)) if progress else None
     t_cal = time.perf_counter()
     rotated = o.rotate != "none"
-    # With learning, GPTQ's inputs are gathered after it, on the learned model: the Hessians (~0.8 GB
-    # on SmolLM2) are then never held while learning runs, and they see the learned rotations.
-    hessians = gptq_inputs(model, plan) if use_gptq and o.learn is None else None
     observers = observe(
         model,
         plan,
         calib_windows.ids,
         histogram=lambda p: method_for(p, o.method, rotated) in ("mse", "percentile") or p.bits < 16,
-        hessians=hessians,
         progress=tick,
     )
     scale_method = "mse" if use_gptq else weight_method
     encodings, stats = encode(model, plan, observers, method=o.method, weight_method=scale_method, rotated=rotated)
+    memory.release()  # the weight search's temporaries, before the sensitivity pass builds its sim
     mixed: dict[str, Any] | None = None
     if o.budget is not None or o.weight_budget is not None:
         plan, mixed = choose_precision(
@@ -182,15 +179,11 @@ def run_stages(
         encodings = result.encodings
         learned = {"config": asdict(o.learn), "seconds": round(result.seconds, 1), "layers": result.history}
         del result
-        memory.release()  # what learning freed, before GPTQ's Hessians (~0.8 GB) are gathered
+        memory.release()  # what learning freed, before GPTQ runs
     swept: int | None = None
-    if use_gptq:
-        if hessians is None:
-            hessians = gptq_inputs(model, plan)
-            tick = progress("GPTQ inputs", len(calib_windows)) if progress else None
-            observe(model, plan, calib_windows.ids, histogram=lambda _: False, hessians=hessians, progress=tick)
-        swept = apply_gptq(model, plan, encodings, hessians, sweeps=o.gptq_sweeps)
-        del hessians
+    if use_gptq:  # after learning: the Hessians see the learned rotations
+        ids = calib_windows.ids
+        swept = round_by_layer(model, plan, encodings, ids, prepared.structure, sweeps=o.gptq_sweeps, progress=progress)
         memory.release()  # GPTQ's temporaries, before the QDQ model and its serialised copy are made
     metadata = {
         "onnxq.calib": str(o.calib),

@@ -1,27 +1,33 @@
-"""Rounding the weights with GPTQ: its inputs gathered during calibration, then the rounding."""
+"""Rounding the weights with GPTQ, one decoder layer at a time.
+
+Each linear's Hessian ``Σ xᵀx`` is gathered on the float model's inputs. Held for every layer at once
+they are larger than the model's weights (Llama-3.2-1B: 537 MB per down_proj in float64), so
+:func:`round_by_layer` runs the calibration windows through one layer at a time from the saved
+residual stream, rounds that layer's weights and drops its Hessians before the next.
+"""
 
 from __future__ import annotations
 
 import logging
 from collections import Counter
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
+import numpy as np
 import onnx_ir as ir
 
+from onnxq.core import memory
 from onnxq.core.qtypes import Encoding
 from onnxq.plan import QuantPlan
+from onnxq.stages.prepare import Progress
+from rewrites.structure import Structure
+
+if TYPE_CHECKING:
+    from calib.mirror import Mirror
 
 log = logging.getLogger(__name__)
 
 #: calibration tokens per input channel below which GPTQ's refinement sweeps are skipped
 SWEEP_TOKENS_PER_INPUT = 2
-
-
-def gptq_inputs(model: ir.Model, plan: QuantPlan) -> dict[str, Any]:
-    """A Hessian observer for the input of every linear with a planned per-channel weight."""
-    from calib.gptq import HessianObserver
-
-    return {name: HessianObserver() for name, _, _ in _rounded_linears(model, plan)}
 
 
 def _rounded_linears(model: ir.Model, plan: QuantPlan) -> list[tuple[str, ir.Value, Any]]:
@@ -76,8 +82,89 @@ def apply_gptq(
             enough = obs.n >= SWEEP_TOKENS_PER_INPUT * obs.h.shape[0]  # else the sweeps would fit noise
             polish = (SWEEPS if sweeps is None else sweeps) if enough else 0
             swept = max(swept or 0, polish)
-        values = gptq(weight.const_value.numpy(), encodings[point.name], obs.hessian(), sweeps=polish)
+        hessian = obs.hessian()
+        if not readers[name]:
+            obs.h = None  # its last reader: only the normalised copy is needed now
+        values = gptq(weight.const_value.numpy(), encodings[point.name], hessian, sweeps=polish)
+        del hessian
         weight.const_value = ir.tensor(values, name=weight.name)
         done += 1
     log.info("GPTQ rounded %d weights (refinement sweeps on 4-bit weights: %s)", done, swept)
     return swept
+
+
+def round_by_layer(
+    model: ir.Model,
+    plan: QuantPlan,
+    encodings: dict[str, Encoding],
+    windows: np.ndarray,
+    structure: Structure | None,
+    *,
+    sweeps: int | None = None,
+    progress: Progress | None = None,
+) -> int | None:
+    """Gather the Hessians and round the weights (:func:`apply_gptq`) segment by segment.
+
+    The segments are the steps before the first decoder layer, each layer, and the head after the
+    last (one segment, the whole graph, without a ``structure``). Every window goes through a
+    segment on the float weights before any of them is rounded, so each Hessian is the one a
+    whole-graph pass gathers; the rounded layer's float weights then leave the mirror.
+    Returns what :func:`apply_gptq` returns.
+    """
+    import torch
+
+    from calib.gptq import HessianObserver
+    from calib.mirror import Mirror
+
+    mirror = Mirror(model)
+    feed = mirror.input_names[0]
+    segments = _segments(mirror, structure)
+    produced_in = {name: i for i, step in enumerate(mirror.steps) for name in step.outputs}
+    linears = _rounded_linears(model, plan)
+    stream = [mirror.window(w)[feed] for w in windows]
+    tick = progress("GPTQ (layers)", len(segments)) if progress else None
+    swept: int | None = None
+    with torch.inference_mode():
+        for first, last, source, target in segments:
+            mine = [lin for lin in linears if first <= produced_in.get(lin[0], -1) <= last]
+            hessians = {name: HessianObserver() for name, _, _ in mine}
+
+            def tap(name: str, value: torch.Tensor, hessians: dict[str, HessianObserver] = hessians) -> None:
+                if name in hessians:
+                    hessians[name].update(value)
+
+            for i, x in enumerate(stream):
+                values = {source: x}
+                mirror.run_range(first, last + 1, values, tap)
+                if target is not None:
+                    stream[i] = values[target]
+            if mine:
+                polished = apply_gptq(model, plan, encodings, hessians, sweeps=sweeps)
+                swept = polished if swept is None else max(swept, polished or 0)
+                for _, weight, _ in mine:  # never run again: the float copy can go
+                    mirror.consts.pop(weight.name, None)
+                memory.trim()  # else the freed float and temporary weights stay resident, layer after layer
+            if tick is not None:
+                tick(1)
+    return swept
+
+
+def _segments(mirror: Mirror, structure: Structure | None) -> list[tuple[int, int, str, str | None]]:
+    """(first step, last step, value read, value handed on) of the embedding, each layer and the head;
+    the whole graph as one segment where the layers do not stand alone."""
+    from calib.layers import layer_ranges
+    from onnxq.core.errors import OnnxqError
+
+    feed, last = mirror.input_names[0], len(mirror.steps) - 1
+    whole = [(0, last, feed, None)]
+    if structure is None or not structure.layers:
+        return whole
+    try:
+        ranges = layer_ranges(mirror, structure)
+    except OnnxqError:
+        return whole
+    head = (0, ranges[0][0] - 1, feed, ranges[0][2])
+    tail = (ranges[-1][1] + 1, last, ranges[-1][3], None)
+    if head[0] > head[1] or any(not mirror.external_inputs(a, b) <= {src} for a, b, src, _ in (head, tail)):
+        return whole
+    return [head, *ranges, tail]
