@@ -80,7 +80,7 @@ def gptq(
     h += damp * torch.eye(h.shape[0], dtype=torch.float64)
     try:
         hinv = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(h)), upper=True)
-        del h  # a down_proj's is 0.5 GB in float64 at Llama-3.2-1B
+        del h  # in float64 and input x input: the largest object GPTQ holds
     except RuntimeError:  # not positive definite even after damping: fall back to rounding
         q = torch.clamp(torch.round(w / scale), qmin, qmax) * scale
         return q[torch.argsort(order)].float().numpy()

@@ -54,8 +54,8 @@ def _set(graph: ir.Graph, name: str, array: np.ndarray) -> None:
     value.const_value = ir.tensor(array.astype(np.float32), name=name)
 
 
-#: float64 bytes above which a rotated table is computed in column blocks: an embedding or lm_head of
-#: a 128k vocabulary would otherwise hold two float64 copies of itself (4 GB at Llama-3.2-1B)
+#: float64 bytes above which a rotated table is computed in blocks: an embedding or lm_head of
+#: a 128k vocabulary would otherwise hold two float64 copies of itself
 BLOCK_BYTES = 1 << 28
 
 

@@ -1,7 +1,7 @@
 """Rounding the weights with GPTQ, one decoder layer at a time.
 
 Each linear's Hessian ``Σ xᵀx`` is gathered on the float model's inputs. Held for every layer at once
-they are larger than the model's weights (Llama-3.2-1B: 537 MB per down_proj in float64), so
+they are larger than the model's weights (in float64, input x input per linear), so
 :func:`round_by_layer` runs the calibration windows through one layer at a time from the saved
 residual stream, rounds that layer's weights and drops its Hessians before the next.
 """
