@@ -113,10 +113,10 @@ def build(name: str, folder: Path) -> None:
 def _cli(args: list[str]) -> dict[str, Any]:
     """An onnxq command in a fresh process: its peak RSS, its wall time and its own --json result."""
     code = (
-        "import json, resource, sys, time; from onnxq.cli import main; t = time.perf_counter(); "
-        f"rc = main({[*args, '--json', '-q']!r}); "
+        "import json, time; from onnxq.cli import main; from onnxq.stages.metrics import peak_rss_mb; "
+        f"t = time.perf_counter(); rc = main({[*args, '--json', '-q']!r}); "
         "print(); print(json.dumps({'rc': rc, 'seconds': round(time.perf_counter() - t, 1), "
-        "'peak_rss_mb': round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)}))"
+        "'peak_rss_mb': peak_rss_mb()}))"
     )
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=False, cwd=ROOT)
     head, _, last = proc.stdout.strip().rpartition("\n")

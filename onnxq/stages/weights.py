@@ -119,7 +119,7 @@ def round_by_layer(
     mirror = Mirror(model)
     feed = mirror.input_names[0]
     segments = _segments(mirror, structure)
-    produced_in = {name: i for i, step in enumerate(mirror.steps) for name in step.outputs}
+    produced_in = mirror.step_index()
     linears = _rounded_linears(model, plan)
     stream = [mirror.window(w)[feed] for w in windows]
     tick = progress("GPTQ (layers)", len(segments)) if progress else None
