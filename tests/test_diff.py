@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -51,9 +52,13 @@ def test_planted_fault_is_found(
     assert report.most_clipped[0]["layer"] == layer and report.most_clipped[0]["kind"] == "down_in"
 
 
-def test_htp_column(four_layers: tuple[Path, Path], eval_ids: np.ndarray) -> None:
+def test_htp_column(
+    four_layers: tuple[Path, Path], eval_ids: np.ndarray, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     float_path, qdq = four_layers
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
     report = diff(float_path, qdq, eval_ids[:1], ep="qnn")
+    assert list(tmp_path.iterdir()) == []  # its copies of both graphs are gone (a report per quantize)
     steps = [p.htp_steps for p in report.points if p.htp_steps is not None]
     assert steps and all(np.isfinite(steps))
     assert max(steps) < 5000  # output steps of 16-bit tensors; measured ~2000 on this random model

@@ -145,17 +145,21 @@ def _encoding_of(value: ir.Value) -> tuple[float, float, float] | None:
     return None
 
 
-def _with_outputs(model: ir.Model, values: list[ir.Value]) -> Path:
+def _with_outputs(model: ir.Model, values: list[ir.Value], path: Path) -> Path:
     for v in values:
         if not v.is_graph_output():
             model.graph.outputs.append(v)
-    path = Path(tempfile.mkdtemp(prefix="onnxq-diff-")) / "model.onnx"
     oir.save(model, path)
     return path
 
 
 def diff(float_path: str | Path, qdq_path: str | Path, windows: np.ndarray, *, ep: str = "cpu") -> DiffReport:
     """Compare a QDQ model with its float model, point by point, on ``windows`` of token ids."""
+    with tempfile.TemporaryDirectory(prefix="onnxq-diff-") as work:
+        return _diff(float_path, qdq_path, windows, ep, Path(work))
+
+
+def _diff(float_path: str | Path, qdq_path: str | Path, windows: np.ndarray, ep: str, work: Path) -> DiffReport:
     from onnxq.device.qnn import cpu_session, session
     from onnxq.stages.prepare import prepare
 
@@ -199,14 +203,14 @@ def diff(float_path: str | Path, qdq_path: str | Path, windows: np.ndarray, *, e
             + (", the same outlier split)" if channels else ")")
         )
     ref_values = {v.name: v for n in ref.graph for v in n.outputs}
-    ref_path = _with_outputs(ref, [ref_values[p_ref[k]] for k in keys])
+    ref_path = _with_outputs(ref, [ref_values[p_ref[k]] for k in keys], work / "float.onnx")
     q_values = {v.name: v for n in qdq.graph for v in n.outputs}
     targets = {k: q_values[p_q[k]] for k in keys if p_q[k] in q_values}
     if (None, "logits") in keys:
         targets[(None, "logits")] = qdq.graph.outputs[0]
     encodings = {k: _encoding_of(v) for k, v in targets.items()}
     visible = {k: _visible(v) for k, v in targets.items()}
-    q_path = _with_outputs(qdq, list(visible.values()))
+    q_path = _with_outputs(qdq, list(visible.values()), work / "qdq.onnx")
 
     fs = cpu_session(ref_path)
     cs = cpu_session(q_path)
@@ -292,12 +296,16 @@ def htp_ops(qdq_path: str | Path, ids: np.ndarray) -> list[OpDeparture]:
     are all graph inputs runs on ONNX Runtime CPU (basic optimisations: the QDQ semantics), fed the
     HTP's codes, so each op computes from exactly what the HTP gave it. Worst first, in 8-bit steps.
     """
+    with tempfile.TemporaryDirectory(prefix="onnxq-ops-") as work:
+        return _htp_ops(qdq_path, ids, Path(work))
+
+
+def _htp_ops(qdq_path: str | Path, ids: np.ndarray, work: Path) -> list[OpDeparture]:
     from onnxq.device.qnn import cpu_session, session
 
     def codes(model: ir.Model) -> list[ir.Node]:
         return [n for n in model.graph if n.op_type == "QuantizeLinear" and not oir.is_const(n.inputs[0])]
 
-    work = Path(tempfile.mkdtemp(prefix="onnxq-ops-"))
     model = oir.load(qdq_path)
     quantizers = codes(model)
     names = [q.outputs[0].name for q in quantizers]
