@@ -77,6 +77,14 @@ class ActQuant(torch.nn.Module):
         return from_range(self.spec, float(lo.detach()), float(hi.detach()))
 
 
+def _abs_max(x: torch.Tensor, dims: list[int]) -> torch.Tensor:
+    """``|x|.amax(dims)``; where no gradient is wanted, from the max and the min (the same values)
+    instead of through ``|x|``, a temporary the size of the weight."""
+    if x.requires_grad and torch.is_grad_enabled():
+        return x.abs().amax(dim=dims)
+    return torch.maximum(x.amax(dim=dims), x.amin(dim=dims).neg_())
+
+
 class WeightQuant(torch.nn.Module):
     """Symmetric weight quantizer with a learnable clip ratio per channel (LWC), or per block of
     input rows for LPBQ weights (the two-level snapping of the block scales happens on write-back)."""
@@ -100,9 +108,9 @@ class WeightQuant(torch.nn.Module):
         if self.spec.block_size:
             rows = weight.movedim(self.axis, 0)  # [in, out]
             blocks = rows.reshape(rows.shape[0] // self.spec.block_size, self.spec.block_size, -1)
-            amax = blocks.abs().amax(dim=1)
+            amax = _abs_max(blocks, [1])
             return amax if self.axis == 0 else amax.T
-        return weight.abs().amax(dim=[d for d in range(weight.dim()) if d != self.axis])
+        return _abs_max(weight, [d for d in range(weight.dim()) if d != self.axis])
 
     def scale(self, weight: torch.Tensor) -> torch.Tensor:
         ratio = torch.clamp(self.ratio0 * torch.exp(self.t), max=self.max_ratio).float()

@@ -34,3 +34,12 @@ def layer_ranges(mirror: Mirror, structure: Structure) -> list[tuple[int, int, s
         ranges.append((first, last, start_value, end_value))
         previous_end = last
     return ranges
+
+
+def head_range(mirror: Mirror, ranges: list[tuple[int, int, str, str]]) -> tuple[int, str] | None:
+    """(first step, value read) of the steps after the last decoder layer (the final norm and the
+    lm_head), where they read nothing but the residual stream the last layer hands on."""
+    first, stream = ranges[-1][1] + 1, ranges[-1][3]
+    if first >= len(mirror.steps) or not mirror.external_inputs(first, len(mirror.steps) - 1) <= {stream}:
+        return None
+    return first, stream

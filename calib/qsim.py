@@ -35,9 +35,15 @@ def _key(name: str) -> str:
 class QuantSim(torch.nn.Module):
     """Fake-quantized execution of a canonical float model under a plan and its encodings."""
 
-    def __init__(self, model: ir.Model, plan: QuantPlan, encodings: Mapping[str, Encoding]) -> None:
+    def __init__(
+        self, model: ir.Model, plan: QuantPlan, encodings: Mapping[str, Encoding], *, frozen: bool = False
+    ) -> None:
+        """``frozen``: nothing will be learned, so each weight and constant is fake-quantized, without
+        gradients, when a step reads it, instead of being held fake-quantized beside its float value
+        (the sensitivity pass's memory: a 128k-vocabulary embedding or lm_head is a gigabyte)."""
         super().__init__()
         self.plan = plan
+        self.frozen = frozen
         self.mirror = Mirror(model)
         self.acts = torch.nn.ModuleDict()
         self.weights = torch.nn.ModuleDict()
@@ -67,7 +73,16 @@ class QuantSim(torch.nn.Module):
                 self.weights[_key(point.name)] = WeightQuant(point.spec, w, enc)
             elif point.kind in ("const", "act"):
                 for const in point.consts:  # constants and the embedding table: fixed encodings
-                    self.mirror.consts[const] = fixed(enc, self.mirror.consts[const].float())
+                    value = self.mirror.consts[const].float()
+                    if frozen:
+                        self.mirror.consts[const] = value
+                        self.mirror.on_read[const] = partial(fixed, enc, value)
+                    else:
+                        self.mirror.consts[const] = fixed(enc, value)
+        if frozen:
+            for name in self.base:
+                self.mirror.on_read[name] = partial(self._read, name)
+            self.requires_grad_(False)  # a backward pass then keeps only what the activations' gradients need
 
     # ------------------------------------------------------------------ control
     def act(self, name: str) -> ActQuant:
@@ -91,14 +106,8 @@ class QuantSim(torch.nn.Module):
         for name in names if names is not None else self.base:
             self.mirror.consts[name] = self.wq(name)(self.effective_weight(name))
 
-    def quantize_weights_on_read(self) -> None:
-        """Fake-quantize each weight when a step reads it, without gradients, instead of holding a
-        fake-quantized copy of every weight beside the float ones (the sensitivity pass's memory)."""
-
-        def read(name: str) -> torch.Tensor:
-            return self.wq(name).frozen(self.effective_weight(name))
-
-        self.mirror.on_read = {name: partial(read, name) for name in self.base}
+    def _read(self, name: str) -> torch.Tensor:
+        return self.wq(name).frozen(self.effective_weight(name))
 
     # ------------------------------------------------------------------ running
     def tap(self, name: str, value: torch.Tensor) -> torch.Tensor | None:

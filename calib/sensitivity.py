@@ -30,6 +30,10 @@ from onnxq.plan import Point
 #: checkpoint segments of the backward pass (about one per decoder layer on a 30-layer model): only
 #: one segment's activations are held at a time, instead of the whole graph's
 SEGMENTS = 32
+#: the head's backward goes over the tokens in chunks of at most this many bytes of logits: at a 128k
+#: vocabulary the logits, their quantizer's and the loss's temporaries and gradients, each of that size,
+#: are the pass's peak
+LOGIT_BYTES = 2**27
 
 log = logging.getLogger(__name__)
 
@@ -46,9 +50,17 @@ class Sensitivity:
         return self.measured if self.measured is not None else self.fisher
 
 
-def _nll(logits: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
-    logits = logits.reshape(-1, logits.shape[-1])[:-1].float()
-    return torch.nn.functional.cross_entropy(logits, ids.reshape(-1)[1:])
+def _nll(logits: torch.Tensor, ids: torch.Tensor, tokens: slice | None = None) -> torch.Tensor:
+    """Mean next-token NLL of the window ``ids``; with ``tokens``, the share of it of the logits of those
+    positions (the shares add up to the mean)."""
+    if tokens is None:
+        logits = logits.reshape(-1, logits.shape[-1])[:-1].float()
+        return torch.nn.functional.cross_entropy(logits, ids.reshape(-1)[1:])
+    predicted = ids.shape[-1] - 1
+    rows = max(0, min(tokens.stop, predicted) - tokens.start)
+    logits = logits.reshape(-1, logits.shape[-1])[:rows].float()
+    targets = ids.reshape(-1)[tokens.start + 1 : tokens.start + 1 + rows]
+    return torch.nn.functional.cross_entropy(logits, targets, reduction="sum") / predicted
 
 
 def relative_and_fisher(
@@ -58,13 +70,18 @@ def relative_and_fisher(
     progress: Callable[[int], None] | None = None,
     weights: Mapping[str, tuple[str, str]] | None = None,
     segments: int | None = None,
+    head: tuple[int, str, int] | None = None,
 ) -> dict[str, tuple[float, float]]:
-    """Both scores for every candidate, with every quantizer of ``sim`` on.
+    """Both scores for every candidate, with every quantizer of ``sim`` (a frozen one) on.
 
     ``weights`` maps weight points to score to the (input, output) tensors of the FC reading them.
     The backward pass is checkpointed into about ``segments`` pieces (default :data:`SEGMENTS`; 1: the
-    whole graph at once).
+    whole graph at once). ``head``: (first step, residual stream read, width of the logits) of the steps
+    after the last decoder layer; they work token by token, so their backward goes over the tokens in
+    chunks of at most :data:`LOGIT_BYTES` of logits.
     """
+    if not sim.frozen:
+        raise ValueError("the sensitivity pass reads a frozen QuantSim")
     roots = {r: p.name for p in candidates for r in p.roots}
     names = {p.name for p in candidates}
     edges = dict(weights or {})
@@ -82,6 +99,9 @@ def relative_and_fisher(
     fisher = dict.fromkeys([*names, *edges], 0.0)
 
     def tap(name: str, value: torch.Tensor) -> torch.Tensor | None:
+        given = value
+        if value.is_floating_point() and not value.requires_grad:  # the embedding: no quantizer's grad from ids
+            value = value.detach().requires_grad_()
         point = roots.get(name)
         if name in fc_out and value.requires_grad:  # the FC output's gradient (its quantizer's STE passes it)
             value.retain_grad()
@@ -101,28 +121,35 @@ def relative_and_fisher(
         if name in fc_in:
             for w in fc_in[name]:
                 inputs[w] = out.detach()
-        return out if sim.taps.get(name) else None
+        return None if out is given else out
 
-    def collect() -> None:
-        """Fold the gradients one segment's backward produced into the scores."""
-        for q, value, error in captured:
-            if value.grad is not None:
-                pending.setdefault(q, []).append((value.grad * error).reshape(-1, value.shape[-1]).sum(-1))
+    def delta(w: str) -> torch.Tensor:
+        """What rounding adds to weight ``w`` (computed where it is used, not held for every weight)."""
+        return (sim.mirror.const(w) - sim.effective_weight(w)).float()
+
+    def collect() -> list[tuple[str, torch.Tensor]]:
+        """Fold the gradients one backward produced into the scores; returns the candidates' per-token
+        terms, in the order of their roots."""
+        terms = [
+            (q, (value.grad * error).reshape(-1, value.shape[-1]).sum(-1))
+            for q, value, error in captured
+            if value.grad is not None
+        ]
         captured.clear()
         out_grads.update({q: v.grad for q, v in outputs.items() if v.grad is not None})
         outputs.clear()
         for q in [q for q in out_grads if q in inputs]:  # an FC's input and output may sit in two segments
             with torch.no_grad():
                 grad = out_grads.pop(q)
-                per_token = (grad * (inputs.pop(q) @ deltas[q])).reshape(-1, grad.shape[-1]).sum(-1)
+                per_token = (grad * (inputs.pop(q) @ delta(q))).reshape(-1, grad.shape[-1]).sum(-1)
             fisher[q] += 0.5 * float((per_token**2).sum())
+        return terms
 
-    sim.quantize_weights_on_read()
-    with torch.no_grad():  # gradients are wanted for activations only
-        deltas = {w: (sim.mirror.const(w) - sim.effective_weight(w)).float() for w in edges}
     mirror = sim.mirror
     feed = mirror.input_names[0]
     cuts = mirror.segments(segments or SEGMENTS)
+    if head is not None:  # the head is a segment of its own, entered by the residual stream alone
+        cuts = [cut for cut in cuts if cut[0] < head[0]] + [(head[0], (head[1],))]
     bounds = [first for first, _ in cuts[1:]] + [len(mirror.steps)]
     for w in windows:
         ids = torch.as_tensor(np.asarray(w, dtype=np.int64)).reshape(1, -1)
@@ -133,27 +160,44 @@ def relative_and_fisher(
             env: dict[str, torch.Tensor] = {feed: ids if fed is None else fed}
             for (first, crossing), last in zip(cuts, bounds, strict=True):
                 saved.append({k: env[k] for k in crossing if k in env})
+                if len(saved) == len(cuts):
+                    break  # the last segment's outputs are the backward's to compute
                 mirror.run_range(first, last, env, sim.tap)
-                # the next segment's inputs; nothing after the last (the backward recomputes the logits)
-                keep = set(cuts[len(saved)][1]) if len(saved) < len(cuts) else set()
+                keep = set(cuts[len(saved)][1])  # the next segment's inputs
                 env = {k: v for k, v in env.items() if k in keep}
         # backward segment by segment, last first, recomputing each from its saved inputs
         upstream: dict[str, torch.Tensor] = {}  # dL/d(value) summed over the segments read so far
         for (first, _), last, start in reversed(list(zip(cuts, bounds, saved, strict=True))):
-            leaves = {k: v.detach().requires_grad_(v.is_floating_point()) for k, v in start.items()}
-            values = dict(leaves)
-            mirror.run_range(first, last, values, tap)
-            produced = {name for step in mirror.steps[first:last] for name in step.outputs}
-            seeds = [(values[k], upstream.pop(k)) for k in list(upstream) if k in produced]
-            seeds = [(v, g) for v, g in seeds if v.requires_grad]
-            if last == len(mirror.steps):
-                seeds.append((_nll(values[mirror.output_names[0]], ids), torch.ones(())))
-            if seeds:
-                torch.autograd.backward([v for v, _ in seeds], [g for _, g in seeds])
-            for k, leaf in leaves.items():
-                if leaf.grad is not None:
-                    upstream[k] = upstream[k] + leaf.grad if k in upstream else leaf.grad
-            collect()
+            spans: list[slice | None] = [None]
+            if head is not None and first == head[0]:
+                step = max(1, LOGIT_BYTES // (4 * head[2]))
+                spans = [slice(a, a + step) for a in range(0, ids.shape[-1], step)] if step < ids.shape[-1] else spans
+            grads: dict[str, list[torch.Tensor]] = {}
+            parts = []
+            for span in spans:
+                leaves = {
+                    k: (v if span is None else v[:, span]).detach().requires_grad_(v.is_floating_point())
+                    for k, v in start.items()
+                }
+                values = dict(leaves)
+                mirror.run_range(first, last, values, tap)
+                produced = {name for step in mirror.steps[first:last] for name in step.outputs}
+                seeds = [(values[k], upstream.pop(k)) for k in list(upstream) if k in produced]
+                seeds = [(v, g) for v, g in seeds if v.requires_grad]
+                if last == len(mirror.steps):
+                    seeds.append((_nll(values[mirror.output_names[0]], ids, span), torch.ones(())))
+                if seeds:
+                    torch.autograd.backward([v for v, _ in seeds], [g for _, g in seeds])
+                for k, leaf in leaves.items():
+                    if leaf.grad is not None:
+                        grads.setdefault(k, []).append(leaf.grad)
+                parts.append(collect())
+                del values, leaves, seeds
+            for k, chunks in grads.items():  # the chunks of the tokens, in order
+                grad = chunks[0] if len(chunks) == 1 else torch.cat(chunks, dim=1)
+                upstream[k] = upstream[k] + grad if k in upstream else grad
+            for i, (q, _) in enumerate(parts[0]):  # each root's per-token terms, the chunks joined
+                pending.setdefault(q, []).append(torch.cat([part[i][1] for part in parts]))
             memory.trim()  # else each segment's freed temporaries stay resident: +1.9 GB over 32 on SmolLM2
         for q, terms in pending.items():  # a point's roots (in one segment or several) add up per token
             same = all(t.shape == terms[0].shape for t in terms)
@@ -164,9 +208,10 @@ def relative_and_fisher(
         if progress is not None:
             progress(1)
     scores = {n: (err_abs[n] / max(ref_abs[n], 1e-12), fisher[n] / len(windows)) for n in names}
-    for q, delta in deltas.items():
-        base = sim.effective_weight(q).detach()
-        scores[q] = (float(delta.abs().sum() / base.abs().sum().clamp_min(1e-12)), fisher[q] / len(windows))
+    with torch.no_grad():
+        for q in edges:
+            base = sim.effective_weight(q).detach()
+            scores[q] = (float(delta(q).abs().sum() / base.abs().sum().clamp_min(1e-12)), fisher[q] / len(windows))
     return scores
 
 
@@ -177,8 +222,9 @@ def measured_gain(
     progress: Callable[[int], None] | None = None,
 ) -> dict[str, float]:
     """Exact drop of calibration NLL when each candidate alone is run in float (≈ at 16 bits)."""
+    if not sim.frozen:
+        raise ValueError("the sensitivity pass reads a frozen QuantSim")
     feed = sim.mirror.input_names[0]
-    sim.quantize_weights_on_read()
 
     def loss() -> float:
         total = 0.0

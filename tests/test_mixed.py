@@ -136,19 +136,27 @@ def test_weight_budget_promotes_the_most_sensitive_4bit_weights(
 def test_checkpointed_scoring_equals_one_backward_over_the_whole_graph(
     tiny_model: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """The sensitivity pass recomputes segment after segment to bound memory; its scores are those
-    of a single backward pass through the whole graph."""
+    """The sensitivity pass recomputes segment after segment, and the head in chunks of tokens, to bound
+    memory; its scores are those of a single backward pass through the whole graph."""
     from calib import sensitivity
 
-    def scores(segments: int) -> dict[str, float]:
+    def scores(segments: int, head_tokens: int = 64) -> dict[str, float]:
         monkeypatch.setattr(sensitivity, "SEGMENTS", segments)
-        out = tmp_path / f"segments{segments}"
+        monkeypatch.setattr(sensitivity, "LOGIT_BYTES", 4 * 384 * head_tokens)  # the tiny vocabulary: 384
+        out = tmp_path / f"segments{segments}-{head_tokens}"
         quantize(tiny_model, out, preset="w4a8", calib="wikitext2-valid", windows=2, budget=0.25, weight_budget=0.25)
         record = json.loads((out / "summary.json").read_text())["mixed_precision"]
         return {**record["scores"], **record["weight_scores"]}
 
-    whole, pieces = scores(1), scores(32)
-    assert whole.keys() == pieces.keys() and len(whole) > 10
-    assert all(v > 0 for v in whole.values())
-    for name, value in whole.items():
-        assert pieces[name] == pytest.approx(value, rel=1e-3), name
+    whole = scores(1)
+    assert len(whole) > 10 and all(v > 0 for v in whole.values())
+    spans: list[slice] = []
+    nll = sensitivity._nll
+    monkeypatch.setattr(sensitivity, "_nll", lambda x, ids, span=None: spans.append(span) or nll(x, ids, span))
+    chunked = scores(32, head_tokens=24)
+    # 64-token windows: the head in chunks of 24, 24 and 16 tokens (the last one's last token predicts nothing)
+    assert [(s.start, s.stop) for s in spans] == [(0, 24), (24, 48), (48, 72)] * 2
+    for pieces in (scores(32), chunked):
+        assert pieces.keys() == whole.keys()
+        for name, value in whole.items():
+            assert pieces[name] == pytest.approx(value, rel=1e-3), name

@@ -178,3 +178,26 @@ def test_gptq_refinement_sweeps_lower_the_layer_error_and_stay_on_the_grid() -> 
     assert np.array_equal(enc.fake(refined), refined)  # still the encoding's integers
     assert errors[2] <= errors[1] <= errors[0]  # coordinate descent never goes up
     assert errors[2] < 0.95 * errors[0], errors  # measured 0.89x
+
+
+@pytest.mark.parametrize("block", [None, 16])
+def test_gptq_in_column_slices_gives_the_whole_weights_integers(
+    block: int | None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A wide weight (a 128k-vocabulary lm_head) is rounded a slice of output columns at a time; each
+    column is rounded on its own, so the integers are those of the whole weight at once, sweeps included."""
+    from calib import gptq as gptq_module
+    from calib.gptq import HessianObserver, gptq
+
+    rng = np.random.default_rng(1)
+    x = (rng.normal(size=(1024, 64)) @ rng.normal(size=(64, 64))).astype(np.float32)
+    x[:, 5] = 0.0  # a dead input row
+    w = rng.normal(0, 0.1, size=(64, 200)).astype(np.float32)
+    spec = QuantSpec(QType.INT4, symmetric=True, axis=0 if block else 1, block_size=block)
+    enc = weight_encoding(w, spec, "mse")
+    obs = HessianObserver()
+    obs.update(torch.from_numpy(x))
+    whole = gptq(w, enc, obs.hessian(), sweeps=2)
+    monkeypatch.setattr(gptq_module, "COLUMN_BYTES", 8 * 64 * 48)  # slices of 48 columns: 48, ..., 8
+    sliced = gptq(w, enc, obs.hessian(), sweeps=2)
+    assert np.array_equal(enc.quantize(sliced), enc.quantize(whole))

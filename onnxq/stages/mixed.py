@@ -18,7 +18,7 @@ from __future__ import annotations
 import random
 from collections.abc import Collection, Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import onnx_ir as ir
@@ -29,6 +29,9 @@ from onnxq.core.qtypes import Encoding
 from onnxq.plan import Point, QuantPlan, build_plan
 from onnxq.stages.prepare import Prepared, Progress
 from rewrites.structure import as_linear
+
+if TYPE_CHECKING:
+    from calib.qsim import QuantSim
 
 #: roles of 8-bit activations that feed MatMuls
 CANDIDATE_ROLES = frozenset({"attn_in", "mlp_in", "attn_out", "down_in", "q_rope", "k_rope", "v"})
@@ -167,9 +170,10 @@ def choose_precision(
     wts = weight_candidates(plan) if weight_budget is not None else []
     scores: dict[str, float] = {}
     if (acts or wts) and selector != "random":
-        sim = QuantSim(model, plan, encodings)
+        sim = QuantSim(model, plan, encodings, frozen=True)
         tick = progress("sensitivity", len(windows)) if progress else None
-        both = relative_and_fisher(sim, acts, windows, progress=tick, weights=weight_edges(model, wts))
+        edges = weight_edges(model, wts)
+        both = relative_and_fisher(sim, acts, windows, progress=tick, weights=edges, head=_head(sim, model, prepared))
         scores = {n: (rel if selector == "relative" else fis) for n, (rel, fis) in both.items()}
         if selector == "measured" and acts:
             assert budget is not None
@@ -194,6 +198,21 @@ def choose_precision(
     merged = {**(overrides or {}), **promoted}
     new_plan = build_plan(model, plan.preset, recipe, prepared.roles, prepared.structure, merged, reasons)
     return new_plan, record
+
+
+def _head(sim: QuantSim, model: ir.Model, prepared: Prepared) -> tuple[int, str, int] | None:
+    """The steps after the last decoder layer, for the sensitivity pass to run in token chunks: (first
+    step, the residual stream they read, the logits' width); None where they cannot be told apart."""
+    from calib.layers import head_range, layer_ranges
+
+    width = model.graph.outputs[0].shape[-1] if model.graph.outputs[0].shape else None
+    if prepared.structure is None or not prepared.structure.layers or not isinstance(width, int):
+        return None
+    try:
+        head = head_range(sim.mirror, layer_ranges(sim.mirror, prepared.structure))
+    except OnnxqError:
+        return None
+    return None if head is None else (*head, width)
 
 
 def _rounded(scores: dict[str, float], points: list[Any]) -> dict[str, float]:

@@ -86,7 +86,6 @@ def apply_gptq(
         if not readers[name]:
             obs.h = None  # its last reader: only the normalised copy is needed now
         values = gptq(weight.const_value.numpy(), encodings[point.name], hessian, sweeps=polish)
-        del hessian
         weight.const_value = ir.tensor(values, name=weight.name)
         done += 1
     log.info("GPTQ rounded %d weights (refinement sweeps on 4-bit weights: %s)", done, swept)
@@ -152,7 +151,7 @@ def round_by_layer(
 def _segments(mirror: Mirror, structure: Structure | None) -> list[tuple[int, int, str, str | None]]:
     """(first step, last step, value read, value handed on) of the embedding, each layer and the head;
     the whole graph as one segment where the layers do not stand alone."""
-    from calib.layers import layer_ranges
+    from calib.layers import head_range, layer_ranges
     from onnxq.core.errors import OnnxqError
 
     feed, last = mirror.input_names[0], len(mirror.steps) - 1
@@ -163,8 +162,8 @@ def _segments(mirror: Mirror, structure: Structure | None) -> list[tuple[int, in
         ranges = layer_ranges(mirror, structure)
     except OnnxqError:
         return whole
-    head = (0, ranges[0][0] - 1, feed, ranges[0][2])
-    tail = (ranges[-1][1] + 1, last, ranges[-1][3], None)
-    if head[0] > head[1] or any(not mirror.external_inputs(a, b) <= {src} for a, b, src, _ in (head, tail)):
+    embedding = (0, ranges[0][0] - 1, feed, ranges[0][2])
+    head = head_range(mirror, ranges)
+    if embedding[1] < 0 or not mirror.external_inputs(0, embedding[1]) <= {feed} or head is None:
         return whole
-    return [head, *ranges, tail]
+    return [embedding, *ranges, (head[0], last, head[1], None)]
