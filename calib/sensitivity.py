@@ -100,8 +100,8 @@ def relative_and_fisher(
 
     def tap(name: str, value: torch.Tensor) -> torch.Tensor | None:
         given = value
-        if value.is_floating_point() and not value.requires_grad:  # the embedding: no quantizer's grad from ids
-            value = value.detach().requires_grad_()
+        if value.is_floating_point() and not value.requires_grad:  # a float made from ids (the embedding):
+            value = value.detach().requires_grad_()  # frozen quantizers carry no gradient, so it starts here
         point = roots.get(name)
         if name in fc_out and value.requires_grad:  # the FC output's gradient (its quantizer's STE passes it)
             value.retain_grad()

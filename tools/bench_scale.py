@@ -220,7 +220,39 @@ def section(results: dict[str, Any]) -> str:
                 f"| {row['seconds']:.0f} | {row['peak_rss_mb']:.0f} MB | {target} | {output} | "
                 f"{'' if per_window is None else f'{per_window:.1f}'} |"
             )
-    return "\n".join(lines) + "\n"
+    return "\n".join([*lines, "", *_fit(results)]) + "\n"
+
+
+#: models too large to build here, by parameters (Llama-3.2-3B, Llama-3.1-8B), for the fit's prediction
+BEYOND = {"llama-3.2-3b": 3.21e9, "llama-3.1-8b": 8.03e9}
+
+
+def _fit(results: dict[str, Any]) -> list[str]:
+    """Seconds and peak RSS of each quantize step, fitted as a line in the parameters over the models
+    measured, and what that line says for the models in :data:`BEYOND`."""
+    import numpy as np
+
+    lines = ["Fit (least squares, a line in the parameters, over the models above):", ""]
+    for step in PRESETS:
+        points = [
+            (rows["export"]["params"], rows[step]["seconds"], rows[step]["peak_rss_mb"])
+            for rows in results.get("models", {}).values()
+            if "export" in rows and step in rows
+        ]
+        if len(points) < 3:
+            continue
+        params, seconds, peak = (np.array(v, dtype=np.float64) for v in zip(*points, strict=True))
+        time_fit, peak_fit = np.polyfit(params / 1e9, seconds, 1), np.polyfit(params / 1e9, peak, 1)
+        guesses = "; ".join(
+            f"{name} ({n / 1e9:.1f} B): {np.polyval(time_fit, n / 1e9) / 60:.0f} min, "
+            f"{np.polyval(peak_fit, n / 1e9) / 1024:.1f} GB"
+            for name, n in BEYOND.items()
+        )
+        lines.append(
+            f"- {step} ({len(points)} models): {time_fit[0] / 60:.1f} min and {peak_fit[0] / 1024:.1f} GB per billion "
+            f"parameters (intercepts {time_fit[1] / 60:.1f} min, {peak_fit[1] / 1024:.1f} GB); {guesses}."
+        )
+    return lines if len(lines) > 2 else []
 
 
 def main() -> None:
