@@ -63,6 +63,29 @@ def _nll(logits: torch.Tensor, ids: torch.Tensor, tokens: slice | None = None) -
     return torch.nn.functional.cross_entropy(logits, targets, reduction="sum") / predicted
 
 
+#: ops that compute each token from that token alone, given constants without a token axis
+TOKENWISE = frozenset(
+    {"SimplifiedLayerNormalization", "LayerNormalization", "RMSNormalization", "MatMul", "Add", "Sub", "Mul", "Div"}
+    | {"Cast", "Identity", "Neg", "Sqrt", "Reciprocal", "Tanh", "QuantizeLinear", "DequantizeLinear"}
+)
+
+
+def _tokenwise(sim: QuantSim, first: int, edges: Mapping[str, tuple[str, str]]) -> bool:
+    """Whether steps ``first`` on can run over the tokens in chunks: token-wise ops, every MatMul's
+    second operand a weight, no constant of three dimensions or more (a per-position table), and every
+    scored FC there reading its input there too."""
+    mirror = sim.mirror
+    steps = mirror.steps[first:]
+    produced = {name for step in steps for name in step.outputs}
+    for step in steps:
+        consts = [n for n in step.inputs if n is not None and n in mirror.consts]
+        if step.op_type not in TOKENWISE or any(mirror.consts[n].dim() > 2 for n in consts):
+            return False
+        if step.op_type == "MatMul" and step.inputs[1] not in consts:
+            return False
+    return all(i in produced for i, o in edges.values() if o in produced)
+
+
 def relative_and_fisher(
     sim: QuantSim,
     candidates: Sequence[Point],
@@ -77,8 +100,8 @@ def relative_and_fisher(
     ``weights`` maps weight points to score to the (input, output) tensors of the FC reading them.
     The backward pass is checkpointed into about ``segments`` pieces (default :data:`SEGMENTS`; 1: the
     whole graph at once). ``head``: (first step, residual stream read, width of the logits) of the steps
-    after the last decoder layer; they work token by token, so their backward goes over the tokens in
-    chunks of at most :data:`LOGIT_BYTES` of logits.
+    after the last decoder layer; where they work token by token (:func:`_tokenwise`) and the logits
+    exceed :data:`LOGIT_BYTES`, their backward goes over the tokens in chunks of that many bytes.
     """
     if not sim.frozen:
         raise ValueError("the sensitivity pass reads a frozen QuantSim")
@@ -148,8 +171,13 @@ def relative_and_fisher(
     mirror = sim.mirror
     feed = mirror.input_names[0]
     cuts = mirror.segments(segments or SEGMENTS)
-    if head is not None:  # the head is a segment of its own, entered by the residual stream alone
+    chunk = None  # tokens per chunk of the head
+    if head is not None and _tokenwise(sim, head[0], edges):
+        chunk = max(1, LOGIT_BYTES // (4 * head[2]))
+    if chunk is not None and chunk < np.shape(windows)[-1]:  # the head: a segment of its own, from the stream
         cuts = [cut for cut in cuts if cut[0] < head[0]] + [(head[0], (head[1],))]
+    else:
+        chunk = None
     bounds = [first for first, _ in cuts[1:]] + [len(mirror.steps)]
     for w in windows:
         ids = torch.as_tensor(np.asarray(w, dtype=np.int64)).reshape(1, -1)
@@ -169,9 +197,8 @@ def relative_and_fisher(
         upstream: dict[str, torch.Tensor] = {}  # dL/d(value) summed over the segments read so far
         for (first, _), last, start in reversed(list(zip(cuts, bounds, saved, strict=True))):
             spans: list[slice | None] = [None]
-            if head is not None and first == head[0]:
-                step = max(1, LOGIT_BYTES // (4 * head[2]))
-                spans = [slice(a, a + step) for a in range(0, ids.shape[-1], step)] if step < ids.shape[-1] else spans
+            if chunk is not None and head is not None and first == head[0]:
+                spans = [slice(a, a + chunk) for a in range(0, ids.shape[-1], chunk)]
             grads: dict[str, list[torch.Tensor]] = {}
             parts = []
             for span in spans:

@@ -237,7 +237,7 @@ def _fit(results: dict[str, Any]) -> list[str]:
         points = [
             (rows["export"]["params"], rows[step]["seconds"], rows[step]["peak_rss_mb"])
             for rows in results.get("models", {}).values()
-            if "export" in rows and step in rows
+            if "params" in rows.get("export", {}) and step in rows
         ]
         if len(points) < 3:
             continue

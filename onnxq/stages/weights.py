@@ -86,6 +86,7 @@ def apply_gptq(
         if not readers[name]:
             obs.h = None  # its last reader: only the normalised copy is needed now
         values = gptq(weight.const_value.numpy(), encodings[point.name], hessian, sweeps=polish)
+        del hessian  # used up; gone before the next one is made
         weight.const_value = ir.tensor(values, name=weight.name)
         done += 1
     log.info("GPTQ rounded %d weights (refinement sweeps on 4-bit weights: %s)", done, swept)
