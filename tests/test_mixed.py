@@ -160,3 +160,46 @@ def test_checkpointed_scoring_equals_one_backward_over_the_whole_graph(
         assert pieces.keys() == whole.keys()
         for name, value in whole.items():
             assert pieces[name] == pytest.approx(value, rel=1e-3), name
+
+
+@pytest.mark.parametrize(
+    ("extra", "chunked"),
+    [(None, True), ("Reshape", False), ("position", False)],
+)
+def test_the_head_goes_in_token_chunks_only_where_it_is_token_wise(extra: str | None, chunked: bool) -> None:
+    """Norm and lm_head run chunk by chunk; a reshape with the length baked in, or a per-position
+    constant, keeps the head whole."""
+    from types import SimpleNamespace
+
+    from onnx import TensorProto, helper, numpy_helper
+
+    from calib.mirror import Mirror
+    from calib.sensitivity import _tokenwise
+
+    rng = np.random.default_rng(0)
+    inits = [
+        numpy_helper.from_array(np.ones(8, dtype=np.float32), "gamma"),
+        numpy_helper.from_array(rng.normal(size=(8, 16)).astype(np.float32), "lm_head"),
+    ]
+    nodes = [helper.make_node("SimplifiedLayerNormalization", ["x", "gamma"], ["n"], axis=-1, epsilon=1e-5)]
+    last = "n"
+    if extra == "Reshape":
+        inits.append(numpy_helper.from_array(np.array([1, 4, 8], dtype=np.int64), "shape"))
+        nodes.append(helper.make_node("Reshape", ["n", "shape"], ["r"]))
+        last = "r"
+    if extra == "position":
+        inits.append(numpy_helper.from_array(rng.normal(size=(1, 4, 8)).astype(np.float32), "pos"))
+        nodes.append(helper.make_node("Add", ["n", "pos"], ["r"]))
+        last = "r"
+    nodes.append(helper.make_node("MatMul", [last, "lm_head"], ["logits"]))
+    graph = helper.make_graph(
+        nodes,
+        "head",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4, 8])],
+        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, [1, 4, 16])],
+        inits,
+    )
+    model = ir.from_proto(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21)]))
+    sim = SimpleNamespace(mirror=Mirror(model))
+    assert _tokenwise(sim, 0, {}) is chunked  # type: ignore[arg-type]
+    assert _tokenwise(sim, 0, {"lm_head": ("x", "logits")}) is False  # a scored FC reading from outside
