@@ -18,6 +18,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from onnxq.core.memory import slices
 from onnxq.core.qtypes import Encoding, QuantSpec
 
 BLOCK = 128
@@ -84,9 +85,7 @@ def gptq(
         hinv = None
     scales = np.asarray(encoding.scale)
     out = np.empty(weight.shape, dtype=np.float32)
-    step = max(1, COLUMN_BYTES // (8 * weight.shape[0]))
-    for start in range(0, weight.shape[1], step):
-        cols = slice(start, start + step)
+    for cols in slices(weight.shape[1], 8 * weight.shape[0], COLUMN_BYTES):
         out[:, cols] = _round_columns(weight[:, cols], scales[..., cols], spec, order, dead, hinv, exact, sweeps)
     return out
 

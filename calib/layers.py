@@ -36,6 +36,17 @@ def layer_ranges(mirror: Mirror, structure: Structure) -> list[tuple[int, int, s
     return ranges
 
 
+def standing_layers(mirror: Mirror, structure: Structure | None) -> list[tuple[int, int, str, str]] | None:
+    """:func:`layer_ranges`, or None where the graph has no decoder layers or they do not stand alone
+    (the callers then run the whole graph at once)."""
+    if structure is None or not structure.layers:
+        return None
+    try:
+        return layer_ranges(mirror, structure)
+    except OnnxqError:
+        return None
+
+
 def head_range(mirror: Mirror, ranges: list[tuple[int, int, str, str]]) -> tuple[int, str] | None:
     """(first step, value read) of the steps after the last decoder layer (the final norm and the
     lm_head), where they read nothing but the residual stream the last layer hands on."""

@@ -171,13 +171,11 @@ def relative_and_fisher(
     mirror = sim.mirror
     feed = mirror.input_names[0]
     cuts = mirror.segments(segments or SEGMENTS)
-    chunk = None  # tokens per chunk of the head
+    head_spans: list[slice | None] = [None]  # the head's tokens, chunk by chunk
     if head is not None and _tokenwise(sim, head[0], edges):
-        chunk = max(1, LOGIT_BYTES // (4 * head[2]))
-    if chunk is not None and chunk < np.shape(windows)[-1]:  # the head: a segment of its own, from the stream
+        head_spans = [*memory.slices(np.shape(windows)[-1], 4 * head[2], LOGIT_BYTES)]
+    if len(head_spans) > 1:  # the head: a segment of its own, entered by the residual stream alone
         cuts = [cut for cut in cuts if cut[0] < head[0]] + [(head[0], (head[1],))]
-    else:
-        chunk = None
     bounds = [first for first, _ in cuts[1:]] + [len(mirror.steps)]
     for w in windows:
         ids = torch.as_tensor(np.asarray(w, dtype=np.int64)).reshape(1, -1)
@@ -196,9 +194,7 @@ def relative_and_fisher(
         # backward segment by segment, last first, recomputing each from its saved inputs
         upstream: dict[str, torch.Tensor] = {}  # dL/d(value) summed over the segments read so far
         for (first, _), last, start in reversed(list(zip(cuts, bounds, saved, strict=True))):
-            spans: list[slice | None] = [None]
-            if chunk is not None and head is not None and first == head[0]:
-                spans = [slice(a, a + chunk) for a in range(0, ids.shape[-1], chunk)]
+            spans = head_spans if len(head_spans) > 1 and head is not None and first == head[0] else [None]
             grads: dict[str, list[torch.Tensor]] = {}
             parts = []
             for span in spans:

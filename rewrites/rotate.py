@@ -27,6 +27,7 @@ import onnx_ir as ir
 
 from onnxq.core.errors import OnnxqError
 from onnxq.core.ir import add_initializer, const_array, unique_name
+from onnxq.core.memory import slices
 from rewrites.base import RewriteResult
 from rewrites.hadamard import check_orthogonal, hadamard_factors, rotation
 from rewrites.structure import Linear, Norm, Structure
@@ -71,13 +72,12 @@ def _rotate_table(graph: ir.Graph, name: str, r: np.ndarray, *, left: bool) -> N
         _set(graph, name, r.T @ arr.astype(np.float64) if left else arr.astype(np.float64) @ r)
         return
     out = np.empty(arr.shape, dtype=np.float32)
-    free = arr.shape[1] if left else arr.shape[0]
-    step = max(1, BLOCK_BYTES // (8 * (arr.shape[0] if left else arr.shape[1])))
-    for i in range(0, free, step):
+    free, touched = (arr.shape[1], arr.shape[0]) if left else (arr.shape[0], arr.shape[1])
+    for block in slices(free, 8 * touched, BLOCK_BYTES):
         if left:
-            out[:, i : i + step] = r.T @ arr[:, i : i + step].astype(np.float64)
+            out[:, block] = r.T @ arr[:, block].astype(np.float64)
         else:
-            out[i : i + step] = arr[i : i + step].astype(np.float64) @ r
+            out[block] = arr[block].astype(np.float64) @ r
     graph.initializers[name].const_value = ir.tensor(out, name=name)
 
 

@@ -8,7 +8,9 @@ import shutil
 import warnings
 from pathlib import Path
 
+import onnx
 import pytest
+from onnx import TensorProto, helper
 
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 for _noisy in ("onnxscript", "onnx_ir", "transformers"):
@@ -17,6 +19,20 @@ warnings.filterwarnings("ignore", category=FutureWarning)
 warnings.filterwarnings("ignore", category=UserWarning)
 
 SEQ = 64
+
+
+def float_graph(
+    nodes: list[onnx.NodeProto], inits: list[onnx.TensorProto], x: tuple[str, list[int]], y: tuple[str, list[int]]
+) -> onnx.ModelProto:
+    """A hand-built opset-21 model with one float input ``x`` and one float output ``y`` (name, shape)."""
+    graph = helper.make_graph(
+        nodes,
+        "g",
+        [helper.make_tensor_value_info(x[0], TensorProto.FLOAT, x[1])],
+        [helper.make_tensor_value_info(y[0], TensorProto.FLOAT, y[1])],
+        inits,
+    )
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21)])
 
 
 @pytest.fixture(scope="session")

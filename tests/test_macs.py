@@ -11,6 +11,7 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 from onnxq.stages.macs import mac_widths
+from tests.conftest import float_graph
 
 
 def _two_matmuls() -> onnx.ModelProto:
@@ -29,14 +30,7 @@ def _two_matmuls() -> onnx.ModelProto:
         helper.make_node("MatMul", ["xd", "wd"], ["h"], name="fc"),
         helper.make_node("MatMul", ["h", "w2"], ["y"], name="plain"),
     ]
-    graph = helper.make_graph(
-        nodes,
-        "g",
-        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4, 8])],
-        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4, 5])],
-        inits,
-    )
-    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21)])
+    return float_graph(nodes, inits, ("x", [1, 4, 8]), ("y", [1, 4, 5]))
 
 
 def test_shares_follow_the_shapes_and_widths() -> None:

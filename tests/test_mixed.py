@@ -14,6 +14,7 @@ from onnxq.core.errors import OnnxqError
 from onnxq.device.validation import validate
 from onnxq.stages import mixed
 from onnxq.stages.pipeline import quantize
+from tests.conftest import float_graph
 
 
 def _q_dtypes(model: Path) -> dict[str, ir.DataType]:
@@ -171,7 +172,7 @@ def test_the_head_goes_in_token_chunks_only_where_it_is_token_wise(extra: str | 
     constant, keeps the head whole."""
     from types import SimpleNamespace
 
-    from onnx import TensorProto, helper, numpy_helper
+    from onnx import helper, numpy_helper
 
     from calib.mirror import Mirror
     from calib.sensitivity import _tokenwise
@@ -192,14 +193,7 @@ def test_the_head_goes_in_token_chunks_only_where_it_is_token_wise(extra: str | 
         nodes.append(helper.make_node("Add", ["n", "pos"], ["r"]))
         last = "r"
     nodes.append(helper.make_node("MatMul", [last, "lm_head"], ["logits"]))
-    graph = helper.make_graph(
-        nodes,
-        "head",
-        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4, 8])],
-        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, [1, 4, 16])],
-        inits,
-    )
-    model = ir.from_proto(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21)]))
+    model = ir.from_proto(float_graph(nodes, inits, ("x", [1, 4, 8]), ("logits", [1, 4, 16])))
     sim = SimpleNamespace(mirror=Mirror(model))
     assert _tokenwise(sim, 0, {}) is chunked  # type: ignore[arg-type]
     assert _tokenwise(sim, 0, {"lm_head": ("x", "logits")}) is False  # a scored FC reading from outside

@@ -9,6 +9,7 @@ from __future__ import annotations
 import numpy as np
 
 from onnxq.core.errors import OnnxqError
+from onnxq.core.memory import slices
 from onnxq.core.qtypes import Encoding, QuantSpec, from_range, lpbq
 
 #: clip ratios searched per output channel for weights (1.0 = plain max)
@@ -16,12 +17,6 @@ CLIP_RATIOS = np.linspace(1.0, 0.55, 19)
 #: float64 bytes of weight searched at once: channels are independent, and a 128k-vocabulary lm_head
 #: searched whole holds several float copies of itself
 CHUNK_BYTES = 1 << 26
-
-
-def _chunks(channels: int, rows: int) -> list[slice]:
-    """Consecutive channel ranges of about :data:`CHUNK_BYTES` (float64) each."""
-    step = max(1, CHUNK_BYTES // (8 * max(rows, 1)))
-    return [slice(i, i + step) for i in range(0, channels, step)]
 
 
 def const_encoding(spec: QuantSpec, *arrays: np.ndarray) -> Encoding:
@@ -50,7 +45,7 @@ def weight_encoding(weight: np.ndarray, spec: QuantSpec, method: str = "mse") ->
     if method == "minmax":
         return from_range(spec, -amax, amax)
     best_amax = amax.astype(np.float64)  # the clipped maxima are float64 (amax x a float64 ratio)
-    for cols in _chunks(moved.shape[1], moved.shape[0]):
+    for cols in slices(moved.shape[1], 8 * moved.shape[0], CHUNK_BYTES):  # float64 channels
         best_amax[cols] = _mse_amax(moved[:, cols], amax[cols], spec)
     return from_range(spec, -best_amax, best_amax)
 

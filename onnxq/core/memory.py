@@ -41,3 +41,10 @@ def release() -> bool:
     """Collect garbage cycles, then :func:`trim`: between stages, where a stage's objects just died."""
     gc.collect()
     return trim()
+
+
+def slices(length: int, item_bytes: int, budget: int) -> list[slice]:
+    """Consecutive ranges over ``length`` items of ``item_bytes`` each, at most ``budget`` bytes a
+    range (one item at least): how large tables and batches are worked through a block at a time."""
+    step = max(1, budget // max(item_bytes, 1))
+    return [slice(i, i + step) for i in range(0, length, step)]

@@ -203,15 +203,11 @@ def choose_precision(
 def _head(sim: QuantSim, model: ir.Model, prepared: Prepared) -> tuple[int, str, int] | None:
     """The steps after the last decoder layer, for the sensitivity pass to run in token chunks: (first
     step, the residual stream they read, the logits' width); None where they cannot be told apart."""
-    from calib.layers import head_range, layer_ranges
+    from calib.layers import head_range, standing_layers
 
     width = model.graph.outputs[0].shape[-1] if model.graph.outputs[0].shape else None
-    if prepared.structure is None or not prepared.structure.layers or not isinstance(width, int):
-        return None
-    try:
-        head = head_range(sim.mirror, layer_ranges(sim.mirror, prepared.structure))
-    except OnnxqError:
-        return None
+    ranges = standing_layers(sim.mirror, prepared.structure)
+    head = head_range(sim.mirror, ranges) if ranges is not None and isinstance(width, int) else None
     return None if head is None else (*head, width)
 
 

@@ -152,16 +152,12 @@ def round_by_layer(
 def _segments(mirror: Mirror, structure: Structure | None) -> list[tuple[int, int, str, str | None]]:
     """(first step, last step, value read, value handed on) of the embedding, each layer and the head;
     the whole graph as one segment where the layers do not stand alone."""
-    from calib.layers import head_range, layer_ranges
-    from onnxq.core.errors import OnnxqError
+    from calib.layers import head_range, standing_layers
 
     feed, last = mirror.input_names[0], len(mirror.steps) - 1
     whole = [(0, last, feed, None)]
-    if structure is None or not structure.layers:
-        return whole
-    try:
-        ranges = layer_ranges(mirror, structure)
-    except OnnxqError:
+    ranges = standing_layers(mirror, structure)
+    if ranges is None:
         return whole
     embedding = (0, ranges[0][0] - 1, feed, ranges[0][2])
     head = head_range(mirror, ranges)
