@@ -112,13 +112,17 @@ class WeightQuant(torch.nn.Module):
             return amax if self.axis == 0 else amax.T
         return _abs_max(weight, [d for d in range(weight.dim()) if d != self.axis])
 
-    def scale(self, weight: torch.Tensor) -> torch.Tensor:
+    def scale(self, weight: torch.Tensor, columns: slice | None = None) -> torch.Tensor:
+        """Per channel (or block); with ``columns``, those of ``weight``'s last axis only, given as
+        ``weight`` (where the channels are that axis)."""
         ratio = torch.clamp(self.ratio0 * torch.exp(self.t), max=self.max_ratio).float()
+        if columns is not None:
+            ratio = ratio[..., columns]
         return torch.clamp(ratio * self._amax(weight) / self.spec.qmax, min=1e-12)
 
-    def _steps(self, weight: torch.Tensor) -> torch.Tensor:
+    def _steps(self, weight: torch.Tensor, columns: slice | None = None) -> torch.Tensor:
         """The scale of every element's channel (or block), shaped to broadcast against ``weight``."""
-        scale = self.scale(weight)
+        scale = self.scale(weight, columns)
         if self.spec.block_size:
             return scale.repeat_interleave(self.spec.block_size, dim=self.axis)
         shape = [1] * weight.dim()
@@ -131,10 +135,19 @@ class WeightQuant(torch.nn.Module):
         return q * s
 
     @torch.no_grad()
-    def frozen(self, weight: torch.Tensor) -> torch.Tensor:
+    def frozen(self, weight: torch.Tensor, part: slice | torch.Tensor | None = None) -> torch.Tensor:
         """What :meth:`forward` gives, for a weight no gradient flows into, in place on one copy: a
-        128k-vocabulary lm_head would otherwise pass through four temporaries of its size."""
-        s = self._steps(weight)
+        128k-vocabulary lm_head would otherwise pass through four temporaries of its size. ``part``: a block
+        of the last axis (a slice) or entries of the first (a tensor of indices)."""
+        if isinstance(part, slice) and weight.dim() == 2 and self.axis == (0 if self.spec.block_size else 1):
+            return self._rounded(weight[:, part], part)  # the channels lie along that axis: the block alone
+        whole = self._rounded(weight)
+        if part is None:
+            return whole
+        return whole[..., part] if isinstance(part, slice) else whole.index_select(0, part)
+
+    def _rounded(self, weight: torch.Tensor, columns: slice | None = None) -> torch.Tensor:
+        s = self._steps(weight, columns)
         return (weight / s).round_().clamp_(self.spec.qmin, self.spec.qmax).mul_(s)
 
     def encoding(self, weight: torch.Tensor) -> Encoding:
@@ -146,14 +159,24 @@ class WeightQuant(torch.nn.Module):
         return Encoding(self.spec, scale, np.zeros(scale.shape, dtype=np.int64))
 
 
-def fixed(encoding: Encoding, x: torch.Tensor) -> torch.Tensor:
-    """Fake-quantize a constant with a frozen encoding (no gradient flows through it)."""
+def fixed(encoding: Encoding, x: torch.Tensor, part: slice | torch.Tensor | None = None) -> torch.Tensor:
+    """Fake-quantize a constant with a frozen encoding (no gradient flows through it); with ``part``, only
+    that block of its last axis (a slice) or those entries of its first (a tensor of indices)."""
     scale = torch.as_tensor(np.asarray(encoding.scale), dtype=torch.float32)
     zp = torch.as_tensor(np.asarray(encoding.zero_point), dtype=torch.float32)
     if scale.dim() and encoding.spec.axis is not None:
         shape = [1] * x.dim()
         shape[encoding.spec.axis % x.dim()] = -1
         scale, zp = scale.reshape(shape), zp.reshape(shape)
+    if part is not None:
+        x, scale, zp = (_part(t, part) for t in (x, scale, zp))
     # in place on one copy: an embedding table would otherwise pass through five temporaries of its size
     with torch.no_grad():
         return (x / scale).round_().add_(zp).clamp_(encoding.qtype.qmin, encoding.qtype.qmax).sub_(zp).mul_(scale)
+
+
+def _part(x: torch.Tensor, part: slice | torch.Tensor) -> torch.Tensor:
+    """``part`` of ``x`` (as :func:`fixed` takes it), where ``x`` varies along that axis; else ``x`` itself."""
+    if isinstance(part, slice):
+        return x[..., part] if x.dim() and x.shape[-1] > 1 else x
+    return x.index_select(0, part) if x.dim() and x.shape[0] > 1 else x

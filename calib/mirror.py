@@ -26,11 +26,19 @@ import numpy as np
 import onnx_ir as ir
 import torch
 
+from onnxq.core.memory import slices
+
 log = logging.getLogger(__name__)
 
 Tap = Callable[[str, torch.Tensor], "torch.Tensor | None"]
 OpFn = Callable[..., Any]
 OPS: dict[str, OpFn] = {}
+#: what a step reads of a constant computed on read: all of it (None), a block of its last axis (a
+#: MatMul's columns: a slice) or entries of its first axis (a Gather's rows: a tensor of indices)
+Part = slice | torch.Tensor | None
+Read = Callable[[Part], torch.Tensor]
+#: a constant computed on read goes into a MatMul this many bytes of columns at a time
+READ_BYTES = 2**27
 
 #: ONNX TensorProto data type codes -> torch dtypes (int4/uint16 values travel as wider ints)
 _DTYPES: dict[int, torch.dtype] = {
@@ -507,6 +515,26 @@ def _attr_value(attr: ir.Attr) -> Any:
     return value
 
 
+class _ReadMatMul(torch.autograd.Function):
+    """``a @ B`` for a ``B`` computed on read, a block of columns at a time: the backward pass reads B again
+    instead of keeping it (no gradient goes to B, and none to anything that made it)."""
+
+    @staticmethod
+    def forward(ctx: Any, a: torch.Tensor, read: Read, parts: list[Part]) -> torch.Tensor:  # type: ignore[override]
+        ctx.read, ctx.parts = read, parts
+        if len(parts) == 1:
+            return a @ read(parts[0])
+        return torch.cat([a @ read(part) for part in parts], dim=-1)
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, None, None]:  # type: ignore[override]
+        total: torch.Tensor | None = None
+        for part in ctx.parts:
+            term = (grad if part is None else grad[..., part]) @ ctx.read(part).mT
+            total = term if total is None else total.add_(term)
+        return total, None, None
+
+
 class Mirror(torch.nn.Module):
     """An ONNX graph as a torch module.
 
@@ -572,14 +600,15 @@ class Mirror(torch.nn.Module):
             last_use[name] = len(steps)
         self.last_use = last_use
         self.debug = os.environ.get("ONNXQ_MIRROR_DEBUG") == "1"
-        #: constants computed each time a step reads them instead of held (fake-quantized weights)
-        self.on_read: dict[str, Callable[[], torch.Tensor]] = {}
+        #: constants computed, without gradients, each time a step reads them instead of held (frozen
+        #: fake-quantized weights): a MatMul reads them a block of columns at a time, a Gather the rows it takes
+        self.on_read: dict[str, Read] = {}
 
     def const(self, name: str) -> torch.Tensor:
         """The current value of a constant (trainable or not)."""
         computed = self.on_read.get(name)
         if computed is not None:
-            return computed()
+            return computed(None)
         key = self._param_keys.get(name)
         return self.trainable[key] if key is not None else self.consts[name]
 
@@ -659,14 +688,32 @@ class Mirror(torch.nn.Module):
 
     def _execute(self, step: Step, values: dict[str, torch.Tensor], tap: Tap | None) -> None:
         """Run one node on ``values`` (constants looked up) and store its outputs there, tapped."""
-        args = [None if n is None else values[n] if n in values else self.const(n) for n in step.inputs]
-        while args and args[-1] is None:
-            args.pop()
-        result = step.fn(*args, **step.attrs)
+        result = self._read_in_parts(step, values)
+        if result is None:
+            args = [None if n is None else values[n] if n in values else self.const(n) for n in step.inputs]
+            while args and args[-1] is None:
+                args.pop()
+            result = step.fn(*args, **step.attrs)
         outs = result if isinstance(result, (tuple, list)) else (result,)
         for name, produced in zip(step.outputs, outs, strict=False):
             replaced = tap(name, produced) if tap is not None else None
             values[name] = produced if replaced is None else replaced
+
+    def _read_in_parts(self, step: Step, values: dict[str, torch.Tensor]) -> torch.Tensor | None:
+        """A MatMul by, or a Gather from, a constant computed on read, reading only a part of it at a time
+        (a 128k-vocabulary lm_head or embedding is a gigabyte); None for any other step."""
+        if step.op_type == "MatMul" and step.inputs[1] in self.on_read and step.inputs[0] in values:
+            shape = self.consts[step.inputs[1]].shape
+            spans = slices(shape[-1], 4 * math.prod(shape[:-1]), READ_BYTES)
+            parts: list[Part] = [None] if len(spans) == 1 else list(spans)
+            return _ReadMatMul.apply(values[step.inputs[0]], self.on_read[step.inputs[1]], parts)
+        gather = step.op_type == "Gather" and step.attrs.get("axis", 0) == 0
+        if gather and step.inputs[0] in self.on_read and step.inputs[1] in values:
+            idx = values[step.inputs[1]].long()
+            idx = torch.where(idx < 0, idx + self.consts[step.inputs[0]].shape[0], idx)
+            rows = self.on_read[step.inputs[0]](idx.reshape(-1))
+            return rows.reshape((*idx.shape, *rows.shape[1:]))
+        return None
 
     def step_index(self) -> dict[str, int]:
         """Node output name -> index of the step that produces it."""

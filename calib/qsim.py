@@ -106,8 +106,8 @@ class QuantSim(torch.nn.Module):
         for name in names if names is not None else self.base:
             self.mirror.consts[name] = self.wq(name)(self.effective_weight(name))
 
-    def _read(self, name: str) -> torch.Tensor:
-        return self.wq(name).frozen(self.effective_weight(name))
+    def _read(self, name: str, part: slice | torch.Tensor | None = None) -> torch.Tensor:
+        return self.wq(name).frozen(self.effective_weight(name), part)
 
     # ------------------------------------------------------------------ running
     def tap(self, name: str, value: torch.Tensor) -> torch.Tensor | None:
@@ -119,7 +119,8 @@ class QuantSim(torch.nn.Module):
         return value
 
     def forward(self, input_ids: torch.Tensor | np.ndarray) -> torch.Tensor:
-        self.load_weights()
+        if not self.frozen:  # a frozen sim's weights are computed where they are read
+            self.load_weights()
         feed = self.mirror.input_names[0]
         ids = input_ids if isinstance(input_ids, torch.Tensor) else to_torch(np.asarray(input_ids))
         out = self.mirror.run({feed: ids.reshape(1, -1)}, tap=self.tap)

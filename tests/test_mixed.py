@@ -139,7 +139,7 @@ def test_checkpointed_scoring_equals_one_backward_over_the_whole_graph(
 ) -> None:
     """The sensitivity pass recomputes segment after segment, and the head in chunks of tokens, to bound
     memory; its scores are those of a single backward pass through the whole graph."""
-    from calib import sensitivity
+    from calib import mirror, sensitivity
 
     def scores(segments: int, head_tokens: int = 64) -> dict[str, float]:
         monkeypatch.setattr(sensitivity, "SEGMENTS", segments)
@@ -154,9 +154,17 @@ def test_checkpointed_scoring_equals_one_backward_over_the_whole_graph(
     spans: list[slice] = []
     nll = sensitivity._nll
     monkeypatch.setattr(sensitivity, "_nll", lambda x, ids, span=None: spans.append(span) or nll(x, ids, span))
+    # and every frozen weight read 100 columns at a time, forward and backward
+    reads: list[int] = []
+    apply = mirror._ReadMatMul.apply
+    monkeypatch.setattr(mirror, "READ_BYTES", 4 * 64 * 100)  # the tiny width: 64
+    monkeypatch.setattr(
+        mirror._ReadMatMul, "apply", lambda a, read, parts: reads.append(len(parts)) or apply(a, read, parts)
+    )
     chunked = scores(32, head_tokens=24)
     # 64-token windows: the head in chunks of 24, 24 and 16 tokens (the last one's last token predicts nothing)
     assert [(s.start, s.stop) for s in spans] == [(0, 24), (24, 48), (48, 72)] * 2
+    assert 4 in reads  # the lm_head's 384 columns in 4 reads
     for pieces in (scores(32), chunked):
         assert pieces.keys() == whole.keys()
         for name, value in whole.items():

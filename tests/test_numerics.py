@@ -144,6 +144,28 @@ def test_a_frozen_weight_quantizer_gives_its_forward_values_bit_for_bit(bits: in
     got = wq.frozen(w)
     assert torch.equal(got, want)
     assert len(torch.unique(got[:, 0])) > 2**bits // 4  # on a grid of many levels, not collapsed
+    # a MatMul reads it a block of columns at a time, each quantized alone; a Gather takes rows
+    blocks = [wq.frozen(w, part) for part in (slice(0, 40), slice(40, 80), slice(80, 96))]
+    assert torch.equal(torch.cat(blocks, dim=1), want)
+    rows = torch.tensor([5, 0, 255, 5])
+    assert torch.equal(wq.frozen(w, rows), want[rows])
+
+
+@pytest.mark.parametrize("axis", [None, 0, 1])
+def test_a_fixed_constant_read_in_parts_gives_the_whole_ones_values(axis: int | None) -> None:
+    """An embedding table (or other constant with a fixed encoding) read a part at a time, as a Gather
+    takes rows and a MatMul columns, gets the same values as the whole table."""
+    from calib.fakequant import fixed
+
+    torch.manual_seed(0)
+    table = torch.randn(50, 12) * torch.rand(12)
+    spec = QuantSpec(QType.UINT16) if axis is None else QuantSpec(QType.INT8, symmetric=True, axis=axis)
+    enc = from_range(spec, -1.5, 2.0) if axis is None else weight_encoding(table.numpy(), spec)
+    whole = fixed(enc, table)
+    assert len(torch.unique(whole)) > 100
+    rows = torch.tensor([3, 49, 0, 3])
+    assert torch.equal(fixed(enc, table, rows), whole[rows])
+    assert torch.equal(fixed(enc, table, slice(4, 9)), whole[:, 4:9])
 
 
 def test_gptq_beats_rounding_on_the_layer_output() -> None:

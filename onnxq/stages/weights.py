@@ -82,9 +82,7 @@ def apply_gptq(
             enough = obs.n >= SWEEP_TOKENS_PER_INPUT * obs.h.shape[0]  # else the sweeps would fit noise
             polish = (SWEEPS if sweeps is None else sweeps) if enough else 0
             swept = max(swept or 0, polish)
-        hessian = obs.hessian()
-        if not readers[name]:
-            obs.h = None  # its last reader: only the normalised copy is needed now
+        hessian = obs.hessian(last=not readers[name])
         values = gptq(weight.const_value.numpy(), encodings[point.name], hessian, sweeps=polish)
         del hessian  # used up; gone before the next one is made
         weight.const_value = ir.tensor(values, name=weight.name)
@@ -133,9 +131,14 @@ def round_by_layer(
                 if name in hessians:
                     hessians[name].update(value)
 
+            # the head runs only as far as its last rounded linear's input: a 128k-vocabulary lm_head's
+            # logits are 256 MB a window, and nothing reads them
+            stop = last
+            if target is None:
+                stop = max((produced_in.get(n, first - 1) for n in hessians), default=first - 1)
             for i, x in enumerate(stream):
                 values = {source: x}
-                mirror.run_range(first, last + 1, values, tap)
+                mirror.run_range(first, stop + 1, values, tap)
                 if target is not None:
                     stream[i] = values[target]
             if mine:
