@@ -7,7 +7,9 @@ exactly where :func:`onnxq.stages.qdq.emit_qdq` puts Q/DQ pairs, the matching qu
   movement carries the quantized value on, as it carries the grid in the QDQ graph; a convert
   point (an FC reading a norm output at 8 bits) is applied after its source's quantizer;
 - weights: each forward recomputes ``WeightQuant(W)`` (after any learned rotation of W);
-- constants and the embedding table: fake-quantized once with their fixed encodings.
+- constants and the embedding table: fake-quantized once with their fixed encodings;
+- a frozen sim (nothing learned) holds no fake-quantized copies: each step reads the part it needs
+  (a MatMul a block of columns, a Gather its rows), fake-quantized there.
 
 Any quantizer can be switched off (float), which is how the two-stage optimisation keeps
 everything but the selected points in float during stage 1.
