@@ -392,11 +392,16 @@ def _expand(input: torch.Tensor, shape: torch.Tensor) -> torch.Tensor:
     return input.expand(target)
 
 
+def _positive(indices: torch.Tensor, size: int) -> torch.Tensor:
+    """Gather's indices, negative ones counted from the end of an axis of ``size``."""
+    idx = indices.long()
+    return torch.where(idx < 0, idx + size, idx)
+
+
 @op("Gather")
 def _gather(data: torch.Tensor, indices: torch.Tensor, *, axis: int = 0) -> torch.Tensor:
     axis %= data.dim()
-    idx = indices.long()
-    idx = torch.where(idx < 0, idx + data.shape[axis], idx)
+    idx = _positive(indices, data.shape[axis])
     flat = data.index_select(axis, idx.reshape(-1))
     return flat.reshape((*data.shape[:axis], *idx.shape, *data.shape[axis + 1 :]))
 
@@ -709,8 +714,7 @@ class Mirror(torch.nn.Module):
             return _ReadMatMul.apply(values[step.inputs[0]], self.on_read[step.inputs[1]], parts)
         gather = step.op_type == "Gather" and step.attrs.get("axis", 0) == 0
         if gather and step.inputs[0] in self.on_read and step.inputs[1] in values:
-            idx = values[step.inputs[1]].long()
-            idx = torch.where(idx < 0, idx + self.consts[step.inputs[0]].shape[0], idx)
+            idx = _positive(values[step.inputs[1]], self.consts[step.inputs[0]].shape[0])
             rows = self.on_read[step.inputs[0]](idx.reshape(-1))
             return rows.reshape((*idx.shape, *rows.shape[1:]))
         return None
