@@ -80,18 +80,40 @@ def gptq(
     exact = rows.copy_(h) if sweeps > 0 else None  # the sweeps' objective, in the buffer the rows left
     del rows
     h.diagonal().add_(DAMP * torch.mean(torch.diag(h)))
-    hinv: torch.Tensor | None = h
-    try:  # the upper Cholesky factor of H⁻¹
-        torch.linalg.cholesky(h, out=h)
-        torch.cholesky_inverse(h, out=h)
-        torch.linalg.cholesky(h, upper=True, out=h)
-    except RuntimeError:  # not positive definite even after damping: fall back to rounding
-        hinv = None
+    hinv = h if _inverse_factor_(h) else None  # not positive definite even after damping: rounding
     scales = np.asarray(encoding.scale)
     out = np.empty(weight.shape, dtype=np.float32)
     for cols in slices(weight.shape[1], 8 * weight.shape[0], COLUMN_BYTES):
         out[:, cols] = _round_columns(weight[:, cols], scales[..., cols], spec, order, dead, hinv, exact, sweeps)
     return out
+
+
+def _inverse_factor_(h: torch.Tensor) -> bool:
+    """Overwrites the symmetric ``h`` with the upper Cholesky factor of ``h⁻¹``; False where ``h`` is not
+    positive definite."""
+    # LAPACK works column-major: given a column-major ``out`` these calls factor in place, where a
+    # row-major one costs each a full-size temporary. H is symmetric, so its transpose is H.
+    f = h.mT
+    try:
+        torch.linalg.cholesky(f, out=f)
+        torch.cholesky_inverse(f, out=f)
+        torch.linalg.cholesky(f, upper=True, out=f)
+    except RuntimeError:
+        return False
+    _transpose_(h)  # the factor, row-major again
+    return True
+
+
+def _transpose_(m: torch.Tensor, tile: int = 1024) -> torch.Tensor:
+    """Transposes a square ``m`` in its own storage, a tile pair at a time."""
+    for i in range(0, m.shape[0], tile):
+        for j in range(i, m.shape[0], tile):
+            a, b = m[i : i + tile, j : j + tile], m[j : j + tile, i : i + tile]
+            t = a.T.clone()
+            if i != j:
+                a.copy_(b.T)
+            b.copy_(t)
+    return m
 
 
 def _round_columns(

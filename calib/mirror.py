@@ -37,8 +37,10 @@ OPS: dict[str, OpFn] = {}
 #: MatMul's columns: a slice) or entries of its first axis (a Gather's rows: a tensor of indices)
 Part = slice | torch.Tensor | None
 Read = Callable[[Part], torch.Tensor]
-#: a constant computed on read goes into a MatMul this many bytes of columns at a time
+#: a constant computed on read of up to this many bytes goes into a MatMul whole; a larger one (a 128k
+#: lm_head) :data:`READ_CHUNK` bytes of columns at a time, each block's reading temporaries being its size
 READ_BYTES = 2**27
+READ_CHUNK = 2**25
 
 #: ONNX TensorProto data type codes -> torch dtypes (int4/uint16 values travel as wider ints)
 _DTYPES: dict[int, torch.dtype] = {
@@ -709,8 +711,8 @@ class Mirror(torch.nn.Module):
         (a 128k-vocabulary lm_head or embedding is a gigabyte); None for any other step."""
         if step.op_type == "MatMul" and step.inputs[1] in self.on_read and step.inputs[0] in values:
             shape = self.consts[step.inputs[1]].shape
-            spans = slices(shape[-1], 4 * math.prod(shape[:-1]), READ_BYTES)
-            parts: list[Part] = [None] if len(spans) == 1 else list(spans)
+            column = 4 * math.prod(shape[:-1])
+            parts: list[Part] = [None] if column * shape[-1] <= READ_BYTES else [*slices(shape[-1], column, READ_CHUNK)]
             return _ReadMatMul.apply(values[step.inputs[0]], self.on_read[step.inputs[1]], parts)
         gather = step.op_type == "Gather" and step.attrs.get("axis", 0) == 0
         if gather and step.inputs[0] in self.on_read and step.inputs[1] in values:

@@ -30,10 +30,12 @@ from onnxq.plan import Point
 #: checkpoint segments of the backward pass (about one per decoder layer on a 30-layer model): only
 #: one segment's activations are held at a time, instead of the whole graph's
 SEGMENTS = 32
-#: the head's backward goes over the tokens in chunks of at most this many bytes of logits: at a 128k
-#: vocabulary the logits, their quantizer's and the loss's temporaries and gradients, each of that size,
-#: are the pass's peak
+#: logits of up to this many bytes go through the head's backward in one piece. Past it (a 128k
+#: vocabulary), the logits, their quantizer's and the loss's temporaries and gradients, each of the
+#: logits' size, are the pass's peak, so the tokens go in chunks of :data:`LOGIT_CHUNK` bytes instead
+#: (each chunk reads the head's weights again, which is why small logits stay whole)
 LOGIT_BYTES = 2**27
+LOGIT_CHUNK = 2**25
 
 log = logging.getLogger(__name__)
 
@@ -101,7 +103,7 @@ def relative_and_fisher(
     The backward pass is checkpointed into about ``segments`` pieces (default :data:`SEGMENTS`; 1: the
     whole graph at once). ``head``: (first step, residual stream read, width of the logits) of the steps
     after the last decoder layer; where they work token by token (:func:`_tokenwise`) and the logits
-    exceed :data:`LOGIT_BYTES`, their backward goes over the tokens in chunks of that many bytes.
+    exceed :data:`LOGIT_BYTES`, their backward goes over the tokens in chunks of :data:`LOGIT_CHUNK` bytes.
     """
     if not sim.frozen:
         raise ValueError("the sensitivity pass reads a frozen QuantSim")
@@ -172,8 +174,9 @@ def relative_and_fisher(
     feed = mirror.input_names[0]
     cuts = mirror.segments(segments or SEGMENTS)
     head_spans: list[slice | None] = [None]  # the head's tokens, chunk by chunk
-    if head is not None and _tokenwise(sim, head[0], edges):
-        head_spans = [*memory.slices(np.shape(windows)[-1], 4 * head[2], LOGIT_BYTES)]
+    tokens = np.shape(windows)[-1]
+    if head is not None and tokens * 4 * head[2] > LOGIT_BYTES and _tokenwise(sim, head[0], edges):
+        head_spans = [*memory.slices(tokens, 4 * head[2], LOGIT_CHUNK)]
     if len(head_spans) > 1:  # the head: a segment of its own, entered by the residual stream alone
         cuts = [cut for cut in cuts if cut[0] < head[0]] + [(head[0], (head[1],))]
     bounds = [first for first, _ in cuts[1:]] + [len(mirror.steps)]

@@ -141,9 +141,11 @@ def test_checkpointed_scoring_equals_one_backward_over_the_whole_graph(
     memory; its scores are those of a single backward pass through the whole graph."""
     from calib import mirror, sensitivity
 
-    def scores(segments: int, head_tokens: int = 64) -> dict[str, float]:
+    def scores(segments: int, head_tokens: int | None = None) -> dict[str, float]:
         monkeypatch.setattr(sensitivity, "SEGMENTS", segments)
-        monkeypatch.setattr(sensitivity, "LOGIT_BYTES", 4 * 384 * head_tokens)  # the tiny vocabulary: 384
+        if head_tokens:  # logits just over the limit (64 tokens of the tiny vocabulary's 384), in chunks
+            monkeypatch.setattr(sensitivity, "LOGIT_BYTES", 4 * 384 * 63)
+            monkeypatch.setattr(sensitivity, "LOGIT_CHUNK", 4 * 384 * head_tokens)
         out = tmp_path / f"segments{segments}-{head_tokens}"
         quantize(tiny_model, out, preset="w4a8", calib="wikitext2-valid", windows=2, budget=0.25, weight_budget=0.25)
         record = json.loads((out / "summary.json").read_text())["mixed_precision"]
@@ -151,6 +153,7 @@ def test_checkpointed_scoring_equals_one_backward_over_the_whole_graph(
 
     whole = scores(1)
     assert len(whole) > 10 and all(v > 0 for v in whole.values())
+    segmented = scores(32)
     spans: list[slice] = []
     nll = sensitivity._nll
     monkeypatch.setattr(sensitivity, "_nll", lambda x, ids, span=None: spans.append(span) or nll(x, ids, span))
@@ -158,6 +161,7 @@ def test_checkpointed_scoring_equals_one_backward_over_the_whole_graph(
     reads: list[int] = []
     apply = mirror._ReadMatMul.apply
     monkeypatch.setattr(mirror, "READ_BYTES", 4 * 64 * 100)  # the tiny width: 64
+    monkeypatch.setattr(mirror, "READ_CHUNK", 4 * 64 * 100)
     monkeypatch.setattr(
         mirror._ReadMatMul, "apply", lambda a, read, parts: reads.append(len(parts)) or apply(a, read, parts)
     )
@@ -165,7 +169,7 @@ def test_checkpointed_scoring_equals_one_backward_over_the_whole_graph(
     # 64-token windows: the head in chunks of 24, 24 and 16 tokens (the last one's last token predicts nothing)
     assert [(s.start, s.stop) for s in spans] == [(0, 24), (24, 48), (48, 72)] * 2
     assert 4 in reads  # the lm_head's 384 columns in 4 reads
-    for pieces in (scores(32), chunked):
+    for pieces in (segmented, chunked):
         assert pieces.keys() == whole.keys()
         for name, value in whole.items():
             assert pieces[name] == pytest.approx(value, rel=1e-3), name
