@@ -147,12 +147,12 @@ class WeightQuant(torch.nn.Module):
         return whole[..., part] if isinstance(part, slice) else whole.index_select(0, part)
 
     def _rounded(self, weight: torch.Tensor, columns: slice | None = None) -> torch.Tensor:
-        if self.spec.block_size and self.axis == 0 and weight.dim() == 2:  # blocks of rows: seen as a view,
-            s = self.scale(weight, columns).unsqueeze(1)  # so no scale of the weight's size is made
-            blocks = weight.reshape(-1, self.spec.block_size, weight.shape[1])
-            return (blocks / s).round_().clamp_(self.spec.qmin, self.spec.qmax).mul_(s).reshape(weight.shape)
-        s = self._steps(weight, columns)
-        return (weight / s).round_().clamp_(self.spec.qmin, self.spec.qmax).mul_(s)
+        if self.spec.block_size and self.axis == 0 and weight.dim() == 2:  # blocks of rows, seen as a view:
+            view = weight.reshape(-1, self.spec.block_size, weight.shape[1])  # no scale of the weight's size
+            s = self.scale(weight, columns).unsqueeze(1)
+        else:
+            view, s = weight, self._steps(weight, columns)
+        return (view / s).round_().clamp_(self.spec.qmin, self.spec.qmax).mul_(s).reshape(weight.shape)
 
     def encoding(self, weight: torch.Tensor) -> Encoding:
         weight = weight.detach().to(self.ratio0.device)
