@@ -31,13 +31,50 @@ def test_release_returns_fragmented_heap_pages() -> None:
     assert len(kept) == 250
 
 
+_FRAGMENTS = """
+import sys
+from pathlib import Path
+
+import numpy as np
+
+from onnxq.core import memory
+
+def rss_mb():
+    line = next(x for x in Path("/proc/self/status").read_text().splitlines() if x.startswith("VmRSS:"))
+    return int(line.split()[1]) / 1024
+
+if sys.argv[1] == "fixed":
+    assert memory.fixed_mmap_threshold()
+big = np.ones(16 << 20, np.uint8)
+del big  # a mapped block freed: glibc's dynamic threshold rises to its size
+blocks = [np.ones(5 << 20, np.uint8) for _ in range(40)]  # 200 MiB
+kept = blocks[1::2]
+before = rss_mb()
+del blocks
+print(before - rss_mb())
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's mallopt")
+@pytest.mark.parametrize(("threshold", "low", "high"), [("dynamic", -10, 10), ("fixed", 90, 110)])
+def test_a_fixed_mmap_threshold_gives_freed_blocks_back_at_once(threshold: str, low: int, high: int) -> None:
+    """Half of forty 5 MiB blocks freed between live ones: from the heap (the threshold grown past
+    them) nothing goes back; mapped on their own, their 100 MiB does. Each in a fresh process,
+    because the setting lasts for the process (measured: 0 and 100 MiB)."""
+    import subprocess
+
+    out = subprocess.run([sys.executable, "-c", _FRAGMENTS, threshold], capture_output=True, text=True, check=True)
+    assert low < float(out.stdout) < high
+
+
 def test_release_is_a_no_op_off_linux(monkeypatch: pytest.MonkeyPatch) -> None:
-    memory._malloc_trim.cache_clear()
+    memory._libc.cache_clear()
     monkeypatch.setattr(sys, "platform", "win32")
     try:
         assert memory.release() is False
+        assert memory.fixed_mmap_threshold() is False
     finally:
-        memory._malloc_trim.cache_clear()
+        memory._libc.cache_clear()
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc/self/status")

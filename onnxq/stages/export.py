@@ -21,6 +21,7 @@ import numpy as np
 import onnx_ir as ir
 
 from onnxq.core import ir as oir
+from onnxq.core import memory
 from onnxq.core.errors import OnnxqError
 from onnxq.core.files import atomic_file, check_new_output
 from onnxq.core.sources import Source, load_model, load_tokenizer, resolve
@@ -281,6 +282,7 @@ def export(
     source: Source = resolve(model)
     check_new_output(output, overwrite=overwrite)
     log.info("loading %s", source.label or source.ref)
+    memory.fixed_mmap_threshold()  # the load's and the trace's large blocks go back when freed
     step("loading the model")
     hf_model = load_model(source)
     tokenizer = load_tokenizer(source)

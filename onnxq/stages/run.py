@@ -73,6 +73,7 @@ def run_stages(
     from calib.calibrate import encode, method_for, observe
     from onnxq.core.sources import tokenizer_for
 
+    memory.fixed_mmap_threshold()  # per-window tensors go back when freed instead of piling up in the heap
     chosen = presets_mod.get(o.preset)
     overrides = read_precision_map(o.precision_map) if o.precision_map else {}
     recipe = with_block(recipes.for_model_type(float_model.metadata_props.get("onnxq.model_type")), o.weight_block)
