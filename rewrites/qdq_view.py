@@ -6,6 +6,8 @@ graph's producers, so a value in the view can be found again in the QDQ graph (a
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import numpy as np
 import onnx_ir as ir
 
@@ -13,28 +15,34 @@ from onnxq.core.ir import const_array
 from rewrites.base import RewriteResult
 
 
-def _dequantized(node: ir.Node) -> np.ndarray | None:
-    q = const_array(node.inputs[0])
+def _dequantizer(node: ir.Node) -> tuple[Callable[[], ir.TensorProtocol], ir.Shape] | None:
+    """What dequantizes ``node``'s constant input, called when its values are read, and their shape:
+    a view of a large model holds its float weights only while one is read."""
+    codes = ir.convenience.get_const_tensor(node.inputs[0]) if node.inputs[0] is not None else None
     scale = const_array(node.inputs[1])
-    if q is None or scale is None:
+    if codes is None or scale is None:
         return None
     zp = const_array(node.inputs[2]) if len(node.inputs) > 2 and node.inputs[2] is not None else None
     axis_attr = node.attributes.get("axis")
-    block = node.attributes.get("block_size")
-    qf = q.astype(np.float64)
-    s = scale.astype(np.float64)
-    z = zp.astype(np.float64) if zp is not None else np.zeros_like(s)
-    if s.ndim and s.size > 1:
-        axis = int(axis_attr.value) if axis_attr is not None else 1
-        axis %= qf.ndim
-        if block is not None and int(block.value):
-            s = np.repeat(s, int(block.value), axis=axis)
-            z = np.repeat(z, int(block.value), axis=axis)
-        else:
-            shape = [1] * qf.ndim
-            shape[axis] = -1
-            s, z = s.reshape(shape), z.reshape(shape)
-    return ((qf - z) * s).astype(np.float32)
+    block_attr = node.attributes.get("block_size")
+    axis = int(axis_attr.value) if axis_attr is not None else 1
+    block = int(block_attr.value) if block_attr is not None else 0
+
+    def values() -> ir.TensorProtocol:
+        qf = codes.numpy().astype(np.float64)
+        s = scale.astype(np.float64)
+        z = zp.astype(np.float64) if zp is not None else np.zeros_like(s)
+        if s.ndim and s.size > 1:
+            at = axis % qf.ndim
+            if block:
+                s, z = np.repeat(s, block, axis=at), np.repeat(z, block, axis=at)
+            else:
+                shape = [1] * qf.ndim
+                shape[at] = -1
+                s, z = s.reshape(shape), z.reshape(shape)
+        return ir.tensor(((qf - z) * s).astype(np.float32))
+
+    return values, ir.Shape(codes.shape)
 
 
 def strip_qdq(model: ir.Model) -> RewriteResult:
@@ -59,15 +67,16 @@ def strip_qdq(model: ir.Model) -> RewriteResult:
                 graph.remove(producer, safe=True)
             pairs += 1
         elif src is not None and src.is_initializer():
-            values = _dequantized(node)
-            if values is None:
+            found = _dequantizer(node)
+            if found is None:
                 continue
+            values, shape = found
             name = src.name.removesuffix(".q")
             fresh = ir.Value(
                 name=name if name not in graph.initializers else f"{name}.float",
-                shape=ir.Shape(values.shape),
+                shape=shape,
                 type=ir.TensorType(ir.DataType.FLOAT),
-                const_value=ir.tensor(values),
+                const_value=ir.LazyTensor(values, dtype=ir.DataType.FLOAT, shape=shape),
             )
             fresh.const_value.name = fresh.name
             graph.register_initializer(fresh)

@@ -14,7 +14,7 @@ import pytest
 from onnxq.core.errors import OnnxqError
 from onnxq.core.steps import PARTS_SUFFIX, read_parts
 from onnxq.device.generate import Stepper, generate
-from onnxq.device.parts import Part, PartedSession, layer_bytes, plan_parts, split_graph
+from onnxq.device.parts import Part, PartedSession, layer_bytes, open_graph, plan_parts, split_graph
 from onnxq.device.qnn import cpu_session
 
 LAYERS = 4
@@ -102,6 +102,8 @@ def test_compiled_in_three_parts_the_pair_gives_the_whole_pairs_logits_on_the_ht
 
 
 def test_a_scoring_graph_compiles_in_parts(four_layer_pair: Path, tmp_path: Path) -> None:
+    """Also from a graph whose weights are all external data, as at real sizes: each part reads its
+    own weights as it is written, and the binaries are those of the graph read whole."""
     from onnxq.device.compile import compile_model
 
     result = compile_model(four_layer_pair / "model.qdq.onnx", tmp_path / "htp", parts=2)
@@ -109,6 +111,22 @@ def test_a_scoring_graph_compiles_in_parts(four_layer_pair: Path, tmp_path: Path
         tmp_path / "htp" / f"model.part{i}_ctx.onnx" for i in range(2)
     ]
     assert result.rerun_max_abs_error == 0.0  # each part's reloaded context computes what compiled it
+    external = tmp_path / "external" / "model.qdq.onnx"
+    external.parent.mkdir()
+    onnx.save(
+        onnx.load(str(four_layer_pair / "model.qdq.onnx")),
+        str(external),
+        save_as_external_data=True,
+        size_threshold=0,
+        location="model.qdq.onnx.data",
+    )
+    compile_model(external, tmp_path / "htp-external", parts=2)
+    ids = (np.arange(64) * 7 % 384).reshape(1, -1)
+    logits = [
+        open_graph(folder / f"model{PARTS_SUFFIX}", "qnn").run(None, {"input_ids": ids})[0]
+        for folder in (tmp_path / "htp", tmp_path / "htp-external")
+    ]
+    np.testing.assert_array_equal(logits[1], logits[0])
 
 
 def test_a_folder_compiled_in_parts_is_refused_where_it_cannot_run(

@@ -26,6 +26,7 @@ from typing import Any
 
 import numpy as np
 import onnx
+from onnx.external_data_helper import load_external_data_for_model
 
 from onnxq.core import ir as oir
 from onnxq.core.errors import OnnxqError
@@ -181,16 +182,19 @@ def _compile_parts(
     """Compile ``graph`` as the parts of ``plan``, each its own context; write their manifest."""
     from onnxq.core.steps import PARTS_SUFFIX, shape_of, write_parts
 
-    proto = onnx.load(str(graph))
+    proto = onnx.load(str(graph), load_external_data=False)  # a part's weights are read as it is written
     step = shape_of(proto, graph) if any(p.key == "onnxq.kv_slots" for p in proto.metadata_props) else None
-    protos = split_graph(proto, plan)
+    protos = split_graph(proto, plan, graph.parent)
     del proto
     files: list[str] = []
     seconds: dict[str, float] = {}
     errors: list[float] = []
-    for index, (part, sub) in enumerate(zip(plan, protos, strict=True)):
+    for index, part in enumerate(plan):
+        sub = protos.pop(0)  # held no longer than its own compile
+        load_external_data_for_model(sub, str(graph.parent))
         path = tmp / f"{_stem(graph)}.part{index}.qdq.onnx"
         onnx.save(sub, str(path), save_as_external_data=sub.ByteSize() > EXTERNAL_DATA_BYTES)
+        del sub
         done = _compile_ort(path, tmp, arch, soc_model, verify, step)
         for leftover in tmp.glob(f"{path.name}*"):  # the part's QDQ graph (and data) is not shipped
             leftover.unlink()

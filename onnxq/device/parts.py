@@ -39,14 +39,16 @@ class Part:
     weight_bytes: int
 
 
-def layer_cuts(model: onnx.ModelProto) -> list[str]:
-    """For each layer after the first, the codes tensor of the residual stream that enters it."""
+def layer_cuts(model: onnx.ModelProto, base_dir: str | Path = "") -> list[str]:
+    """For each layer after the first, the codes tensor of the residual stream that enters it.
+    ``base_dir``: where the model's external data lies (the few constants the structure is read from)."""
     import onnx_ir as ir
 
     from rewrites.qdq_view import strip_qdq
     from rewrites.structure import StructureError, discover
 
     view = ir.serde.deserialize_model(model)
+    ir.external_data.set_base_dir(view.graph, base_dir)
     strip_qdq(view)
     try:
         structure = discover(view)
@@ -131,9 +133,10 @@ def plan_parts(per_layer: Sequence[int], head: int, tail: int, max_bytes: int, p
     return [Part(a, b, sum(sizes[a:b])) for a, b in itertools.pairwise(bounds)]
 
 
-def split_graph(model: onnx.ModelProto, parts: Sequence[Part]) -> list[onnx.ModelProto]:
-    """The graph's parts, each a model whose inputs are the graph inputs it reads and the stream it is handed."""
-    cuts = layer_cuts(model)
+def split_graph(model: onnx.ModelProto, parts: Sequence[Part], base_dir: str | Path = "") -> list[onnx.ModelProto]:
+    """The graph's parts, each a model whose inputs are the graph inputs it reads and the stream it is handed.
+    Weights in external data stay there (``base_dir``), for each part to read when it is written."""
+    cuts = layer_cuts(model, base_dir)
     graph = model.graph
     producer = {o: n for n in graph.node for o in n.output}
     inits = {i.name: i for i in graph.initializer}
