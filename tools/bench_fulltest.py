@@ -65,7 +65,8 @@ def best(results: dict[str, Any]) -> dict[str, Any] | None:
 def _sha256(path: Path) -> str:
     digest = hashlib.sha256()
     for name in sorted([path.name, *(f.name for f in path.parent.glob(f"{path.name}.data*"))]):
-        digest.update((path.parent / name).read_bytes())
+        with (path.parent / name).open("rb") as f:
+            digest.update(hashlib.file_digest(f, "sha256").digest())
     return digest.hexdigest()
 
 
@@ -110,6 +111,9 @@ def run(rows: list[str], work: Path, every: int = 1, hours: float | None = None,
     for name in rows:
         if "eval" in current["rows"].get(name, {}) and not redo:
             continue
+        if deadline is not None and time.monotonic() > deadline:
+            print(f"[fulltest] --hours spent before {name}", file=sys.stderr)
+            break
         row = current["rows"].get(name, {}) if not redo else {}
         row.setdefault("bench_row", ROWS[name])
         row.setdefault("date", time.strftime("%Y-%m-%d"))
@@ -142,13 +146,14 @@ def run(rows: list[str], work: Path, every: int = 1, hours: float | None = None,
                 return results
             part = work / "eval-2048-part.npy"
             np.save(part, ids[start : start + CHUNK])
-            chunks[str(start)] = bench.step_eval(target, part)
+            chunks[str(start)] = {**bench.step_eval(target, part), "windows": len(ids[start : start + CHUNK])}
             print(f"[fulltest] {name}: windows {start}+{CHUNK} of {len(ids)}", file=sys.stderr, flush=True)
             save()
         row["eval"] = _combined(chunks)
         del row["chunks"]
         print(f"[fulltest] {name}: ppl {row['eval']['ppl']:.3f}", file=sys.stderr, flush=True)
         save()
+    save()
     return results
 
 
@@ -197,7 +202,7 @@ def _table(run: dict[str, Any]) -> list[str]:
         rss = f"{q['peak_rss_mb'] / 1024:.2f}" if q else ""
         lines.append(f"| {name} | `{row['bench_row']}` | {ppl:.3f} | {rel} | {q.get('seconds', '')} | {rss} |")
     going = [
-        f"{name} ({len(row['chunks']) * CHUNK} of {run['windows']} windows)"
+        f"{name} ({sum(c['windows'] for c in row['chunks'].values())} of {run['windows']} windows)"
         for name, row in run["rows"].items()
         if "chunks" in row
     ]
