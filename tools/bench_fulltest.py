@@ -56,10 +56,14 @@ def finished(run: dict[str, Any]) -> dict[str, dict[str, Any]]:
     return {k: run["rows"][k] for k in ROWS if "eval" in run.get("rows", {}).get(k, {})}
 
 
+def _ordered(runs: dict[str, Any]) -> dict[str, Any]:
+    """The sets by ``--every``, most windows first."""
+    return dict(sorted(runs.items(), key=lambda kv: int(kv[0])))
+
+
 def best(results: dict[str, Any]) -> dict[str, Any] | None:
     """The set the README quotes: the fewest skipped windows among those where every row has finished."""
-    runs = sorted(results.get("runs", {}).items(), key=lambda kv: int(kv[0]))
-    return next((r for _, r in runs if len(finished(r)) == len(ROWS)), None)
+    return next((r for r in _ordered(results.get("runs", {})).values() if len(finished(r)) == len(ROWS)), None)
 
 
 def _sha256(path: Path) -> str:
@@ -105,7 +109,7 @@ def run(rows: list[str], work: Path, every: int = 1, hours: float | None = None,
 
     def save() -> None:
         current["rows"] = {k: current["rows"][k] for k in ROWS if k in current["rows"]}
-        results["runs"] = dict(sorted(results["runs"].items(), key=lambda kv: int(kv[0])))
+        results["runs"] = _ordered(results["runs"])
         RESULTS.write_text(json.dumps(results, indent=1) + "\n", encoding="utf-8")
 
     for name in rows:
@@ -145,8 +149,9 @@ def run(rows: list[str], work: Path, every: int = 1, hours: float | None = None,
                 print(f"[fulltest] --hours spent: {name} has {len(chunks)} of its chunks", file=sys.stderr)
                 return results
             part = work / "eval-2048-part.npy"
-            np.save(part, ids[start : start + CHUNK])
-            chunks[str(start)] = {**bench.step_eval(target, part), "windows": len(ids[start : start + CHUNK])}
+            chunk = ids[start : start + CHUNK]
+            np.save(part, chunk)
+            chunks[str(start)] = {**bench.step_eval(target, part), "windows": len(chunk)}
             print(f"[fulltest] {name}: windows {start}+{CHUNK} of {len(ids)}", file=sys.stderr, flush=True)
             save()
         row["eval"] = _combined(chunks)
@@ -160,7 +165,7 @@ def run(rows: list[str], work: Path, every: int = 1, hours: float | None = None,
 def section(results: dict[str, Any]) -> str:
     """The BENCHMARKS.md section for ``results`` (called by tools/bench.py when it writes the file)."""
     lines = ["## Full WikiText-2 test, 2048-token windows (the protocol of published results)", ""]
-    for run in sorted(results["runs"].values(), key=lambda r: r["every"]):
+    for run in _ordered(results["runs"]).values():
         lines += _table(run)
     lines += [
         "Published on the same model and protocol, from its original bfloat16 weights. The only weights of this "
