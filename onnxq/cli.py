@@ -21,6 +21,7 @@ from typing import Any
 
 from onnxq import __version__
 from onnxq.core.errors import OnnxqError
+from onnxq.core.options import E2E_GROUPS, LEARN_SAMPLES, LearnConfig
 
 log = logging.getLogger("onnxq")
 
@@ -143,7 +144,7 @@ RECIPE_FLAGS = (
 
 def _quantize_options(args: argparse.Namespace) -> Any:
     """The options of ``onnxq quantize``: from ``--recipe``, or from the flags."""
-    from onnxq.core.options import LearnConfig, QuantizeOptions, read_recipe, sha256_file
+    from onnxq.core.options import QuantizeOptions, read_recipe, sha256_file
 
     if args.recipe:
         given = [f"--{d.replace('_', '-')}" for d in RECIPE_FLAGS if getattr(args, d) != args.parser.get_default(d)]
@@ -162,8 +163,12 @@ def _quantize_options(args: argparse.Namespace) -> Any:
         learn = LearnConfig(
             steps=args.steps,
             lr=args.lr,
-            samples=min(args.samples, args.windows) if args.windows else args.samples,
+            samples=args.samples,
             learn_rotation=not args.no_learn_rotation,
+            e2e_steps=args.e2e_steps,
+            e2e_lr=args.e2e_lr,
+            e2e_groups=tuple(g.strip() for g in args.e2e_groups.split(",") if g.strip()),
+            holdout=args.holdout,
             seed=args.seed,
             device=args.device,
         )
@@ -309,12 +314,21 @@ def _mixed_line(mixed: dict[str, Any] | None) -> str:
 
 def _learn_line(learned: dict[str, Any] | None) -> str:
     if not learned:
-        return "off (--learn to learn ranges, clipping and R2)"
+        return "off (--learn to learn ranges, clipping and R2, then ranges and steps end to end)"
+    parts = []
     layers = learned.get("layers", [])
-    before = sum(layer["eval_before"] for layer in layers)
-    after = sum(layer["eval"] for layer in layers)
-    change = f", layer error {before:.3g} -> {after:.3g}" if layers else ""
-    return f"{len(layers)} layers, {learned['seconds']:.0f} s{change}"
+    if layers:
+        before = sum(layer["eval_before"] for layer in layers)
+        after = sum(layer["eval"] for layer in layers)
+        parts.append(f"{len(layers)} layers, {learned['seconds']:.0f} s, layer error {before:.3g} -> {after:.3g}")
+    e2e = learned.get("end_to_end")
+    if e2e:
+        verdict = "kept" if e2e["kept"] else "worse there, so the model before it is kept"
+        parts.append(
+            f"end to end {len(e2e['loss'])} steps, {e2e['seconds']:.0f} s, held-out NLL "
+            f"{e2e['heldout_nll_before']:.4f} -> {e2e['heldout_nll_after']:.4f} ({verdict})"
+        )
+    return "; ".join(parts)
 
 
 def _tokenizer_or_none(model: str, explicit: str | None) -> Any:
@@ -891,12 +905,41 @@ def build_parser() -> argparse.ArgumentParser:
         help="how candidates are ranked (default fisher: gradient-weighted quantization error)",
     )
     g.add_argument("--sensitivity-windows", type=int, default=4, help="windows scored for sensitivity (default 4)")
-    g = p.add_argument_group("learning (Quant.npu: learned ranges, weight clipping and R2, two stages)")
+    g = p.add_argument_group("learning (layer by layer, then end to end on the rounded model)")
     g.add_argument("--learn", action="store_true", help="learn scales and rotations against the float model")
-    g.add_argument("--steps", type=int, default=30, help="learning steps per decoder layer (default 30)")
-    g.add_argument("--lr", type=float, default=5e-3, help="learning rate of ranges and clipping (default 5e-3)")
-    g.add_argument("--samples", type=int, default=8, help="calibration windows used for learning (default 8)")
+    g.add_argument(
+        "--steps",
+        type=int,
+        default=LearnConfig.steps,
+        help="layer-wise steps per decoder layer, 0: none (default %(default)s)",
+    )
+    g.add_argument("--lr", type=float, default=LearnConfig.lr, help="layer-wise learning rate (default %(default)s)")
+    g.add_argument(
+        "--samples",
+        type=int,
+        help=f"calibration windows learned on (default {LEARN_SAMPLES}, fewer where --windows leaves fewer)",
+    )
     g.add_argument("--no-learn-rotation", action="store_true", help="keep the Hadamard R2 fixed")
+    g.add_argument(
+        "--e2e-steps",
+        type=int,
+        default=LearnConfig.e2e_steps,
+        help="end-to-end steps (windows), 0: none (default %(default)s)",
+    )
+    g.add_argument(
+        "--e2e-lr", type=float, default=LearnConfig.e2e_lr, help="end-to-end learning rate (default %(default)s)"
+    )
+    g.add_argument(
+        "--e2e-groups",
+        default=",".join(LearnConfig.e2e_groups),
+        help=f"what end-to-end learning trains, of: {', '.join(E2E_GROUPS)} (default: all)",
+    )
+    g.add_argument(
+        "--holdout",
+        type=int,
+        default=LearnConfig.holdout,
+        help="last calibration windows held out: learning is kept only if better there (default %(default)s)",
+    )
     g.add_argument("--device", default="cpu", help="torch device for learning: cpu or cuda (default cpu)")
     p.add_argument("--seq-len", type=int, help="fix the sequence length of a dynamic-shape model")
     p.add_argument("--mask-value", type=float, help="replace -inf/-3.4e38 masks with this value")
@@ -1073,7 +1116,7 @@ def _configure_logging(verbose: int, quiet: bool) -> None:
 
 
 #: counts that must be at least 1 (``--eval-windows`` may be 0: it means "skip")
-COUNTS = ("windows", "limit", "max_new_tokens", "steps", "samples")
+COUNTS = ("windows", "limit", "max_new_tokens", "samples")
 
 
 @contextlib.contextmanager

@@ -248,7 +248,8 @@ def test_the_pair_computes_what_the_scoring_qdq_graph_computes(
     from onnxq.stages.pipeline import quantize
 
     out = tmp_path / preset
-    more = {"learn": LearnConfig(steps=3, samples=2, warmup=1), "rotate": "learned", "weight_budget": 0.2}
+    learn = LearnConfig(steps=3, samples=2, warmup=1, e2e_steps=0)  # end to end: refused on a pair (below)
+    more = {"learn": learn, "rotate": "learned", "weight_budget": 0.2}
     options = {"calib": "wikitext2-valid", "windows": 4, "budget": 0.1, "online_hadamard": ("r4",)}
     quantize(massive_kv, out, preset=preset, **options, **(more if learned else {}))
     summary = json.loads((out / "summary.json").read_text())
@@ -320,3 +321,14 @@ def test_the_cli_quantizes_a_folder_and_refuses_one_without_its_scoring_graph(
     (old / "model.onnx").unlink()
     assert main(["quantize", str(old), "-o", str(tmp_path / "r")]) == 2
     assert "has no scoring graph model.onnx" in capsys.readouterr().err
+
+
+def test_end_to_end_learning_on_a_pair_is_refused_before_the_work(massive_kv: Path, tmp_path: Path) -> None:
+    """With every group learned end to end, the pair's logits left the scoring graph's by 0.06 (the bound
+    above: 0.03), so the pair refuses it until it carries learned ranges exactly."""
+    from onnxq.core.options import LearnConfig
+    from onnxq.stages.pipeline import quantize
+
+    with pytest.raises(OnnxqError, match="end-to-end learning is not carried into a prefill/decode pair"):
+        quantize(massive_kv, tmp_path / "out", preset="w4a8", learn=LearnConfig())
+    assert not (tmp_path / "out").exists()

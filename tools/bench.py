@@ -23,6 +23,8 @@ from typing import Any
 
 import numpy as np
 
+from onnxq.core.options import E2E_GROUPS
+
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "tools" / "results" / "bench.json"
 TABLE = ROOT / "BENCHMARKS.md"
@@ -201,6 +203,16 @@ ROWS: dict[str, tuple[str, str, dict[str, Any]]] = {
 #: `onnxq quantize --preset P` with no other option: each preset's defaults as they are today
 PRESET_DEFAULTS = {f"onnxq-{p}-defaults": ("onnxq", p, {}) for p in ("w8a16", "w8a8", "w4a16", "w4a8")}
 ROWS.update(PRESET_DEFAULTS)
+#: `--learn` on the defaults (issue: learning that pays), and each end-to-end group alone on W4A8
+LEARN_DEFAULTS = {
+    "onnxq-w4a8-defaults-learn": ("onnxq", "w4a8", {"learn": {}}),
+    "onnxq-w8a8-defaults-learn": ("onnxq", "w8a8", {"learn": {}}),
+    **{
+        f"onnxq-w4a8-defaults-learn-{group}": ("onnxq", "w4a8", {"learn": {"e2e_groups": [group]}})
+        for group in ("ranges", "down_in", "side", "kv", "scales")
+    },
+}
+ROWS.update(LEARN_DEFAULTS)
 VALIDATE = ("onnxq-w8a16", "onnxq-w4a8-learn")  # 2 windows on the HTP emulator: ~15 min each
 
 
@@ -224,6 +236,8 @@ def step_quantize_onnxq(
         extra.setdefault("online_hadamard", [])
         extra.setdefault("weight_method", "mse" if preset == "w8a8" else "auto")
     learn = extra.pop("learn", None)
+    if pinned and learn is not None:
+        learn = {"e2e_steps": 0, **learn}  # measured before end-to-end learning was part of --learn
     windows = extra.pop("windows", windows if pinned else None)  # a row may calibrate on more windows
     code = (
         "import json, sys; from onnxq.stages.pipeline import quantize; from onnxq.core.options import LearnConfig; "
@@ -249,6 +263,8 @@ def step_eval(model: Path, windows_file: Path, ep: str = "cpu") -> dict:
 ZEROSHOT = """
 import json, sys, time
 import numpy as np
+
+from onnxq.core.options import E2E_GROUPS
 from onnxq.evaluation import zeroshot
 from onnxq.stages.metrics import peak_rss_mb
 from onnxq.core.sources import tokenizer_for
@@ -361,9 +377,12 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         target = model
         if tool == "onnxq":
             out = work / name
-            pinned = name not in PRESET_DEFAULTS
+            pinned = name not in PRESET_DEFAULTS and name not in LEARN_DEFAULTS
             row["quantize"] = step_quantize_onnxq(model, out, preset, "c4", args.calib_windows, extra, pinned=pinned)
             row["recipe"] = tomllib.loads((out / "recipe.toml").read_text(encoding="utf-8"))["options"]
+            learned = json.loads((out / "summary.json").read_text(encoding="utf-8")).get("learning") or {}
+            if "end_to_end" in learned:  # the guard's verdict, without the loss of every step
+                row["end_to_end"] = {k: v for k, v in learned["end_to_end"].items() if k != "loss"}
             target = out / "model.qdq.onnx"
         elif tool == "ort":
             target = work / name / "model.qdq.onnx"
@@ -431,10 +450,11 @@ def _describe(row: dict[str, Any]) -> tuple[str, str]:
     if row["tool"] != "onnxq":
         return "", ""
     opts = row.get("options", {})
-    if not opts and row.get("recipe"):  # a defaults row: what the run resolved, from its recipe.toml
+    if set(opts) <= {"learn"} and row.get("recipe"):  # a defaults row: what the run resolved, from its recipe.toml
         keys = ["rotate", "online_hadamard", "method", "weight_method", "split_outliers", "gptq_sweeps", "windows"]
         if row["preset"].startswith("w4"):  # the family's block applies to 4-bit weights only
             keys.append("weight_block")
+        keys.append("learn")
         opts = {k: row["recipe"][k] for k in keys if k in row["recipe"]}
     rot = opts.get("rotate", "hadamard")
     rot = "hadamard + learned R1" if rot == "learned" else rot
@@ -457,11 +477,13 @@ def _describe(row: dict[str, Any]) -> tuple[str, str]:
         unit = "params" if opts.get("budget_by") == "macs" else "tensors"
         method += f", {100 * opts['weight_budget']:.0f} % of weight {unit} to W8 ({opts.get('selector', 'fisher')})"
     if "learn" in opts:
-        learned = "learned ranges + clipping"
-        if opts["learn"].get("learn_rotation", True):
-            learned += " + R2"
-        method += ", " + learned
-        rot += " (learned)" if opts["learn"].get("learn_rotation", True) else ""
+        learn = opts["learn"]
+        layerwise = learn.get("steps", 30) > 0 and learn.get("learn_rotation", True)
+        if learn.get("steps", 30):  # rows from before --steps 0 always ran the layer-wise stage
+            method += ", learned ranges + clipping" + (" + R2" if layerwise else "")
+        if learn.get("e2e_steps", 0):  # and no end-to-end stage
+            method += f", learned end to end ({', '.join(learn.get('e2e_groups', E2E_GROUPS))})"
+        rot += " (learned)" if layerwise else ""
     return rot, method
 
 

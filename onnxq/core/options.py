@@ -36,27 +36,48 @@ WEIGHT_METHODS = ("auto", "mse", "minmax", "gptq")
 BUDGET_BY = ("count", "macs")
 SELECTORS = ("fisher", "measured", "relative", "random")
 ENCODINGS_VERSIONS = ("1.0.0", "0.6.1")
+#: calibration windows learning trains on by default (the guard's held-out ones come after them)
+LEARN_SAMPLES = 32
+#: what end-to-end learning can train (calib.e2e): activation ranges by kind, and the weights' steps
+E2E_GROUPS = ("ranges", "down_in", "side", "kv", "scales")
 
 
 @dataclass(frozen=True)
 class LearnConfig:
-    """What ``onnxq quantize --learn`` trains (defaults fit SmolLM2-135M in minutes on 2 cores)."""
+    """What ``onnxq quantize --learn`` trains (defaults fit SmolLM2-135M in minutes on 2 cores).
 
-    steps: int = 30  # per decoder layer
+    Stage 1 learns layer by layer (``steps`` per layer, 0: none); after the weights are rounded,
+    stage 3 learns end to end (``e2e_steps`` windows, 0: none) and keeps the result only where the
+    last ``holdout`` calibration windows, which it does not train on, say it is better.
+    """
+
+    steps: int = 0  # layer-wise, per decoder layer (on the default recipe it makes the model worse)
     lr: float = 5e-3  # Adam, on log-factors of ranges and clip ratios
     rotation_lr: float = 2e-3  # Adam, on the skew-symmetric generator of each layer's extra R2
-    samples: int = 8  # calibration windows used for learning
+    samples: int | None = None  # calibration windows learned on: LEARN_SAMPLES, fewer where --windows has fewer
     warmup: int = 5  # steps of local quantization-error loss per layer
     learn_rotation: bool = True
+    e2e_steps: int = 48  # windows, one optimiser step each
+    e2e_lr: float = 2e-3  # Adam, on log-factors of ranges and steps
+    e2e_groups: tuple[str, ...] = ("scales",)  # the weights' steps: what pays on the default recipe
+    holdout: int = 4  # calibration windows the guard compares on
     seed: int = 0
     device: str = "cpu"
 
     def __post_init__(self) -> None:
-        for name in ("steps", "samples"):
-            if getattr(self, name) < 1:
-                raise OnnxqError(
-                    f"learn {name} {getattr(self, name)} is not a positive count", f"pass --{name} 1 or more"
-                )
+        object.__setattr__(self, "e2e_groups", tuple(self.e2e_groups))
+        if self.samples is not None and self.samples < 1:
+            raise OnnxqError(f"learn samples {self.samples} is not a positive count", "pass --samples 1 or more")
+        for name in ("steps", "e2e_steps", "holdout"):
+            if getattr(self, name) < 0:
+                flag = name.replace("_", "-")
+                raise OnnxqError(f"--{flag} {getattr(self, name)} is negative", f"pass --{flag} 0 or more")
+        if self.steps == 0 and self.e2e_steps == 0:
+            raise OnnxqError("--learn with --steps 0 and --e2e-steps 0 learns nothing", "drop --learn")
+        for group in self.e2e_groups:
+            _one_of("--e2e-groups", group, E2E_GROUPS)
+        if self.e2e_steps and not self.holdout:
+            raise OnnxqError("end-to-end learning needs held-out windows for its guard", "pass --holdout 1 or more")
         if self.device not in ("cpu", "cuda"):
             raise OnnxqError(f"unknown learning device {self.device!r}", "use cpu or cuda")
 

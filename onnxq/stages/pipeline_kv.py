@@ -44,6 +44,12 @@ def quantize_kv(
     """Quantize ``folder``'s model.onnx, prefill.onnx and decode.onnx into ``output`` (see the module docstring)."""
     start = time.perf_counter()
     check_new_output(output, overwrite=overwrite, inputs=[folder])
+    if o.learn is not None and o.learn.e2e_steps:
+        raise OnnxqError(
+            "end-to-end learning is not carried into a prefill/decode pair yet (the pair must compute what"
+            " the scoring graph computes, and with learned ranges it does not)",
+            "quantize the pair with --learn --steps 30 --e2e-steps 0 (layer-wise learning), or without --learn",
+        )
     scoring = folder / SCORING
     if not scoring.exists():
         raise OnnxqError(

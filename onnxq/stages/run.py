@@ -24,7 +24,7 @@ import onnx_ir as ir
 from onnxq.core import memory, recipes
 from onnxq.core import presets as presets_mod
 from onnxq.core.errors import OnnxqError
-from onnxq.core.options import DEFAULT_WINDOWS, GPTQ_WINDOWS, QuantizeOptions
+from onnxq.core.options import DEFAULT_WINDOWS, GPTQ_WINDOWS, LEARN_SAMPLES, LearnConfig, QuantizeOptions
 from onnxq.core.qtypes import Encoding
 from onnxq.plan import CACHE_WHY, QuantPlan, build_plan, read_precision_map
 from onnxq.stages.mixed import choose_precision
@@ -83,6 +83,10 @@ def run_stages(
     split_outliers = recipe.split_outliers if o.split_outliers is None else o.split_outliers
     splitting = split_outliers > 0 and chosen.act_bits < 16
     online = resolve_online(o, chosen, recipe)
+    weight_method = resolve_weight_method(o, chosen)
+    use_gptq = weight_method == "gptq"
+    windows = o.windows or (GPTQ_WINDOWS if use_gptq else DEFAULT_WINDOWS)  # GPTQ's Hessians want more data
+    learn = resolve_learning(o.learn, windows)
     prepared = prepare(
         float_model,
         seq_len=o.seq_len,
@@ -98,11 +102,10 @@ def run_stages(
         if o.rotate == "learned"
         else None,
     )
-    weight_method = resolve_weight_method(o, chosen)
-    use_gptq = weight_method == "gptq"
     resolved = replace(
         o,
-        windows=o.windows or (GPTQ_WINDOWS if use_gptq else DEFAULT_WINDOWS),  # GPTQ's Hessians want more data
+        windows=windows,
+        learn=learn,
         weight_method=weight_method,
         online_hadamard=online,
         split_outliers=split_outliers if splitting else 0.0,
@@ -156,11 +159,20 @@ def run_stages(
         memory.release()  # the sensitivity pass's QuantSim and per-window tensors
     t_cal = time.perf_counter() - t_cal
     learned: dict[str, Any] | None = None
-    if o.learn is not None:
+    targets = None
+    if learn is not None:
         if prepared.structure is None:
             raise OnnxqError(
                 "--learn needs the transformer structure, which was not recognised", "quantize without --learn"
             )
+        learned = {"config": asdict(learn), "layers": []}
+        ids = calib_windows.ids
+        train, heldout = ids[: learn.samples], ids[len(ids) - learn.holdout :]  # the guard's: never trained on
+        if learn.e2e_steps:
+            from calib.e2e import float_targets
+
+            targets = float_targets(model, train)  # the float model's, before any weight is changed
+    if learn is not None and learn.steps:
         from calib.learn import learn as run_learning
 
         ticks = progress("learning (layers)", len(prepared.structure.layers)) if progress else None
@@ -169,23 +181,26 @@ def run_stages(
             prepared.structure,
             plan,
             encodings,
-            calib_windows.ids[: o.learn.samples],
+            train,
             calib_windows.ids,
-            config=o.learn,
+            config=learn,
             method=o.method,
             down_in="r4" in online or splitting,
             progress=ticks,
             checkpoint=scratch / "checkpoint.pt",
         )
         encodings = result.encodings
-        learned = {"config": asdict(o.learn), "seconds": round(result.seconds, 1), "layers": result.history}
+        learned.update(seconds=round(result.seconds, 1), layers=result.history)
         del result
         memory.release()  # what learning freed, before GPTQ runs
     swept: int | None = None
-    if use_gptq:  # after learning: the Hessians see the learned rotations
+    if use_gptq:  # after layer-wise learning: the Hessians see the learned rotations
         ids = calib_windows.ids
         swept = round_by_layer(model, plan, encodings, ids, prepared.structure, sweeps=o.gptq_sweeps, progress=progress)
         memory.release()  # GPTQ's temporaries, before the QDQ model and its serialised copy are made
+    if targets is not None:
+        encodings, learned["end_to_end"] = _end_to_end(model, plan, encodings, train, targets, heldout, learn, progress)
+        memory.release()  # the mirror the stage trained in
     metadata = {
         "onnxq.calib": str(o.calib),
         "onnxq.rotate": o.rotate,
@@ -193,11 +208,57 @@ def run_stages(
         "onnxq.split_outliers": str(split_outliers) if splitting else "",
         "onnxq.outlier_channels": json.dumps(prepared.channels, sort_keys=True) if prepared.channels else "",
         "onnxq.seed": str(o.seed),
-        "onnxq.learned_rotation": "true" if o.learn is not None and o.learn.learn_rotation else "false",
+        "onnxq.learned_rotation": "true" if learn and learn.steps and learn.learn_rotation else "false",
     }
     model.metadata_props.update({"onnxq.seq_len": str(prepared.seq_len), **metadata})
     extras = {"weight_block": recipe.weight_block, "gptq_sweeps": swept, "learning": learned, "mixed_precision": mixed}
     return Run(resolved, recipe, prepared, plan, encodings, stats, calib_windows.ids, t_cal, extras, metadata, scratch)
+
+
+def resolve_learning(config: LearnConfig | None, windows: int) -> LearnConfig | None:
+    """Before any work: the windows learning trains on (by default :data:`LEARN_SAMPLES`, fewer where
+    there are fewer) and those its guard holds out, which must not overlap."""
+    if config is None:
+        return None
+    held = config.holdout if config.e2e_steps else 0
+    if config.samples is None:
+        config = replace(config, samples=max(1, min(LEARN_SAMPLES, windows - held)))
+    assert config.samples is not None
+    if config.samples + held > windows:
+        raise OnnxqError(
+            f"--samples {config.samples} and --holdout {held} need {config.samples + held} calibration windows,"
+            f" and there are {windows}",
+            f"pass --windows {config.samples + held} or more, or fewer --samples",
+        )
+    return config
+
+
+def _end_to_end(
+    model: ir.Model,
+    plan: QuantPlan,
+    encodings: dict[str, Encoding],
+    train: np.ndarray,
+    targets: list[Any],
+    heldout: np.ndarray,
+    config: LearnConfig,
+    progress: Progress | None,
+) -> tuple[dict[str, Encoding], dict[str, Any]]:
+    """Stage 3 of ``--learn`` (:mod:`calib.e2e`): the encodings to keep, and what summary.json reports."""
+    from calib.e2e import finetune
+
+    ticks = progress("learning (end to end)", config.e2e_steps) if progress else None
+    result = finetune(model, plan, encodings, train, targets, heldout, config=config, progress=ticks)
+    for name, values in result.weights.items():  # the weights whose steps it learned, on their new grid
+        model.graph.initializers[name].const_value = ir.tensor(values, name=name)
+    report = {
+        "kept": result.kept,
+        "heldout_nll_before": round(result.heldout_before, 6),
+        "heldout_nll_after": round(result.heldout_after, 6),
+        "trained": result.trained,
+        "seconds": round(result.seconds, 1),
+        "loss": result.history,
+    }
+    return result.encodings, report
 
 
 def write_run(
