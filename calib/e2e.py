@@ -3,7 +3,7 @@
 After GPTQ has fixed every weight's integer codes, the ranges that stay free are trained jointly
 against the float model's next-token distribution (KL on the logits), with every quantizer on, so
 each window runs through the quantized model's own inputs, as MobileQuant's end-to-end stage does.
-What is trained, by group (:data:`GROUPS`):
+What is trained, by group (:data:`~onnxq.core.options.E2E_GROUPS`, ``--e2e-groups``):
 
 - ``ranges``: the static ranges of the activations the MatMuls and the attention read;
 - ``down_in``: down_proj's inputs (after R4, or with their outlier channels split off);
@@ -35,13 +35,12 @@ import torch
 from calib.mirror import Mirror
 from calib.qsim import QuantSim
 from onnxq.core import memory
-from onnxq.core.options import E2E_GROUPS, LearnConfig
+from onnxq.core.options import LearnConfig
 from onnxq.core.qtypes import Encoding, lpbq
 from onnxq.plan import Point, QuantPlan
 
 log = logging.getLogger(__name__)
 
-GROUPS = E2E_GROUPS
 #: float probabilities kept per token as the target (the rest go into one bucket)
 TOP_K = 128
 #: checkpoint segments of the backward pass (about one per decoder layer on a 30-layer model)
@@ -70,7 +69,7 @@ class EndToEndResult:
 
 
 def group_of(point: Point) -> str | None:
-    """The :data:`GROUPS` entry a point is trained under; None: it stays as it is."""
+    """The group (of :data:`~onnxq.core.options.E2E_GROUPS`) a point is trained under; None: it stays as it is."""
     if point.kind == "weight":
         return "scales"
     if point.kind not in ("act", "convert") or point.fixed_range is not None:
