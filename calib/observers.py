@@ -51,18 +51,20 @@ class Observer:
         if not x.is_floating_point():
             return
         x = x.float().reshape(-1)
-        finite = torch.isfinite(x)
-        if not bool(finite.all()):
-            self.nonfinite += int((~finite).sum())
-            x = x[finite]
         if x.numel() == 0:
             return
-        lo, hi = float(x.min()), float(x.max())
+        lo, hi = (float(v) for v in torch.aminmax(x))  # NaN and inf show here: one pass in the common case
+        if not (math.isfinite(lo) and math.isfinite(hi)):
+            finite = torch.isfinite(x)
+            self.nonfinite += int((~finite).sum())
+            x = x[finite]
+            if x.numel() == 0:
+                return
+            lo, hi = float(x.min()), float(x.max())
         self.lo, self.hi = min(self.lo, lo), max(self.hi, hi)
         self.count += x.numel()
-        xd = x.double()
-        self.sum += float(xd.sum())
-        self.sumsq += float((xd * xd).sum())
+        self.sum += float(x.sum(dtype=torch.float64))  # accumulated in float64 without a float64 copy
+        self.sumsq += float((x * x).sum(dtype=torch.float64))
         if self.histogram:
             self._hist_update(x, lo, hi)
 
