@@ -743,6 +743,51 @@ class Mirror(torch.nn.Module):
         for step in self.steps[first:last]:
             self._execute(step, values, tap)
 
+    def checkpoint(
+        self, ids: torch.Tensor, cuts: list[tuple[int, tuple[str, ...]]], tap: Tap | None = None
+    ) -> list[dict[str, torch.Tensor]]:
+        """A forward pass without a graph that keeps only what crosses into each segment of ``cuts``
+        (from :meth:`segments`), for :meth:`backward_range` to recompute them from; the last segment
+        is not run."""
+        feed = self.input_names[0]
+        bounds = [first for first, _ in cuts[1:]]
+        saved: list[dict[str, torch.Tensor]] = []
+        with torch.no_grad():
+            fed = tap(feed, ids) if tap is not None else None
+            env: dict[str, torch.Tensor] = {feed: ids if fed is None else fed}
+            for i, (first, crossing) in enumerate(cuts):
+                saved.append({k: env[k] for k in crossing if k in env})
+                if i == len(bounds):
+                    break
+                self.run_range(first, bounds[i], env, tap)
+                keep = set(cuts[i + 1][1])  # the next segment's inputs
+                env = {k: v for k, v in env.items() if k in keep}
+        return saved
+
+    def backward_range(
+        self,
+        first: int,
+        last: int,
+        start: dict[str, torch.Tensor],
+        upstream: dict[str, torch.Tensor],
+        tap: Tap | None = None,
+        loss: Callable[[dict[str, torch.Tensor]], torch.Tensor] | None = None,
+    ) -> dict[str, torch.Tensor]:
+        """Recompute steps ``first`` to ``last - 1`` from ``start`` with gradients, and back-propagate
+        the gradients ``upstream`` holds for the values they produce (popped from it), plus ``loss`` of
+        the values where given. Returns the gradient of each value in ``start`` that got one."""
+        leaves = {k: v.detach().requires_grad_(v.is_floating_point()) for k, v in start.items()}
+        values = dict(leaves)
+        self.run_range(first, last, values, tap)
+        produced = {name for step in self.steps[first:last] for name in step.outputs}
+        seeds = [(values[k], upstream.pop(k)) for k in list(upstream) if k in produced]
+        seeds = [(v, g) for v, g in seeds if v.requires_grad]
+        if loss is not None:
+            seeds.append((loss(values), torch.ones(())))
+        if seeds:
+            torch.autograd.backward([v for v, _ in seeds], [g for _, g in seeds])
+        return {k: leaf.grad for k, leaf in leaves.items() if leaf.grad is not None}
+
     def segments(self, count: int) -> list[tuple[int, tuple[str, ...]]]:
         """About ``count`` cut points for checkpointed backward passes: (first step of a segment,
         the values that cross into it), cut where the fewest values are live (between decoder

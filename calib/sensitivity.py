@@ -19,6 +19,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
+from functools import partial
 
 import numpy as np
 import torch
@@ -171,7 +172,6 @@ def relative_and_fisher(
         return terms
 
     mirror = sim.mirror
-    feed = mirror.input_names[0]
     cuts = mirror.segments(segments or SEGMENTS)
     head_spans: list[slice | None] = [None]  # the head's tokens, chunk by chunk
     tokens = np.shape(windows)[-1]
@@ -180,20 +180,13 @@ def relative_and_fisher(
     if len(head_spans) > 1:  # the head: a segment of its own, entered by the residual stream alone
         cuts = [cut for cut in cuts if cut[0] < head[0]] + [(head[0], (head[1],))]
     bounds = [first for first, _ in cuts[1:]] + [len(mirror.steps)]
+
+    def head_nll(ids: torch.Tensor, span: slice | None, values: dict[str, torch.Tensor]) -> torch.Tensor:
+        return _nll(values[mirror.output_names[0]], ids, span)
+
     for w in windows:
         ids = torch.as_tensor(np.asarray(w, dtype=np.int64)).reshape(1, -1)
-        # forward without a graph, keeping only what crosses into each segment
-        saved: list[dict[str, torch.Tensor]] = []
-        with torch.no_grad():
-            fed = sim.tap(feed, ids)
-            env: dict[str, torch.Tensor] = {feed: ids if fed is None else fed}
-            for (first, crossing), last in zip(cuts, bounds, strict=True):
-                saved.append({k: env[k] for k in crossing if k in env})
-                if len(saved) == len(cuts):
-                    break  # the last segment's outputs are the backward's to compute
-                mirror.run_range(first, last, env, sim.tap)
-                keep = set(cuts[len(saved)][1])  # the next segment's inputs
-                env = {k: v for k, v in env.items() if k in keep}
+        saved = mirror.checkpoint(ids, cuts, sim.tap)
         # backward segment by segment, last first, recomputing each from its saved inputs
         upstream: dict[str, torch.Tensor] = {}  # dL/d(value) summed over the segments read so far
         for (first, _), last, start in reversed(list(zip(cuts, bounds, saved, strict=True))):
@@ -201,24 +194,11 @@ def relative_and_fisher(
             grads: dict[str, list[torch.Tensor]] = {}
             parts = []
             for span in spans:
-                leaves = {
-                    k: (v if span is None else v[:, span]).detach().requires_grad_(v.is_floating_point())
-                    for k, v in start.items()
-                }
-                values = dict(leaves)
-                mirror.run_range(first, last, values, tap)
-                produced = {name for step in mirror.steps[first:last] for name in step.outputs}
-                seeds = [(values[k], upstream.pop(k)) for k in list(upstream) if k in produced]
-                seeds = [(v, g) for v, g in seeds if v.requires_grad]
-                if last == len(mirror.steps):
-                    seeds.append((_nll(values[mirror.output_names[0]], ids, span), torch.ones(())))
-                if seeds:
-                    torch.autograd.backward([v for v, _ in seeds], [g for _, g in seeds])
-                for k, leaf in leaves.items():
-                    if leaf.grad is not None:
-                        grads.setdefault(k, []).append(leaf.grad)
+                part = start if span is None else {k: v[:, span] for k, v in start.items()}
+                loss = partial(head_nll, ids, span) if last == len(mirror.steps) else None
+                for k, grad in mirror.backward_range(first, last, part, upstream, tap, loss).items():
+                    grads.setdefault(k, []).append(grad)
                 parts.append(collect())
-                del values, leaves, seeds
             for k, chunks in grads.items():  # the chunks of the tokens, in order
                 grad = chunks[0] if len(chunks) == 1 else torch.cat(chunks, dim=1)
                 upstream[k] = upstream[k] + grad if k in upstream else grad
