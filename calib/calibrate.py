@@ -61,10 +61,12 @@ def observe(
     *,
     histogram: Callable[[Point], bool] | bool = True,
     progress: Callable[[int], None] | None = None,
+    logits: Callable[[torch.Tensor], None] | None = None,
 ) -> dict[str, Observer]:
     """Run the float model over ``windows``, one observer per activation point (fixed memory).
 
-    ``histogram`` says which points keep a histogram (needed by ``mse`` and ``percentile``).
+    ``histogram`` says which points keep a histogram (needed by ``mse`` and ``percentile``);
+    ``logits`` is given each window's first output (so that no other pass of the float model is needed).
     """
     mirror = Mirror(model)
     observers: dict[str, Observer] = {}
@@ -82,7 +84,10 @@ def observe(
     seen = 0
     with torch.inference_mode():
         for window in windows:
-            mirror.run(mirror.window(window), tap=tap)
+            out = mirror.run(mirror.window(window), tap=tap)
+            if logits is not None:
+                logits(out[mirror.output_names[0]])
+            del out
             seen += 1
             if progress is not None:
                 progress(1)

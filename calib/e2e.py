@@ -32,7 +32,6 @@ import numpy as np
 import onnx_ir as ir
 import torch
 
-from calib.mirror import Mirror
 from calib.qsim import QuantSim
 from onnxq.core import memory
 from onnxq.core.options import LearnConfig
@@ -86,21 +85,13 @@ def group_of(point: Point) -> str | None:
     return "ranges"
 
 
-def float_targets(model: ir.Model, windows: np.ndarray) -> list[Targets]:
-    """The float model's targets on ``windows`` (before any weight is rounded)."""
-    mirror = Mirror(model)
-    out: list[Targets] = []
-    with torch.no_grad():  # not inference mode: training reads these
-        for w in windows:
-            logits = mirror.run(mirror.window(w))[mirror.output_names[0]]
-            logp = torch.log_softmax(logits.reshape(-1, logits.shape[-1]).float(), dim=-1)
-            top, index = logp.topk(min(TOP_K, logp.shape[-1]), dim=-1)
-            rest = torch.log1p(-top.exp().sum(-1).clamp(max=1 - 1e-6))
-            out.append(Targets(index, top.clone(), rest))
-            del logits, logp
-    del mirror
-    memory.release()
-    return out
+def target_of(logits: torch.Tensor) -> Targets:
+    """The float model's target on one window, from its logits (those calibration computes)."""
+    with torch.inference_mode(False), torch.no_grad():  # training reads these: no inference tensors
+        logp = torch.log_softmax(logits.clone().reshape(-1, logits.shape[-1]).float(), dim=-1)
+        top, index = logp.topk(min(TOP_K, logp.shape[-1]), dim=-1)
+        rest = torch.log1p(-top.exp().sum(-1).clamp(max=1 - 1e-6))
+        return Targets(index, top.clone(), rest)
 
 
 def kl_to(target: Targets, logits: torch.Tensor) -> torch.Tensor:
@@ -215,47 +206,26 @@ class EndToEnd:
     def backward(self, ids: np.ndarray, target: Targets) -> float:
         """KL of one window; its gradient accumulates into the trained parameters."""
         mirror, tap = self.mirror, self.sim.tap
-        feed = mirror.input_names[0]
-        saved: list[dict[str, torch.Tensor]] = []
-        with torch.no_grad():  # forward without a graph, keeping what crosses into each segment
-            env = dict(mirror.window(ids))
-            fed = tap(feed, env[feed])
-            if fed is not None:
-                env[feed] = fed
-            for i, ((first, crossing), last) in enumerate(zip(self.cuts, self.bounds, strict=True)):
-                saved.append({k: env[k] for k in crossing if k in env})
-                if i == len(self.cuts) - 1:
-                    break
-                mirror.run_range(first, last, env, tap)
-                keep = set(self.cuts[i + 1][1])
-                env = {k: v for k, v in env.items() if k in keep}
-        del env
+        saved = mirror.checkpoint(mirror.window(ids)[mirror.input_names[0]], self.cuts, tap)
+        losses: list[float] = []
+
+        def kl(values: dict[str, torch.Tensor]) -> torch.Tensor:
+            loss = kl_to(target, values[mirror.output_names[0]])
+            losses.append(loss.item())
+            return loss
+
         upstream: dict[str, torch.Tensor] = {}  # d loss / d value, summed over the segments done
-        loss_value = float("nan")
         segments = list(zip(self.cuts, self.bounds, saved, self.reads, strict=True))
         for (first, _), last, start, reads in reversed(segments):
             for name in reads:
                 if self.weights[name].t.requires_grad:
                     mirror.consts[name] = self.weights[name]()
-            leaves = {k: v.detach().requires_grad_(v.is_floating_point()) for k, v in start.items()}
-            values = dict(leaves)
-            mirror.run_range(first, last, values, tap)
-            produced = {name for step in mirror.steps[first:last] for name in step.outputs}
-            seeds = [(values[k], upstream.pop(k)) for k in list(upstream) if k in produced]
-            seeds = [(v, g) for v, g in seeds if v.requires_grad]
-            if last == len(mirror.steps):
-                loss = kl_to(target, values[mirror.output_names[0]])
-                loss_value = loss.item()
-                seeds.append((loss, torch.ones(())))
-            if seeds:
-                torch.autograd.backward([v for v, _ in seeds], [g for _, g in seeds])
-            for k, leaf in leaves.items():
-                if leaf.grad is not None:
-                    upstream[k] = upstream[k] + leaf.grad if k in upstream else leaf.grad
+            final = kl if last == len(mirror.steps) else None
+            for k, grad in mirror.backward_range(first, last, start, upstream, tap, final).items():
+                upstream[k] = upstream[k] + grad if k in upstream else grad
             for name in reads:
                 mirror.consts[name] = mirror.consts[name].detach()
-            del values, leaves, seeds
-        return loss_value
+        return losses[0]
 
     def written(self) -> tuple[dict[str, Encoding], dict[str, np.ndarray]]:
         """The trained points' encodings, and the weights whose steps were trained (on their new grid)."""

@@ -116,6 +116,10 @@ def run_stages(
     memory.release()  # what the pins were found on (a prepared KV graph: a cycle of IR objects)
     reasons = {name: CACHE_WHY for name in pinned if name not in overrides}
     overrides = {**pinned, **overrides}  # the user's map has the last word
+    if learn is not None and prepared.structure is None:
+        raise OnnxqError(
+            "--learn needs the transformer structure, which was not recognised", "quantize without --learn"
+        )
     model = prepared.model
     plan = build_plan(model, chosen, recipe, prepared.roles, prepared.structure, overrides, reasons)
     check_encodings_version(o.encodings_version, blocked=plan.has_blocked_weights())
@@ -125,12 +129,22 @@ def run_stages(
     tick = progress("calibrating", len(calib_windows)) if progress else None
     t_cal = time.perf_counter()
     rotated = o.rotate != "none"
+    targets: list[Any] = []  # end-to-end learning's: the float model's outputs on the windows it trains on
+    keep = (learn.samples or 0) if learn is not None and learn.e2e_steps else 0
+
+    def target(logits: Any) -> None:
+        from calib.e2e import target_of
+
+        if len(targets) < keep:
+            targets.append(target_of(logits))
+
     observers = observe(
         model,
         plan,
         calib_windows.ids,
         histogram=lambda p: method_for(p, o.method, rotated) in ("mse", "percentile") or p.bits < 16,
         progress=tick,
+        logits=target if keep else None,
     )
     scale_method = "mse" if use_gptq else weight_method
     encodings, stats = encode(model, plan, observers, method=o.method, weight_method=scale_method, rotated=rotated)
@@ -159,19 +173,10 @@ def run_stages(
         memory.release()  # the sensitivity pass's QuantSim and per-window tensors
     t_cal = time.perf_counter() - t_cal
     learned: dict[str, Any] | None = None
-    targets = None
     if learn is not None:
-        if prepared.structure is None:
-            raise OnnxqError(
-                "--learn needs the transformer structure, which was not recognised", "quantize without --learn"
-            )
         learned = {"config": asdict(learn), "layers": []}
         ids = calib_windows.ids
         train, heldout = ids[: learn.samples], ids[len(ids) - learn.holdout :]  # the guard's: never trained on
-        if learn.e2e_steps:
-            from calib.e2e import float_targets
-
-            targets = float_targets(model, train)  # the float model's, before any weight is changed
     if learn is not None and learn.steps:
         from calib.learn import learn as run_learning
 
@@ -198,7 +203,7 @@ def run_stages(
         ids = calib_windows.ids
         swept = round_by_layer(model, plan, encodings, ids, prepared.structure, sweeps=o.gptq_sweeps, progress=progress)
         memory.release()  # GPTQ's temporaries, before the QDQ model and its serialised copy are made
-    if targets is not None:
+    if targets:
         encodings, learned["end_to_end"] = _end_to_end(model, plan, encodings, train, targets, heldout, learn, progress)
         memory.release()  # the mirror the stage trained in
     metadata = {
