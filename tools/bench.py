@@ -209,7 +209,7 @@ LEARN_DEFAULTS = {
     "onnxq-w8a8-defaults-learn": ("onnxq", "w8a8", {"learn": {}}),
     **{
         f"onnxq-w4a8-defaults-learn-{group}": ("onnxq", "w4a8", {"learn": {"e2e_groups": [group]}})
-        for group in ("ranges", "down_in", "side", "kv", "scales")
+        for group in ("ranges", "down_in", "side", "kv")  # `scales` alone is the default
     },
 }
 ROWS.update(LEARN_DEFAULTS)
@@ -304,6 +304,13 @@ def step_validate(model: Path, windows_file: Path, context: Path) -> dict:
     return _run([sys.executable, "-c", code])
 
 
+def step_htp(model: Path, work: Path, windows: int) -> dict:
+    """Perplexity on the HTP backend (CPU fallback disabled) and on ONNX Runtime CPU, same first windows."""
+    part = work / f"eval-htp{windows}.npy"
+    np.save(part, np.load(work / "eval.npy")[:windows])
+    return {"windows": windows, "qnn": step_eval(model, part, "qnn"), "cpu": step_eval(model, part, "cpu")}
+
+
 def step_compile(model: Path, out: Path) -> dict:
     code = (
         "import json; from onnxq.device.compile import compile_model; from onnxq.stages.metrics import peak_rss_mb; "
@@ -362,15 +369,20 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     unknown = [n for n in wanted if n not in ROWS]
     if unknown:
         raise SystemExit(f"bench: unknown rows {unknown}; known: {', '.join(ROWS)}")
-    if args.compile_only:
-        wanted = [n for n in args.compile.split(",") if n]
+    compiled, on_htp = args.compile.split(","), args.htp_eval.split(",")
+    if args.device_only:
+        wanted = [n for n in ROWS if n in compiled or n in on_htp]
     for name in wanted:
         tool, preset, extra = ROWS[name]
         print(f"[bench] {name} ...", file=sys.stderr, flush=True)
-        if args.compile_only:  # the row's model as the last run left it
+        if args.device_only:  # the row's model as the last run left it
             if name not in results["rows"]:
-                raise SystemExit(f"bench: --compile-only {name}: run the row first")
-            results["rows"][name]["compile"] = step_compile(work / name / "model.qdq.onnx", work / name / "ctx")
+                raise SystemExit(f"bench: --device-only {name}: run the row first")
+            target = work / name / "model.qdq.onnx"
+            if name in compiled:
+                results["rows"][name]["compile"] = step_compile(target, work / name / "ctx")
+            if name in on_htp:
+                results["rows"][name]["htp"] = step_htp(target, work, args.htp_windows)
             _save(results, inputs, args)
             continue
         row: dict[str, Any] = {"tool": tool, "preset": preset, "options": extra, "date": time.strftime("%Y-%m-%d")}
@@ -407,10 +419,12 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         row["eval"] = step_eval(target, work / "eval.npy")
         if name in args.validate.split(",") and not args.no_validate:
             row["validate"] = step_validate(target, work / "eval.npy", work / name / "htp")
-        if name in args.compile.split(","):
+        if name in compiled:
             row["compile"] = step_compile(target, work / name / "ctx")
+        if name in on_htp:
+            row["htp"] = step_htp(target, work, args.htp_windows)
         earlier = results["rows"].get(name, {})
-        for key in ("validate", "compile"):  # HTP runs are slow: keep an earlier one, dated, if not redone
+        for key in ("validate", "compile", "htp"):  # HTP runs are slow: keep an earlier one, dated, if not redone
             if key not in row and key in earlier:
                 row[key] = {**earlier[key], "date": earlier[key].get("date", earlier["date"])}
         if args.tasks:
@@ -599,6 +613,68 @@ def ablation(results: dict[str, Any]) -> str:
     return _step_section("## Ablation (W4A8)", prose, rows, present)
 
 
+#: end-to-end learning: (what is learned, row, the same recipe without --learn)
+LEARNING = (
+    ("W4A8: weight steps per output channel, codes held (`scales`, the default)", "onnxq-w4a8-defaults-learn"),
+    ("W4A8: MatMul and attention input ranges (`ranges`)", "onnxq-w4a8-defaults-learn-ranges"),
+    ("W4A8: down_proj input ranges after R4 (`down_in`)", "onnxq-w4a8-defaults-learn-down_in"),
+    ("W4A8: the outlier channels' 16-bit side path (`side`)", "onnxq-w4a8-defaults-learn-side"),
+    ("W4A8: K and V outputs, the cache's ranges (`kv`)", "onnxq-w4a8-defaults-learn-kv"),
+    ("W8A8: weight steps per output channel (`scales`, the default)", "onnxq-w8a8-defaults-learn"),
+)
+
+
+def learning(results: dict[str, Any]) -> str:
+    """What end-to-end learning gains on the default recipes, one parameter group at a time."""
+    rows = results["rows"]
+    present = [(label, name) for label, name in LEARNING if name in rows and "end_to_end" in rows[name]]
+    if not present:
+        return ""
+    lines = [
+        "## Learning end to end (`--learn`)",
+        "",
+        "`onnxq quantize --preset P --learn`, each row one parameter group (`--e2e-groups`) trained after GPTQ",
+        "against the float model's next-token distribution: 48 steps of one calibration window each, on 32 windows;",
+        "the guard compares the next-token NLL on 4 more calibration windows and writes the unlearned model where",
+        "it did not fall. `vs --preset P`: against the same recipe without `--learn`, in the same bench run.",
+        "Time and peak RSS are the whole quantization's; `stage` is the end-to-end stage alone.",
+        "",
+        "| learned | row | WikiText-2 PPL | vs --preset P | held-out NLL | kept | stage | time | peak RSS |",
+        "|---|---|---:|---:|---|---|---:|---:|---:|",
+    ]
+    for label, name in present:
+        row, e2e = rows[name], rows[name]["end_to_end"]
+        base = rows.get(_unlearned(name), {}).get("eval", {}).get("ppl")
+        ppl, q = row["eval"]["ppl"], row.get("quantize", {})
+        change = f"{100 * (ppl / base - 1):+.1f} %" if base else ""
+        nll = f"{e2e['heldout_nll_before']:.4f} -> {e2e['heldout_nll_after']:.4f}"
+        lines.append(
+            f"| {label} | {name} | {ppl:.2f} | {change} | {nll} | {'yes' if e2e['kept'] else 'no'} | "
+            f"{e2e['seconds']:.0f} s | {q.get('seconds', 0):.0f} s | {q.get('peak_rss_mb', 0) / 1024:.2f} GB |"
+        )
+    htp = [
+        (n, rows[n]["htp"])
+        for n in dict.fromkeys(p for _, n in present for p in (_unlearned(n), n))
+        if "htp" in rows.get(n, {})
+    ]
+    if htp:
+        lines += [
+            "",
+            "On the QNN HTP backend (CPU fallback disabled), on the first evaluation windows, next to ONNX Runtime CPU",
+            "on the same windows:",
+            "",
+            "| row | windows | PPL on the HTP | PPL on CPU |",
+            "|---|---:|---:|---:|",
+        ]
+        lines += [f"| {n} | {h['windows']} | {h['qnn']['ppl']:.2f} | {h['cpu']['ppl']:.2f} |" for n, h in htp]
+    return "\n".join(lines) + "\n"
+
+
+def _unlearned(name: str) -> str:
+    """The defaults row a learning row is compared with."""
+    return name.split("-defaults", maxsplit=1)[0] + "-defaults"
+
+
 def pareto(results: dict[str, Any]) -> str:
     """The mixed-precision section: perplexity against the share promoted, and the selectors compared."""
     rows = results["rows"]
@@ -765,6 +841,7 @@ per-channel clipping search then round to nearest; `gptq`: the same scales, GPTQ
 {val}"""
     text += ("\n" + outliers(results)) if outliers(results) else ""
     text += ("\n" + ablation(results)) if ablation(results) else ""
+    text += ("\n" + learning(results)) if learning(results) else ""
     text += ("\n" + pareto(results)) if pareto(results) else ""
     text += ("\n" + zeroshot_section(results)) if zeroshot_section(results) else ""
     diagnostics = RESULTS.parent / "diagnostics.json"
@@ -813,7 +890,11 @@ def main() -> None:
     parser.add_argument("--validate", default=",".join(VALIDATE), help="rows also run on the HTP (2 windows)")
     parser.add_argument("--no-validate", action="store_true")
     parser.add_argument("--compile", default="", help="rows also compiled to an HTP context binary (QNN EP)")
-    parser.add_argument("--compile-only", action="store_true", help="only compile the --compile rows' models")
+    parser.add_argument("--htp-eval", default="", help="rows also scored on the HTP backend (--htp-windows windows)")
+    parser.add_argument("--htp-windows", type=int, default=4)
+    parser.add_argument(
+        "--device-only", action="store_true", help="only the --compile and --htp-eval steps, on the last run's models"
+    )
     parser.add_argument("--tasks", default="", help="zero-shot tasks for every row run, e.g. piqa,hellaswag")
     parser.add_argument("--task-limit", type=int, default=500, help="first N items of each task (default 500)")
     parser.add_argument("--pack-check", default="fp32,onnxq-w4a8", help="rows also scored one request per window")
