@@ -40,6 +40,8 @@ ENCODINGS_VERSIONS = ("1.0.0", "0.6.1")
 LEARN_SAMPLES = 32
 #: what end-to-end learning can train (calib.e2e): activation ranges by kind, and the weights' steps
 E2E_GROUPS = ("ranges", "down_in", "side", "kv", "scales")
+#: those a prefill/decode pair carries exactly (its logits stay the scoring graph's)
+PAIR_E2E_GROUPS = ("kv", "scales")
 
 
 @dataclass(frozen=True)

@@ -21,7 +21,7 @@ from onnxq.core import memory
 from onnxq.core import presets as presets_mod
 from onnxq.core.errors import OnnxqError
 from onnxq.core.files import check_new_output
-from onnxq.core.options import QuantizeOptions
+from onnxq.core.options import PAIR_E2E_GROUPS, QuantizeOptions
 from onnxq.core.recipes import Recipe
 from onnxq.core.steps import read_shape
 from onnxq.stages.follow import cache_widths, follow
@@ -44,11 +44,12 @@ def quantize_kv(
     """Quantize ``folder``'s model.onnx, prefill.onnx and decode.onnx into ``output`` (see the module docstring)."""
     start = time.perf_counter()
     check_new_output(output, overwrite=overwrite, inputs=[folder])
-    if o.learn is not None and o.learn.e2e_steps:
+    loose = [g for g in o.learn.e2e_groups if g not in PAIR_E2E_GROUPS] if o.learn and o.learn.e2e_steps else []
+    if loose:
         raise OnnxqError(
-            "end-to-end learning is not carried into a prefill/decode pair yet (the pair must compute what"
-            " the scoring graph computes, and with learned ranges it does not)",
-            "quantize the pair with --learn --steps 30 --e2e-steps 0 (layer-wise learning), or without --learn",
+            f"--e2e-groups {','.join(loose)} is not carried into a prefill/decode pair: learned activation ranges"
+            " move its logits off the scoring graph's, which the weights' steps and the cache's ranges do not",
+            f"quantize the pair with --e2e-groups {','.join(PAIR_E2E_GROUPS)} (or fewer)",
         )
     scoring = folder / SCORING
     if not scoring.exists():
