@@ -314,7 +314,7 @@ def _mixed_line(mixed: dict[str, Any] | None) -> str:
 
 def _learn_line(learned: dict[str, Any] | None) -> str:
     if not learned:
-        return "off (--learn to learn ranges, clipping and R2, then ranges and steps end to end)"
+        return "off (--learn to learn the weights' steps end to end)"
     parts = []
     layers = learned.get("layers", [])
     if layers:
@@ -905,8 +905,10 @@ def build_parser() -> argparse.ArgumentParser:
         help="how candidates are ranked (default fisher: gradient-weighted quantization error)",
     )
     g.add_argument("--sensitivity-windows", type=int, default=4, help="windows scored for sensitivity (default 4)")
-    g = p.add_argument_group("learning (layer by layer, then end to end on the rounded model)")
-    g.add_argument("--learn", action="store_true", help="learn scales and rotations against the float model")
+    g = p.add_argument_group("learning (end to end on the rounded model; layer by layer before it with --steps)")
+    g.add_argument(
+        "--learn", action="store_true", help="learn each weight's step against the float model's outputs (codes held)"
+    )
     g.add_argument(
         "--steps",
         type=int,
@@ -932,7 +934,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument(
         "--e2e-groups",
         default=",".join(LearnConfig.e2e_groups),
-        help=f"what end-to-end learning trains, of: {', '.join(E2E_GROUPS)} (default: all)",
+        help=f"what end-to-end learning trains, of: {', '.join(E2E_GROUPS)} (default %(default)s)",
     )
     g.add_argument(
         "--holdout",

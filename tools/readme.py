@@ -32,6 +32,8 @@ OPTIONS = (
         "onnxq-w4a8-split-r4-lpbq16-w64-sweeps-mp10",
         "`--budget 0.1` (10 % of the 8-bit MatMul inputs at 16 bits, chosen by sensitivity)",
     ),
+    ("w4a8", "onnxq-w4a8-defaults-learn", "`--learn` (each weight's step learned end to end, codes held)"),
+    ("w8a8", "onnxq-w8a8-defaults-learn", "`--learn`"),
 )
 #: how each step of the recipe contributes: column label -> row per preset
 STEPS = (
