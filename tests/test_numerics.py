@@ -71,6 +71,30 @@ def test_mirror_quantize_matches_onnxruntime_bit_for_bit(qtype: int) -> None:
     assert np.array_equal(y.numpy(), y_ref)
 
 
+@pytest.mark.parametrize("qtype", [QType.UINT8, QType.INT8, QType.UINT16, QType.INT16])
+def test_an_activation_quantizer_gives_the_same_values_with_and_without_a_graph(qtype: QType) -> None:
+    """Without a graph to record it computes in place; with one, through the STE. Same values, bit for bit."""
+    from calib.fakequant import ActQuant
+
+    spec = QuantSpec(qtype, symmetric=qtype.signed)
+    quant = ActQuant(spec, from_range(spec, -2.0, 3.0))
+    scale = float(quant.scale_zero()[0])
+    ties = (np.arange(-80, 81) + 0.5) * scale  # x/scale on a tie: rounds to even in both
+    x = np.concatenate([ties, [1e6, -1e6], np.random.default_rng(0).normal(0, 2, 500)]).astype(np.float32)
+    with torch.no_grad():
+        fast = quant(torch.from_numpy(x))
+    traced = quant(torch.from_numpy(x).requires_grad_(True))
+    assert traced.requires_grad and np.array_equal(fast.numpy(), traced.detach().numpy())
+
+
+def test_observer_counts_non_finite_values_and_leaves_them_out() -> None:
+    obs = Observer()
+    obs.update(torch.tensor([1.0, float("nan"), -2.0, float("inf"), 0.5]))
+    obs.update(torch.tensor([float("-inf")]))
+    assert (obs.lo, obs.hi, obs.count, obs.nonfinite) == (-2.0, 1.0, 3, 3)
+    assert obs.sum == -0.5 and obs.sumsq == 5.25  # exact in float64
+
+
 def test_observer_histogram_extends_exactly() -> None:
     obs = Observer(bins=64)
     obs.update(torch.linspace(0.0, 1.0, 1000))
