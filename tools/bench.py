@@ -636,7 +636,7 @@ def learning(results: dict[str, Any]) -> str:
         "`onnxq quantize --preset P --learn`, each row one parameter group (`--e2e-groups`) trained after GPTQ",
         "against the float model's next-token distribution: 48 steps of one calibration window each, on 32 windows;",
         "the guard compares the next-token NLL on 4 more calibration windows and writes the unlearned model where",
-        "it did not fall. `vs --preset P`: against the same recipe without `--learn`, in the same bench run.",
+        "it did not fall. `vs --preset P`: against the row `onnxq-P-defaults`, the same recipe without `--learn`.",
         "Time and peak RSS are the whole quantization's; `stage` is the end-to-end stage alone.",
         "",
         "| learned | row | WikiText-2 PPL | vs --preset P | held-out NLL | kept | stage | time | peak RSS |",
@@ -646,7 +646,7 @@ def learning(results: dict[str, Any]) -> str:
         row, e2e = rows[name], rows[name]["end_to_end"]
         base = rows.get(_unlearned(name), {}).get("eval", {}).get("ppl")
         ppl, q = row["eval"]["ppl"], row.get("quantize", {})
-        change = f"{100 * (ppl / base - 1):+.1f} %" if base else ""
+        change = f"{100 * (ppl / base - 1):+.2f} %" if base else ""
         nll = f"{e2e['heldout_nll_before']:.4f} -> {e2e['heldout_nll_after']:.4f}"
         lines.append(
             f"| {label} | {name} | {ppl:.2f} | {change} | {nll} | {'yes' if e2e['kept'] else 'no'} | "
