@@ -20,6 +20,32 @@ def round_ste(x: torch.Tensor) -> torch.Tensor:
     return x + (torch.round(x) - x).detach()
 
 
+def _fake_quant(x: torch.Tensor, scale: torch.Tensor, zp: torch.Tensor, qmin: int, qmax: int) -> torch.Tensor:
+    """The STE graph's forward in place, one temporary instead of seven (round_ste's forward is round
+    exactly: ``x + (round(x) - x)`` is exact in floating point)."""
+    return (x / scale).round_().add_(zp).clamp_(qmin, qmax).sub_(zp).mul_(scale)
+
+
+class _FixedRange(torch.autograd.Function):
+    """Fake-quantization with a fixed range, differentiable in ``x``: saves ``x`` alone and recomputes
+    the clip mask in backward, where the STE graph records seven operations and keeps the clamp's input.
+    The gradient is the STE graph's, operation for operation: ``where(inside, g·s, 0) / s``."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, scale: torch.Tensor, zp: torch.Tensor, qmin: int, qmax: int) -> torch.Tensor:  # type: ignore[override]
+        ctx.save_for_backward(x, scale, zp)
+        ctx.bounds = (qmin, qmax)
+        return _fake_quant(x, scale, zp, qmin, qmax)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, None, None, None, None]:  # type: ignore[override]
+        x, scale, zp = ctx.saved_tensors
+        qmin, qmax = ctx.bounds
+        v = (x / scale).round_().add_(zp)
+        inside = (v >= qmin).logical_and_(v <= qmax)
+        return torch.where(inside, grad * scale, 0.0) / scale, None, None, None, None
+
+
 class ActQuant(torch.nn.Module):
     """Per-tensor activation quantizer with a learnable range [lo, hi] (0 always inside).
 
@@ -71,9 +97,9 @@ class ActQuant(torch.nn.Module):
         scale, zp = self.scale_zero()
         qmin, qmax = self.spec.qtype.qmin, self.spec.qtype.qmax
         if not torch.is_grad_enabled() or not (x.requires_grad or scale.requires_grad):
-            # no graph to record: the same operations in place, one temporary instead of seven
-            # (round_ste's forward is round exactly: x + (round(x) - x) is exact in floating point)
-            return (x / scale).round_().add_(zp).clamp_(qmin, qmax).sub_(zp).mul_(scale)
+            return _fake_quant(x, scale, zp, qmin, qmax)
+        if not scale.requires_grad:  # the range is fixed: the gradient reaches x alone
+            return _FixedRange.apply(x, scale, zp, qmin, qmax)
         q = torch.clamp(round_ste(x / scale) + zp, qmin, qmax)
         return (q - zp) * scale
 

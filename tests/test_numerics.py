@@ -72,19 +72,31 @@ def test_mirror_quantize_matches_onnxruntime_bit_for_bit(qtype: int) -> None:
 
 
 @pytest.mark.parametrize("qtype", [QType.UINT8, QType.INT8, QType.UINT16, QType.INT16])
-def test_an_activation_quantizer_gives_the_same_values_with_and_without_a_graph(qtype: QType) -> None:
-    """Without a graph to record it computes in place; with one, through the STE. Same values, bit for bit."""
+def test_an_activation_quantizer_gives_the_same_values_and_gradients_on_every_path(qtype: QType) -> None:
+    """Without a graph it computes in place; with a fixed range, through its own backward; with a
+    learned range, through the STE graph. Same values and the same gradient in x, bit for bit."""
     from calib.fakequant import ActQuant
 
     spec = QuantSpec(qtype, symmetric=qtype.signed)
     quant = ActQuant(spec, from_range(spec, -2.0, 3.0))
+    quant.requires_grad_(False)
     scale = float(quant.scale_zero()[0])
     ties = (np.arange(-80, 81) + 0.5) * scale  # x/scale on a tie: rounds to even in both
     x = np.concatenate([ties, [1e6, -1e6], np.random.default_rng(0).normal(0, 2, 500)]).astype(np.float32)
+    grad = torch.from_numpy(np.random.default_rng(1).normal(0, 1, x.size).astype(np.float32))
     with torch.no_grad():
         fast = quant(torch.from_numpy(x))
-    traced = quant(torch.from_numpy(x).requires_grad_(True))
-    assert traced.requires_grad and np.array_equal(fast.numpy(), traced.detach().numpy())
+    values, grads = [], []
+    for learned in (False, True):
+        quant.requires_grad_(learned)
+        xt = torch.from_numpy(x).requires_grad_(True)
+        y = quant(xt)
+        y.backward(grad)
+        values.append(y.detach().numpy())
+        grads.append(xt.grad.numpy())
+    assert np.array_equal(fast.numpy(), values[0]) and np.array_equal(values[0], values[1])
+    assert np.array_equal(grads[0], grads[1])
+    assert 0 < np.count_nonzero(grads[0] == 0) < x.size  # the clipped entries get none, the rest some
 
 
 def test_observer_counts_non_finite_values_and_leaves_them_out() -> None:
