@@ -184,10 +184,9 @@ class EndToEnd:
         self.refresh()
         steps = self.mirror.steps
         self.cuts = self.mirror.segments(SEGMENTS)
-        self.bounds = [first for first, _ in self.cuts[1:]] + [len(steps)]
         self.reads = [
             sorted({n for step in steps[first:last] for n in step.inputs if n in self.weights})
-            for (first, _), last in zip(self.cuts, self.bounds, strict=True)
+            for first, last in self.mirror.spans(self.cuts)
         ]
 
     def refresh(self) -> None:
@@ -215,8 +214,8 @@ class EndToEnd:
             return loss
 
         upstream: dict[str, torch.Tensor] = {}  # d loss / d value, summed over the segments done
-        segments = list(zip(self.cuts, self.bounds, saved, self.reads, strict=True))
-        for (first, _), last, start, reads in reversed(segments):
+        segments = list(zip(mirror.spans(self.cuts), saved, self.reads, strict=True))
+        for (first, last), start, reads in reversed(segments):
             for name in reads:
                 if self.weights[name].t.requires_grad:
                     mirror.consts[name] = self.weights[name]()

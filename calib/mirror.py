@@ -750,19 +750,23 @@ class Mirror(torch.nn.Module):
         (from :meth:`segments`), for :meth:`backward_range` to recompute them from; the last segment
         is not run."""
         feed = self.input_names[0]
-        bounds = [first for first, _ in cuts[1:]]
         saved: list[dict[str, torch.Tensor]] = []
         with torch.no_grad():
             fed = tap(feed, ids) if tap is not None else None
             env: dict[str, torch.Tensor] = {feed: ids if fed is None else fed}
-            for i, (first, crossing) in enumerate(cuts):
+            for i, ((first, last), (_, crossing)) in enumerate(zip(self.spans(cuts), cuts, strict=True)):
                 saved.append({k: env[k] for k in crossing if k in env})
-                if i == len(bounds):
+                if i == len(cuts) - 1:
                     break
-                self.run_range(first, bounds[i], env, tap)
+                self.run_range(first, last, env, tap)
                 keep = set(cuts[i + 1][1])  # the next segment's inputs
                 env = {k: v for k, v in env.items() if k in keep}
         return saved
+
+    def spans(self, cuts: list[tuple[int, tuple[str, ...]]]) -> list[tuple[int, int]]:
+        """Each segment of ``cuts`` as its first step and one past its last."""
+        firsts = [first for first, _ in cuts]
+        return list(zip(firsts, [*firsts[1:], len(self.steps)], strict=True))
 
     def backward_range(
         self,

@@ -179,7 +179,6 @@ def relative_and_fisher(
         head_spans = [*memory.slices(tokens, 4 * head[2], LOGIT_CHUNK)]
     if len(head_spans) > 1:  # the head: a segment of its own, entered by the residual stream alone
         cuts = [cut for cut in cuts if cut[0] < head[0]] + [(head[0], (head[1],))]
-    bounds = [first for first, _ in cuts[1:]] + [len(mirror.steps)]
 
     def head_nll(ids: torch.Tensor, span: slice | None, values: dict[str, torch.Tensor]) -> torch.Tensor:
         return _nll(values[mirror.output_names[0]], ids, span)
@@ -189,7 +188,7 @@ def relative_and_fisher(
         saved = mirror.checkpoint(ids, cuts, sim.tap)
         # backward segment by segment, last first, recomputing each from its saved inputs
         upstream: dict[str, torch.Tensor] = {}  # dL/d(value) summed over the segments read so far
-        for (first, _), last, start in reversed(list(zip(cuts, bounds, saved, strict=True))):
+        for (first, last), start in reversed(list(zip(mirror.spans(cuts), saved, strict=True))):
             spans = head_spans if len(head_spans) > 1 and head is not None and first == head[0] else [None]
             grads: dict[str, list[torch.Tensor]] = {}
             parts = []
