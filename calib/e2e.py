@@ -10,7 +10,11 @@ What is trained, by group (:data:`~onnxq.core.options.E2E_GROUPS`, ``--e2e-group
 - ``side``: the outlier channels' 16-bit side path;
 - ``kv``: the K and V projections' outputs (the cache the decode graph keeps);
 - ``scales``: each weight's step per output channel, with its integer codes held (for LPBQ the
-  channel's float scale, the 4-bit block multipliers held), as EfficientQAT's end-to-end stage does.
+  channel's float scale, the 4-bit block multipliers held), as EfficientQAT's end-to-end stage does;
+- ``rounding``: each 4-bit weight's rounding, on top of GPTQ's codes, as SignRound learns it: a
+  value ``V`` per element in [-0.5, 0.5], added to where the float weight lay between two codes,
+  moved by ``1 / e2e_steps`` against its gradient's sign each step; a code moves to its other
+  neighbour once the sum crosses a half. The forward pass always runs the rounded codes.
 
 The backward pass is checkpointed in segments (about one per decoder layer, as the sensitivity pass):
 a forward pass without a graph keeps what crosses into each segment, and each segment is recomputed
@@ -24,6 +28,7 @@ lower than the model's before this stage.
 from __future__ import annotations
 
 import logging
+import math
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -110,14 +115,25 @@ def _nll(logits: torch.Tensor, ids: torch.Tensor) -> float:
 
 
 class CodeScale(torch.nn.Module):
-    """A weight as its integer codes (held) times its step, with a learnable factor per output channel."""
+    """A weight as its integer codes times its step, with a learnable factor per output channel; with
+    ``fraction`` (the float weight's place between codes, ``unrounded - codes``), its rounding learned
+    too, by ``lr`` per step (the ``rounding`` group)."""
 
-    def __init__(self, codes: np.ndarray, encoding: Encoding) -> None:
+    def __init__(
+        self, codes: np.ndarray, encoding: Encoding, fraction: np.ndarray | None = None, lr: float = 0.0
+    ) -> None:
         super().__init__()
         spec = encoding.spec
         assert spec.axis is not None and spec.qmin >= -128 and spec.qmax <= 127
         self.encoding0 = encoding
         self.register_buffer("codes", torch.as_tensor(codes.astype(np.int8)))
+        self.rounds = fraction is not None
+        if fraction is not None:  # one byte for the fraction (in 254ths of a step), two for V (in lr's)
+            fraction = np.rint(np.clip(fraction, -0.5, 0.5) * 254).astype(np.int8)
+            self.register_buffer("fraction", torch.as_tensor(fraction))
+            self.register_buffer("votes", torch.zeros(codes.shape, dtype=torch.int16))
+            self.lr = lr
+            self.reach = math.ceil(0.5 / lr)
         self.axis = spec.axis % codes.ndim
         self.register_buffer("scale", torch.as_tensor(np.asarray(encoding.scale, dtype=np.float32)))
         channel = spec.channel_axis if spec.block_size else self.axis
@@ -128,13 +144,28 @@ class CodeScale(torch.nn.Module):
         """The step of every channel (or block), shaped like the encoding's scale."""
         return self.scale * torch.exp(self.t).reshape(self.channels)
 
+    @property
+    def learned(self) -> bool:
+        return self.rounds or self.t.requires_grad
+
+    def current(self) -> torch.Tensor:
+        """The codes: GPTQ's, each moved to its other neighbour where fraction + V crossed a half."""
+        if not self.rounds:
+            return self.codes
+        moved = self.fraction.float().div_(254).add_(self.votes.float().mul_(self.lr)).round_()
+        spec = self.encoding0.spec
+        return moved.add_(self.codes).clamp_(spec.qmin, spec.qmax).to(torch.int8)
+
+    def vote(self, grad: torch.Tensor) -> None:
+        """SignRound's step: V moves by lr against the sign of the gradient (that of the codes' too)."""
+        self.votes.sub_(torch.sign(grad).to(torch.int16)).clamp_(-self.reach, self.reach)
+
     def forward(self) -> torch.Tensor:
         block = self.encoding0.spec.block_size
+        codes = self.current()
         if not block:
-            return self.codes.float() * self.steps().reshape(
-                [-1 if d == self.axis else 1 for d in range(self.codes.dim())]
-            )
-        rows = self.codes.movedim(self.axis, 0)  # blocks along the first axis
+            return codes.float() * self.steps().reshape([-1 if d == self.axis else 1 for d in range(codes.dim())])
+        rows = codes.movedim(self.axis, 0)  # blocks along the first axis
         steps = self.steps().movedim(self.axis, 0)
         blocks = rows.reshape(rows.shape[0] // block, block, -1).float() * steps.unsqueeze(1)
         return blocks.reshape(rows.shape).movedim(0, self.axis)
@@ -149,13 +180,24 @@ class CodeScale(torch.nn.Module):
         else:
             scale = (np.asarray(enc.scale, np.float64) * factor.reshape(np.shape(enc.scale))).astype(np.float32)
             new = Encoding(spec, scale, np.zeros(scale.shape, np.int64))
-        return new, new.dequantize(self.codes.numpy())
+        return new, new.dequantize(self.current().numpy())
 
 
 class EndToEnd:
     """The quantized model in the torch mirror, its free ranges trainable, run in checkpointed segments."""
 
-    def __init__(self, model: ir.Model, plan: QuantPlan, encodings: Mapping[str, Encoding], groups: tuple[str, ...]):
+    def __init__(
+        self,
+        model: ir.Model,
+        plan: QuantPlan,
+        encodings: Mapping[str, Encoding],
+        groups: tuple[str, ...],
+        *,
+        places: Mapping[str, np.ndarray] | None = None,
+        steps: int = 1,
+    ):
+        """``places``: where GPTQ's last rounding target of each element lay from its code, in steps
+        (the ``rounding`` group starts from them); a weight not there was rounded to nearest."""
         self.sim = QuantSim(model, plan, encodings)
         self.sim.requires_grad_(False)
         self.mirror = self.sim.mirror
@@ -168,7 +210,14 @@ class EndToEnd:
             learned = group is not None and group in groups
             if point.kind == "weight":  # every weight as its codes times its steps, as the QDQ model has it
                 enc = encodings[point.name]
-                self.weights[point.name] = CodeScale(enc.quantize(self.sim.base.pop(point.name).numpy()), enc)
+                base = self.sim.base.pop(point.name).numpy()
+                codes = enc.quantize(base)
+                fraction = None
+                if "rounding" in groups and point.bits <= 4:
+                    given = (places or {}).get(point.name)
+                    fraction = enc.unrounded(base) - codes if given is None else given
+                    self.trained["rounding"] = self.trained.get("rounding", 0) + 1
+                self.weights[point.name] = CodeScale(codes, enc, fraction, 1 / max(steps, 1))
                 self.weights[point.name].t.requires_grad_(learned)
             if not learned:
                 continue
@@ -188,6 +237,7 @@ class EndToEnd:
             sorted({n for step in steps[first:last] for n in step.inputs if n in self.weights})
             for first, last in self.mirror.spans(self.cuts)
         ]
+        self.readers = {n: sum(n in reads for reads in self.reads) for n in self.weights}
 
     def refresh(self) -> None:
         """The weights' current values, without gradients (what a forward pass reads)."""
@@ -214,14 +264,25 @@ class EndToEnd:
             return loss
 
         upstream: dict[str, torch.Tensor] = {}  # d loss / d value, summed over the segments done
+        rounding: dict[str, torch.Tensor] = {}  # d loss / d weight of the rounding group, summed likewise
+        left = dict(self.readers)
         segments = list(zip(mirror.spans(self.cuts), saved, self.reads, strict=True))
         for (first, last), start, reads in reversed(segments):
-            for name in reads:
-                if self.weights[name].t.requires_grad:
-                    mirror.consts[name] = self.weights[name]()
+            values = {name: self.weights[name]() for name in reads if self.weights[name].learned}
+            for name, value in values.items():  # the rounding group's gradient is the weight's own
+                mirror.consts[name] = value.detach().requires_grad_(True) if self.weights[name].rounds else value
             final = kl if last == len(mirror.steps) else None
             for k, grad in mirror.backward_range(first, last, start, upstream, tap, final).items():
                 upstream[k] = upstream[k] + grad if k in upstream else grad
+            for name, value in values.items():
+                leaf, w = mirror.consts[name], self.weights[name]
+                if w.rounds and leaf.grad is not None:
+                    if value.requires_grad:
+                        value.backward(leaf.grad)
+                    rounding[name] = rounding[name] + leaf.grad if name in rounding else leaf.grad
+                left[name] -= 1
+                if name in rounding and not left[name]:  # its last reader: the whole window's gradient
+                    w.vote(rounding.pop(name))
             for name in reads:
                 mirror.consts[name] = mirror.consts[name].detach()
         return losses[0]
@@ -231,7 +292,7 @@ class EndToEnd:
         encodings = {name: self.sim.act(name).encoding() for name in self.acts}
         weights: dict[str, np.ndarray] = {}
         for name, w in self.weights.items():
-            if w.t.requires_grad:
+            if w.learned:
                 encodings[name], weights[name] = w.written()
         return encodings, weights
 
@@ -245,25 +306,29 @@ def finetune(
     heldout: np.ndarray,
     *,
     config: LearnConfig,
+    places: Mapping[str, np.ndarray] | None = None,
     progress: Callable[..., None] | None = None,
 ) -> EndToEndResult:
-    """Train the free ranges of ``model`` (its weights already rounded) against ``targets`` on ``train``.
+    """Train the free ranges of ``model`` (its weights already rounded) against ``targets`` on ``train``;
+    ``places``: as :class:`EndToEnd` takes them.
 
     Returns the encodings and weights to write back, or, where the held-out NLL did not fall, the
     ones given (``kept`` False).
     """
     start = time.perf_counter()
     torch.manual_seed(config.seed)
-    e2e = EndToEnd(model, plan, encodings, config.e2e_groups)
+    e2e = EndToEnd(model, plan, encodings, config.e2e_groups, places=places, steps=config.e2e_steps)
     before = e2e.heldout_nll(heldout)
-    opt = torch.optim.Adam(e2e.params, lr=config.e2e_lr)
+    opt = torch.optim.Adam(e2e.params, lr=config.e2e_lr) if e2e.params else None
     gen = torch.Generator().manual_seed(config.seed)
     history: list[float] = []
     for _ in range(config.e2e_steps):
         j = int(torch.randint(len(train), (1,), generator=gen))
-        opt.zero_grad(set_to_none=True)
+        if opt is not None:
+            opt.zero_grad(set_to_none=True)
         loss = e2e.backward(train[j], targets[j])
-        opt.step()
+        if opt is not None:
+            opt.step()
         e2e.refresh()
         history.append(round(loss, 6))
         memory.trim()

@@ -59,13 +59,21 @@ def supported(spec: QuantSpec) -> bool:
 
 
 def gptq(
-    weight: np.ndarray, encoding: Encoding, hessian: torch.Tensor, *, act_order: bool = True, sweeps: int | None = None
+    weight: np.ndarray,
+    encoding: Encoding,
+    hessian: torch.Tensor,
+    *,
+    act_order: bool = True,
+    sweeps: int | None = None,
+    place: np.ndarray | None = None,
 ) -> np.ndarray:
     """GPTQ-rounded weight ``[in, out]`` (values on ``encoding``'s grid, as float32).
 
     ``hessian`` is used up (overwritten). ``sweeps``: coordinate-descent passes of :func:`refine`
     afterwards (None: :data:`SWEEPS`, at any width; the pipeline gives 8-bit weights none). The output
-    columns are rounded :data:`COLUMN_BYTES` of float64 at a time.
+    columns are rounded :data:`COLUMN_BYTES` of float64 at a time. ``place``, where given, is filled
+    with where each element's last rounding target lay from its code, in steps (within ±0.5 unless
+    clipped): how near it came to the other neighbour, which end-to-end rounding starts from.
     """
     spec = encoding.spec
     assert supported(spec), "GPTQ here quantizes [in, out] weights per output channel or per input block"
@@ -84,7 +92,8 @@ def gptq(
     scales = np.asarray(encoding.scale)
     out = np.empty(weight.shape, dtype=np.float32)
     for cols in slices(weight.shape[1], 8 * weight.shape[0], COLUMN_BYTES):
-        out[:, cols] = _round_columns(weight[:, cols], scales[..., cols], spec, order, dead, hinv, exact, sweeps)
+        part = None if place is None else place[:, cols]
+        out[:, cols] = _round_columns(weight[:, cols], scales[..., cols], spec, order, dead, hinv, exact, sweeps, part)
     return out
 
 
@@ -125,9 +134,11 @@ def _round_columns(
     hinv: torch.Tensor | None,
     exact: torch.Tensor | None,
     sweeps: int,
+    place: np.ndarray | None = None,
 ) -> np.ndarray:
     """GPTQ on some output columns of a weight: every column is rounded on its own, against the same
-    (permuted) inverse Hessian, so a wide lm_head can go a slice at a time."""
+    (permuted) inverse Hessian, so a wide lm_head can go a slice at a time. ``place``: as :func:`gptq`'s,
+    these columns of it."""
     w = torch.as_tensor(weight, dtype=torch.float64).clone()
     scale = torch.as_tensor(scales, dtype=torch.float64)
     # one row of scales per input row: per channel the same row for all, per block its block's row
@@ -137,9 +148,13 @@ def _round_columns(
     w[dead, :] = 0.0
     w = w[order]
     scale = scale[order] if spec.block_size else scale  # per channel every row is the same: left as a view
+    unorder = torch.argsort(order)
+    where = None if place is None else torch.zeros_like(w)  # permuted like w
     if hinv is None:
-        q = torch.clamp(torch.round(w / scale), qmin, qmax) * scale
-        return q[torch.argsort(order)].float().numpy()
+        q = torch.clamp(torch.round(w / scale), qmin, qmax)
+        if where is not None:
+            place[:] = (w / scale - q)[unorder].numpy()
+        return (q * scale)[unorder].float().numpy()
     rows = w.shape[0]
     for start in range(0, rows, BLOCK):
         end = min(start + BLOCK, rows)
@@ -150,6 +165,8 @@ def _round_columns(
             row = block[i]
             s = scale[start + i]
             q = torch.clamp(torch.round(row / s), qmin, qmax) * s
+            if where is not None:
+                where[start + i] = (row - q) / s
             err = (row - q) / hb[i, i]
             block[i:] -= hb[i, i:].unsqueeze(1) * err.unsqueeze(0)
             block[i] = q
@@ -159,12 +176,21 @@ def _round_columns(
     if exact is not None and sweeps > 0:
         target = torch.as_tensor(weight, dtype=torch.float64)[order]
         target[dead[order], :] = 0.0
-        w = refine(w, target, exact, scale, qmin, qmax, sweeps)
-    return w[torch.argsort(order)].float().numpy()
+        w = refine(w, target, exact, scale, qmin, qmax, sweeps, where)
+    if where is not None:
+        place[:] = where[unorder].numpy()
+    return w[unorder].float().numpy()
 
 
 def refine(
-    q: torch.Tensor, w: torch.Tensor, h: torch.Tensor, scale: torch.Tensor, qmin: int, qmax: int, sweeps: int
+    q: torch.Tensor,
+    w: torch.Tensor,
+    h: torch.Tensor,
+    scale: torch.Tensor,
+    qmin: int,
+    qmax: int,
+    sweeps: int,
+    place: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Coordinate descent on the layer-output error ``tr((Q - W)ᵀ H (Q - W))``, one input row at a time.
 
@@ -173,6 +199,7 @@ def refine(
     objective on the calibration inputs (on new inputs too, given enough tokens per input channel).
     ``g = H (Q - W)`` is kept up to date lazily, as GPTQ does: within a block of rows only the
     block's own rows, then the whole of ``g`` in one matrix product (memory-bound otherwise).
+    ``place``: filled, in the last sweep, with each row's target less its new code, in steps.
     """
     if sweeps <= 0:
         return q
@@ -180,7 +207,7 @@ def refine(
     g = h @ (q - w)
     diag = torch.diag(h)
     rows = q.shape[0]
-    for _ in range(sweeps):
+    for sweep in range(sweeps):
         for start in range(0, rows, BLOCK):
             end = min(start + BLOCK, rows)
             local = g[start:end].clone()
@@ -188,7 +215,11 @@ def refine(
             for i in range(start, end):
                 k = i - start
                 s = scale[i]
-                new = torch.clamp(torch.round((q[i] - local[k] / diag[i]) / s), qmin, qmax) * s
+                target = (q[i] - local[k] / diag[i]) / s
+                new = torch.clamp(torch.round(target), qmin, qmax)
+                if place is not None and sweep == sweeps - 1:
+                    place[i] = target - new
+                new *= s
                 delta = new - q[i]
                 q[i] = new
                 deltas[k] = delta

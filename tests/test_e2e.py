@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from calib.e2e import CodeScale, Targets, kl_to
+from calib.e2e import CodeScale, EndToEnd, Targets, kl_to
 from onnxq.cli import main
 from onnxq.core.encodings import weight_encoding
 from onnxq.core.errors import OnnxqError
@@ -53,6 +53,28 @@ def test_learned_steps_keep_every_integer_code(block: int) -> None:
         assert np.array_equal(new.block_ints, encoding.block_ints)
     # the module's own forward is the written weight, to float32 rounding of the product
     np.testing.assert_allclose(module().detach().numpy(), written, rtol=1e-6, atol=0)
+
+
+def test_learned_rounding_moves_a_code_only_to_the_neighbour_its_place_points_at() -> None:
+    """V moves by lr per vote within ±0.5; a code moves once place + V crosses a half, so only towards
+    its place's side, and a code whose target sat on it never moves."""
+    spec = QuantSpec(QType.INT4, symmetric=True, axis=1)
+    encoding = weight_encoding(np.ones((4, 3), np.float32), spec)
+    codes = np.array([[0, 1, -1], [2, 3, -2], [7, -8, 0], [5, 5, 5]], np.float32)
+    place = np.array([[0.45, -0.45, 0.0], [0.2, -0.2, 0.5], [0.45, -0.45, 0.3], [0.45, 0.45, 0.45]], np.float32)
+    module = CodeScale(codes, encoding, place, lr=1 / 16)
+    for _ in range(2):  # 2 votes: V = 0.125 against the gradient's sign
+        module.vote(torch.as_tensor([[-1.0, 1, -1], [-1, 1, -1], [-1, 1, -1], [1, 1, 1]]))
+    # 0.45 + 0.125 crosses, 0.2 + 0.125 does not; 0.5 (a clipped target) crosses at once; 7 + 1 clips
+    assert np.array_equal(module.current().numpy(), [[1, 0, -1], [2, 3, -1], [7, -8, 0], [5, 5, 5]])
+    for _ in range(20):  # V at +0.5 where the gradient is negative, -0.5 where positive
+        module.vote(torch.as_tensor([[-1.0, 1, -1], [-1, 1, -1], [-1, 1, -1], [-1, 1, 1]]))
+    # each code at its other neighbour where its place points and the range allows; a place of 0
+    # never moves (0.5 rounds to even); the last row: 0.45 + 0.5 crosses, 0.45 - 0.5 does not
+    assert np.array_equal(module.current().numpy(), [[1, 0, -1], [3, 2, -1], [7, -8, 1], [6, 5, 5]])
+    new, written = module.written()
+    assert new is encoding or np.array_equal(np.asarray(new.scale), np.asarray(encoding.scale))
+    assert np.array_equal(new.quantize(written), module.current().numpy())
 
 
 def test_learning_options_that_cannot_work_are_one_line() -> None:
@@ -101,7 +123,7 @@ def _stored(path: Path) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
     scales = {}
     for node in (n for n in graph if n.op_type == "DequantizeLinear"):
         weight, scale = node.inputs[0], node.inputs[1]
-        if weight.name in integers and integers[weight.name].dtype.kind == "i":
+        if weight.name in integers and integers[weight.name].dtype.name.startswith("int"):  # int4 is not kind "i"
             given = scale.const_value if scale.const_value is not None else scale.producer().inputs[1].const_value
             scales[weight.name] = given.numpy()
     return integers, scales
@@ -127,3 +149,27 @@ def test_learned_steps_keep_the_gptq_codes(tiny_model: Path, tmp_path: Path) -> 
     points = {d: json.loads((tmp_path / d / "encodings.json").read_text())["points"] for d in ("learned", "plain")}
     acts = [n for n, p in points["plain"].items() if p["kind"] != "weight"]
     assert acts and all(points["learned"][n] == points["plain"][n] for n in acts)  # only the scales group learns
+
+
+def test_learned_rounding_changes_only_4_bit_codes_and_each_by_one(
+    tiny_model: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The rounding group writes back GPTQ's 4-bit codes with some moved by one; steps, other codes and
+    activation encodings stay. The guard is made to keep it, to see what is written back."""
+    verdicts = iter([1.0, 0.0])  # held-out NLL before, after
+    monkeypatch.setattr(EndToEnd, "heldout_nll", lambda *_: next(verdicts))
+    rounding = LearnConfig(e2e_steps=16, e2e_lr=1e-3, e2e_groups=("rounding",))
+    e2e = _quantized(tiny_model, tmp_path / "learned", rounding)["learning"]["end_to_end"]
+    assert e2e["kept"] and e2e["trained"] == {"rounding": 14}  # the 7 linears of 2 layers; lm_head is 8-bit
+    _quantized(tiny_model, tmp_path / "plain", None)
+    learned, learned_scales = _stored(tmp_path / "learned" / "model.qdq.onnx")
+    plain, plain_scales = _stored(tmp_path / "plain" / "model.qdq.onnx")
+    assert all(np.array_equal(learned_scales[n], plain_scales[n]) for n in plain_scales)
+    moved = {n: learned[n].astype(np.int64) - plain[n].astype(np.int64) for n in plain}
+    four = {n for n in plain_scales if plain[n].dtype.name == "int4"}
+    assert len(four) == 14 and all(np.abs(moved[n]).max() <= 1 for n in four)
+    assert all(not moved[n].any() for n in plain if n not in four)
+    share = sum(np.count_nonzero(moved[n]) for n in four) / sum(moved[n].size for n in four)
+    assert 0.01 < share < 0.2, share  # measured 0.07 after 16 steps
+    points = {d: json.loads((tmp_path / d / "encodings.json").read_text())["points"] for d in ("learned", "plain")}
+    assert all(points["learned"][n] == points["plain"][n] for n, p in points["plain"].items() if p["kind"] != "weight")

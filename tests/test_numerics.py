@@ -238,6 +238,27 @@ def test_gptq_refinement_sweeps_lower_the_layer_error_and_stay_on_the_grid() -> 
     assert errors[2] < 0.95 * errors[0], errors  # measured 0.89x
 
 
+@pytest.mark.parametrize("sweeps", [0, 2])
+def test_gptq_records_where_each_target_lay_from_its_code(sweeps: int) -> None:
+    """The rounding targets' places (what end-to-end rounding starts from) leave the rounding unchanged,
+    and each lies within half a step of its code unless the code was clipped."""
+    from calib.gptq import HessianObserver, gptq
+
+    rng = np.random.default_rng(0)
+    x = (rng.normal(size=(1024, 64)) @ rng.normal(size=(64, 64))).astype(np.float32)
+    w = rng.normal(0, 0.1, size=(64, 48)).astype(np.float32)
+    enc = weight_encoding(w, QuantSpec(QType.INT4, symmetric=True, axis=1), "mse")
+    obs = HessianObserver()
+    obs.update(torch.from_numpy(x))
+    place = np.full(w.shape, np.nan, np.float32)
+    rounded = gptq(w, enc, obs.hessian(), sweeps=sweeps, place=place)
+    assert np.array_equal(rounded, gptq(w, enc, obs.hessian(), sweeps=sweeps))
+    codes = enc.quantize(rounded)
+    inside = (codes > enc.spec.qmin) & (codes < enc.spec.qmax)
+    assert np.isfinite(place).all() and np.abs(place[inside]).max() <= 0.5 + 1e-6
+    assert np.abs(place).mean() > 0.2  # spread over the step (uniform: 0.25), not all zero
+
+
 def test_gptq_inverse_factor_in_place_is_the_out_of_place_one_bit_for_bit() -> None:
     """The upper Cholesky factor of H⁻¹ is made in H's own storage (H is the largest object at an 8k
     intermediate width); it holds the same bits as the chain of out-of-place calls, over several tiles."""

@@ -209,7 +209,7 @@ LEARN_DEFAULTS = {
     "onnxq-w8a8-defaults-learn": ("onnxq", "w8a8", {"learn": {}}),
     **{
         f"onnxq-w4a8-defaults-learn-{group}": ("onnxq", "w4a8", {"learn": {"e2e_groups": [group]}})
-        for group in ("ranges", "down_in", "side", "kv")  # `scales` alone is the default
+        for group in ("ranges", "down_in", "side", "kv", "rounding")  # `scales` alone is the default
     },
 }
 ROWS.update(LEARN_DEFAULTS)
@@ -620,6 +620,7 @@ LEARNING = (
     ("W4A8: down_proj input ranges after R4 (`down_in`)", "onnxq-w4a8-defaults-learn-down_in"),
     ("W4A8: the outlier channels' 16-bit side path (`side`)", "onnxq-w4a8-defaults-learn-side"),
     ("W4A8: K and V outputs, the cache's ranges (`kv`)", "onnxq-w4a8-defaults-learn-kv"),
+    ("W4A8: the 4-bit weights' rounding on GPTQ's codes (`rounding`)", "onnxq-w4a8-defaults-learn-rounding"),
     ("W8A8: weight steps per output channel (`scales`, the default)", "onnxq-w8a8-defaults-learn"),
 )
 

@@ -38,10 +38,11 @@ SELECTORS = ("fisher", "measured", "relative", "random")
 ENCODINGS_VERSIONS = ("1.0.0", "0.6.1")
 #: calibration windows learning trains on by default (the guard's held-out ones come after them)
 LEARN_SAMPLES = 32
-#: what end-to-end learning can train (calib.e2e): activation ranges by kind, and the weights' steps
-E2E_GROUPS = ("ranges", "down_in", "side", "kv", "scales")
+#: what end-to-end learning can train (calib.e2e): activation ranges by kind, the weights' steps, and
+#: the 4-bit weights' rounding
+E2E_GROUPS = ("ranges", "down_in", "side", "kv", "scales", "rounding")
 #: those a prefill/decode pair carries exactly (its logits stay the scoring graph's)
-PAIR_E2E_GROUPS = ("kv", "scales")
+PAIR_E2E_GROUPS = ("kv", "scales", "rounding")
 
 
 @dataclass(frozen=True)

@@ -169,6 +169,12 @@ class Encoding:
         q += zp
         return np.clip(q, self.spec.qmin, self.spec.qmax, out=q)
 
+    def unrounded(self, x: np.ndarray) -> np.ndarray:
+        """``x / scale``, before the rounding and zero point :meth:`quantize` adds: where each value
+        lies between two codes."""
+        scale, _ = self._broadcast(x)
+        return np.divide(x.astype(np.float32), scale)
+
     def dequantize(self, q: np.ndarray) -> np.ndarray:
         scale, zp = self._broadcast(q)
         x = q.astype(np.float32)

@@ -199,12 +199,19 @@ def run_stages(
         del result
         memory.release()  # what learning freed, before GPTQ runs
     swept: int | None = None
+    # the rounding group's: where GPTQ's last rounding targets lay between codes
+    places: dict[str, np.ndarray] | None = {} if targets and learn and "rounding" in learn.e2e_groups else None
     if use_gptq:  # after layer-wise learning: the Hessians see the learned rotations
         ids = calib_windows.ids
-        swept = round_by_layer(model, plan, encodings, ids, prepared.structure, sweeps=o.gptq_sweeps, progress=progress)
+        swept = round_by_layer(
+            model, plan, encodings, ids, prepared.structure, sweeps=o.gptq_sweeps, places=places, progress=progress
+        )
         memory.release()  # GPTQ's temporaries, before the QDQ model and its serialised copy are made
     if targets:
-        encodings, learned["end_to_end"] = _end_to_end(model, plan, encodings, train, targets, heldout, learn, progress)
+        encodings, learned["end_to_end"] = _end_to_end(
+            model, plan, encodings, train, targets, heldout, learn, places or {}, progress
+        )
+        del places
         memory.release()  # the mirror the stage trained in
     metadata = {
         "onnxq.calib": str(o.calib),
@@ -246,13 +253,14 @@ def _end_to_end(
     targets: list[Any],
     heldout: np.ndarray,
     config: LearnConfig,
+    places: dict[str, np.ndarray],
     progress: Progress | None,
 ) -> tuple[dict[str, Encoding], dict[str, Any]]:
     """Stage 3 of ``--learn`` (:mod:`calib.e2e`): the encodings to keep, and what summary.json reports."""
     from calib.e2e import finetune
 
     ticks = progress("learning (end to end)", config.e2e_steps) if progress else None
-    result = finetune(model, plan, encodings, train, targets, heldout, config=config, progress=ticks)
+    result = finetune(model, plan, encodings, train, targets, heldout, config=config, places=places, progress=ticks)
     for name, values in result.weights.items():  # the weights whose steps it learned, on their new grid
         model.graph.initializers[name].const_value = ir.tensor(values, name=name)
     report = {

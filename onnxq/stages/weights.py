@@ -52,8 +52,10 @@ def apply_gptq(
     hessians: dict[str, Any],
     *,
     sweeps: int | None = None,
+    places: dict[str, np.ndarray] | None = None,
 ) -> int | None:
-    """Replace each planned weight by its GPTQ rounding (on its encoding's grid).
+    """Replace each planned weight by its GPTQ rounding (on its encoding's grid); where ``places`` is
+    given, record each 4-bit weight's place between codes in it (:func:`calib.gptq.gptq`'s, float16).
 
     Returns the refinement sweeps run on the 4-bit weights (the most any got; None: no 4-bit weight),
     which is what summary.json reports. ``hessians`` is consumed: each goes once its last linear is rounded.
@@ -83,8 +85,12 @@ def apply_gptq(
             polish = (SWEEPS if sweeps is None else sweeps) if enough else 0
             swept = max(swept or 0, polish)
         hessian = obs.hessian(last=not readers[name])
-        values = gptq(weight.const_value.numpy(), encodings[point.name], hessian, sweeps=polish)
+        array = weight.const_value.numpy()
+        place = np.empty(array.shape, np.float32) if places is not None and point.spec.bits <= 4 else None
+        values = gptq(array, encodings[point.name], hessian, sweeps=polish, place=place)
         del hessian  # used up; gone before the next one is made
+        if place is not None and places is not None:
+            places[point.name] = place.astype(np.float16)
         weight.const_value = ir.tensor(values, name=weight.name)
         done += 1
     log.info("GPTQ rounded %d weights (refinement sweeps on 4-bit weights: %s)", done, swept)
@@ -99,9 +105,11 @@ def round_by_layer(
     structure: Structure | None,
     *,
     sweeps: int | None = None,
+    places: dict[str, np.ndarray] | None = None,
     progress: Progress | None = None,
 ) -> int | None:
-    """Gather the Hessians and round the weights (:func:`apply_gptq`) segment by segment.
+    """Gather the Hessians and round the weights (:func:`apply_gptq`, ``places`` as it takes them)
+    segment by segment.
 
     The segments are the steps before the first decoder layer, each layer, and the head after the
     last (one segment, the whole graph, without a ``structure``). Every window goes through a
@@ -142,7 +150,7 @@ def round_by_layer(
                 if target is not None:
                     stream[i] = values[target]
             if mine:
-                polished = apply_gptq(model, plan, encodings, hessians, sweeps=sweeps)
+                polished = apply_gptq(model, plan, encodings, hessians, sweeps=sweeps, places=places)
                 swept = polished if swept is None else max(swept, polished or 0)
                 for _, weight, _ in mine:  # never run again: the float copy can go
                     mirror.consts.pop(weight.name, None)
