@@ -12,8 +12,8 @@ What is trained, by group (:data:`~onnxq.core.options.E2E_GROUPS`, ``--e2e-group
 - ``scales``: each weight's step per output channel, with its integer codes held (for LPBQ the
   channel's float scale, the 4-bit block multipliers held), as EfficientQAT's end-to-end stage does;
 - ``rounding``: each 4-bit weight's rounding, on top of GPTQ's codes, as SignRound learns it: a
-  value ``V`` per element in [-0.5, 0.5], added to where the float weight lay between two codes,
-  moved by ``1 / e2e_steps`` against its gradient's sign each step; a code moves to its other
+  value ``V`` per element in [-0.5, 0.5], added to where GPTQ's last rounding target lay from the
+  code, moved by ``1 / e2e_steps`` against its gradient's sign each step; a code moves to its other
   neighbour once the sum crosses a half. The forward pass always runs the rounded codes.
 
 The backward pass is checkpointed in segments (about one per decoder layer, as the sensitivity pass):
@@ -116,8 +116,8 @@ def _nll(logits: torch.Tensor, ids: torch.Tensor) -> float:
 
 class CodeScale(torch.nn.Module):
     """A weight as its integer codes times its step, with a learnable factor per output channel; with
-    ``fraction`` (the float weight's place between codes, ``unrounded - codes``), its rounding learned
-    too, by ``lr`` per step (the ``rounding`` group)."""
+    ``fraction`` (where its rounding target lay from each code, in steps), its rounding learned too,
+    by ``lr`` per step (the ``rounding`` group)."""
 
     def __init__(
         self, codes: np.ndarray, encoding: Encoding, fraction: np.ndarray | None = None, lr: float = 0.0
