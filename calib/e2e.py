@@ -194,10 +194,11 @@ class EndToEnd:
         groups: tuple[str, ...],
         *,
         places: Mapping[str, np.ndarray] | None = None,
-        steps: int = 1,
+        rounds: int = 1,
     ):
         """``places``: where GPTQ's last rounding target of each element lay from its code, in steps
-        (the ``rounding`` group starts from them); a weight not there was rounded to nearest."""
+        (the ``rounding`` group starts from them); a weight not there was rounded to nearest.
+        ``rounds``: the optimiser steps the ``rounding`` group's V takes (each moves it by ``1 / rounds``)."""
         self.sim = QuantSim(model, plan, encodings)
         self.sim.requires_grad_(False)
         self.mirror = self.sim.mirror
@@ -217,7 +218,7 @@ class EndToEnd:
                     given = (places or {}).get(point.name)
                     fraction = enc.unrounded(base) - codes if given is None else given
                     self.trained["rounding"] = self.trained.get("rounding", 0) + 1
-                self.weights[point.name] = CodeScale(codes, enc, fraction, 1 / max(steps, 1))
+                self.weights[point.name] = CodeScale(codes, enc, fraction, 1 / max(rounds, 1))
                 self.weights[point.name].t.requires_grad_(learned)
             if not learned:
                 continue
@@ -317,7 +318,7 @@ def finetune(
     """
     start = time.perf_counter()
     torch.manual_seed(config.seed)
-    e2e = EndToEnd(model, plan, encodings, config.e2e_groups, places=places, steps=config.e2e_steps)
+    e2e = EndToEnd(model, plan, encodings, config.e2e_groups, places=places, rounds=config.e2e_steps)
     before = e2e.heldout_nll(heldout)
     opt = torch.optim.Adam(e2e.params, lr=config.e2e_lr) if e2e.params else None
     gen = torch.Generator().manual_seed(config.seed)
