@@ -209,7 +209,7 @@ def run_stages(
         memory.release()  # GPTQ's temporaries, before the QDQ model and its serialised copy are made
     if targets:
         encodings, learned["end_to_end"] = _end_to_end(
-            model, plan, encodings, train, targets, heldout, learn, places or {}, progress
+            model, plan, encodings, train, targets, heldout, learn, places, progress
         )
         del places
         memory.release()  # the mirror the stage trained in
@@ -253,7 +253,7 @@ def _end_to_end(
     targets: list[Any],
     heldout: np.ndarray,
     config: LearnConfig,
-    places: dict[str, np.ndarray],
+    places: dict[str, np.ndarray] | None,
     progress: Progress | None,
 ) -> tuple[dict[str, Encoding], dict[str, Any]]:
     """Stage 3 of ``--learn`` (:mod:`calib.e2e`): the encodings to keep, and what summary.json reports."""
