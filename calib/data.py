@@ -5,9 +5,9 @@ directory or the checkout), then to the copies shipped in ``calib/datasets`` (co
 the ``hub`` extra installed, to the Hugging Face Hub. Any ``.txt`` or ``.jsonl`` (``text`` field)
 path works too, compressed (``.gz``, ``.bz2``) or not.
 
-WikiText-2 follows the convention of ``shared/data/README.md``: rows are the file's lines, a
-non-blank line becomes ``line + "\\n"``, a blank one ``""``, rows are joined with ``"\\n\\n"`` and
-tokenized once; windows are consecutive and non-overlapping.
+WikiText-2 is read as published results read it: rows are the file's lines, a non-blank line becomes
+``line + "\\n"``, a blank one ``""``, rows are joined with ``"\\n\\n"`` and tokenized once; windows are
+consecutive and non-overlapping.
 """
 
 from __future__ import annotations

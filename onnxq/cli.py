@@ -1,4 +1,4 @@
-"""The ``onnxq`` command line: export, quantize, eval, validate, compile, check, diff.
+"""The ``onnxq`` command line: export, quantize, eval, report, validate, compile, generate, package, check, diff.
 
 Everything here is presentation (argument parsing, progress bars, the summary table, ``--json``);
 the work is done by the library functions it calls, which are the same ones the Python API exposes.
@@ -28,16 +28,58 @@ log = logging.getLogger("onnxq")
 #: the commands that build a model: they need torch and transformers, which the base install leaves out
 BUILDS = frozenset({"export", "quantize", "report", "diff"})
 
-EXAMPLES = """\
-examples:
-  onnxq export -o smollm2/model.onnx                 # the embedded SmolLM2-135M, 512 tokens
-  onnxq quantize smollm2/model.onnx -o smollm2-w8a16 --preset w8a16
-  onnxq eval smollm2-w8a16/model.qdq.onnx --ppl wikitext2 --windows 40
-  onnxq validate smollm2-w8a16/model.qdq.onnx --context smollm2-w8a16/htp
-  onnxq compile smollm2-w8a16/model.qdq.onnx -o smollm2-w8a16/htp --soc-model 60
-  onnxq export --kv-cache -o smollm2-kv && onnxq generate smollm2-kv --prompt "The capital of France is"
-  onnxq quantize smollm2-kv -o smollm2-kv-w8a16 --preset w8a16 && onnxq package smollm2-kv-w8a16 -o smollm2-genai
-"""
+#: each command's examples, the end of its --help; the first of each, in this order, end `onnxq --help`
+EXAMPLES = {
+    "export": [
+        "onnxq export -o smollm2/model.onnx                 # the embedded SmolLM2-135M, 512 tokens",
+        "onnxq export Qwen/Qwen2.5-0.5B -o qwen/model.onnx --seq-len 1024",
+        "onnxq export --kv-cache -o smollm2-kv              # prefill + decode pair, and the scoring graph",
+    ],
+    "quantize": [
+        "onnxq quantize smollm2/model.onnx -o smollm2-w8a16 --preset w8a16",
+        "onnxq quantize smollm2/model.onnx -o smollm2-w4a8 --preset w4a8 --learn   # with end-to-end learning",
+        "onnxq quantize smollm2-kv -o smollm2-kv-w8a16 --preset w8a16   # the pair, with the scoring graph's encodings",
+        "onnxq quantize smollm2/model.onnx --recipe smollm2-w4a8/recipe.toml -o again   # the same bytes again",
+    ],
+    "eval": [
+        "onnxq eval smollm2-w8a16/model.qdq.onnx --ppl wikitext2 --windows 40",
+        "onnxq eval smollm2/model.onnx smollm2-w8a16/model.qdq.onnx --tasks piqa,hellaswag --limit 500",
+        "onnxq eval smollm2-w8a16/model.qdq.onnx --ep qnn --windows 2   # on the HTP backend",
+    ],
+    "validate": [
+        "onnxq validate smollm2-w8a16/model.qdq.onnx",
+        "onnxq validate smollm2-w8a16/model.qdq.onnx --context smollm2-w8a16/ctx --soc-model 60",
+        "onnxq validate smollm2-kv-w8a16                    # the pair, run as a generator runs it",
+    ],
+    "compile": [
+        "onnxq compile smollm2-w8a16/model.qdq.onnx -o smollm2-w8a16/htp --soc-model 60",
+        "onnxq compile smollm2-kv-w8a16 -o smollm2-kv-htp --parts 2   # each graph in two context binaries",
+    ],
+    "generate": [
+        'onnxq generate smollm2-kv --prompt "The capital of France is"',
+        'onnxq generate smollm2-kv-w8a16 --prompt "The capital of France is" --ep qnn',
+    ],
+    "package": ["onnxq package smollm2-kv-w8a16 -o smollm2-genai   # a folder onnxruntime-genai loads"],
+    "check": [
+        "onnxq check smollm2-w8a16/model.qdq.onnx",
+        "onnxq check smollm2-w8a16/model.qdq.onnx --encodings smollm2-w8a16/model.encodings",
+    ],
+    "diff": ["onnxq diff smollm2/model.onnx smollm2-w8a16/model.qdq.onnx --ep qnn"],
+    "report": ["onnxq report smollm2-w8a16 --model smollm2/model.onnx"],
+}
+
+
+class _Formatter(argparse.HelpFormatter):
+    """Wraps descriptions as usual and keeps the lines of the examples."""
+
+    def _fill_text(self, text: str, width: int, indent: str) -> str:
+        if text.startswith("examples:"):
+            return "".join(indent + line for line in text.splitlines(keepends=True))
+        return super()._fill_text(text, width, indent)
+
+
+def _examples(lines: Sequence[str]) -> str:
+    return "examples:\n" + "\n".join(f"  {line}" for line in lines)
 
 
 # --------------------------------------------------------------------------- presentation helpers
@@ -133,13 +175,11 @@ def cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
-#: quantize's flags that are options of the recipe (argparse dests); --recipe refuses them
-RECIPE_FLAGS = (
-    "preset", "calib", "windows", "method", "weight_method", "precision_map", "seq_len", "mask_value", "rotate",
-    "seed", "online_hadamard", "split_outliers", "weight_block", "gptq_sweeps", "learn", "steps", "lr", "samples",
-    "no_learn_rotation", "device", "budget", "weight_budget", "budget_by", "selector", "sensitivity_windows",
-    "tokenizer", "encodings_version",
-)  # fmt: skip
+#: quantize's flags (argparse dests) that are not options of the recipe; --recipe refuses every other one
+NOT_RECIPE = frozenset(
+    {"command", "func", "parser", "json_out", "verbose", "quiet", "json", "model", "output", "overwrite", "recipe"}
+    | {"no_report", "eval_windows"}  # what is written beside the model, not how it is made
+)
 
 
 def _quantize_options(args: argparse.Namespace) -> Any:
@@ -147,7 +187,11 @@ def _quantize_options(args: argparse.Namespace) -> Any:
     from onnxq.core.options import QuantizeOptions, read_recipe, sha256_file
 
     if args.recipe:
-        given = [f"--{d.replace('_', '-')}" for d in RECIPE_FLAGS if getattr(args, d) != args.parser.get_default(d)]
+        given = [
+            f"--{d.replace('_', '-')}"
+            for d, value in vars(args).items()
+            if d not in NOT_RECIPE and value != args.parser.get_default(d)
+        ]
         if given:
             raise OnnxqError(
                 f"--recipe sets every option, and {', '.join(given)} would change it",
@@ -478,7 +522,8 @@ def cmd_validate(args: argparse.Namespace) -> int:
         report = validate_pair(model, ids, **target)
         source += ", the last 4 of each through decode"
     else:
-        report = validate(model, ids, **target, context_dir=Path(args.context) if args.context else None)
+        context = Path(args.context) if args.context else None
+        report = validate(model, ids, **target, context_dir=context, overwrite=args.overwrite)
     data = dict(report.__dict__)
     data["tokens"] = source
     steps = f"{report.error_in_steps:.1f} output steps" if report.error_in_steps is not None else "n/a"
@@ -718,7 +763,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
         "ep": args.ep,
     }
     if args.json:
-        print(json.dumps(data, indent=1))
+        print(json.dumps(data, indent=1), file=args.json_out)
     elif not args.quiet:
         print(
             f"\n\n[{args.ep}] prefill {result.prompt_tokens} tokens at {result.prefill_tps:.1f} tok/s, "
@@ -771,8 +816,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="onnxq",
         description="Fully static, integer-only quantization of ONNX language models for Qualcomm's HTP NPU.",
-        epilog=EXAMPLES,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog=_examples([lines[0] for lines in EXAMPLES.values()]),
+        formatter_class=_Formatter,
     )
     parser.add_argument("--version", action="version", version=f"onnxq {__version__}")
     common = argparse.ArgumentParser(add_help=False)
@@ -965,7 +1010,7 @@ def build_parser() -> argparse.ArgumentParser:
         "eval",
         parents=[common],
         help="perplexity and zero-shot accuracy on ONNX Runtime CPU or the QNN HTP",
-        description="Perplexity over non-overlapping windows (the convention of shared/data/README.md) and "
+        description="Perplexity over non-overlapping windows (as published results count it) and "
         "zero-shot accuracy (PIQA, HellaSwag; scored as lm-eval-harness does) of one or more models, side by side. "
         "A KV-cache folder is scored as deployed: each window streamed through its prefill graph chunk by chunk, "
         "with its quantized cache (windows of 512 tokens, or the whole cache if it is shorter).",
@@ -998,7 +1043,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("model", help="QDQ ONNX model, or a quantized KV-cache folder")
     p.add_argument("--windows", type=int, default=2, help="windows to compare (default 2)")
     p.add_argument("--data", default="wikitext2", help="text for the windows (default wikitext2)")
-    p.add_argument("--context", help="folder for the EPContext model and HTP context binary")
+    p.add_argument("--context", help="a new folder for the EPContext model and HTP context binary")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --context folder")
     p.add_argument("--htp-arch", default="75", help="HTP architecture (default 75)")
     p.add_argument("--soc-model", help="Snapdragon SoC model id (instead of --htp-arch)")
     p.add_argument("--tokenizer", help="tokenizer if none sits next to the model")
@@ -1010,7 +1056,8 @@ def build_parser() -> argparse.ArgumentParser:
         help="compile a QDQ model into an HTP context binary",
         description="Compile MODEL for the HTP. --toolchain ort (default): the QNN EP writes model_ctx.onnx + "
         "model_ctx_qnn.bin, reloaded and run once. --toolchain qairt: float model + AIMET encodings through "
-        "qnn-onnx-converter, qnn-model-lib-generator and qnn-context-binary-generator (needs QAIRT_SDK_ROOT).",
+        "qnn-onnx-converter, qnn-model-lib-generator and qnn-context-binary-generator "
+        "(needs QAIRT_SDK_ROOT or QNN_SDK_ROOT).",
     )
     p.add_argument("model", help="QDQ ONNX model (model.qdq.onnx), or a quantized KV-cache folder (both graphs)")
     p.add_argument("-o", "--output", help="output folder (default: htp/ next to the model)")
@@ -1101,6 +1148,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", default="wikitext2", help="text for the windows (default wikitext2)")
     p.add_argument("--tokenizer", help="tokenizer if none sits next to the QDQ model")
     p.set_defaults(func=cmd_diff)
+    for name, command in sub.choices.items():
+        command.epilog, command.formatter_class = _examples(EXAMPLES[name]), _Formatter
     return parser
 
 

@@ -22,7 +22,7 @@ import numpy as np
 
 from onnxq.core.errors import OnnxqError
 
-#: base orders beyond powers of two that :func:`hadamard` builds exactly
+#: base orders beyond powers of two that :func:`hadamard_parts` builds exactly
 BASE_ORDERS = (12, 20, 28, 36, 40, 52, 60, 108, 140)
 
 

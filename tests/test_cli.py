@@ -212,3 +212,32 @@ def test_quiet_still_prints_the_result(tiny_model: Path, capsys: pytest.CaptureF
     assert main(["eval", str(tiny_model), "--windows", "1", "-q"]) == 0
     captured = capsys.readouterr()
     assert "wikitext2 ppl" in captured.out and not captured.err
+
+
+def test_validate_refuses_an_existing_context_folder(
+    tiny_w8a8: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    ctx = tmp_path / "ctx"
+    ctx.mkdir()
+    (ctx / "kept.txt").write_text("a user's file")
+    assert main(["validate", str(tiny_w8a8 / "model.qdq.onnx"), "--context", str(ctx)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "already exists" in err[0] and "--overwrite" in err[0]
+    assert [p.name for p in ctx.iterdir()] == ["kept.txt"]
+    assert main(["validate", str(tiny_w8a8 / "model.qdq.onnx"), "--context", str(tiny_w8a8), "--overwrite"]) == 2
+    assert "would overwrite the input" in capsys.readouterr().err
+
+
+def test_every_command_has_examples_that_parse(capsys: pytest.CaptureFixture[str]) -> None:
+    import shlex
+
+    from onnxq.cli import EXAMPLES, build_parser
+
+    parser = build_parser()
+    for command, lines in EXAMPLES.items():
+        with pytest.raises(SystemExit):
+            parser.parse_args([command, "--help"])
+        assert capsys.readouterr().out.rstrip().endswith(lines[-1]), command
+        for line in lines:
+            args = parser.parse_args(shlex.split(line, comments=True)[1:])
+            assert args.command == command, line

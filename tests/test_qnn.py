@@ -29,7 +29,7 @@ def test_qdq_model_runs_whole_on_the_htp(
     assert report.error_in_steps is not None and report.error_in_steps < MAX_STEPS[preset]
     assert report.top1_agreement > MIN_TOP1[preset]
     assert report.context_reloaded and report.context_max_abs_error == 0.0
-    assert (tmp_path / "ctx" / "model.qdq_ctx.onnx").exists()
+    assert report.context_model == str(tmp_path / "ctx" / "model_ctx.onnx") and Path(report.context_model).exists()
     assert list((tmp_path / "ctx").glob("*.bin")), "the HTP context binary is written beside the EPContext model"
 
 

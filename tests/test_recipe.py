@@ -95,6 +95,9 @@ def test_recipe_with_other_options_is_one_line(
     assert main(argv) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "--preset would change it" in err
+    for flag in (["--e2e-steps", "5"], ["--e2e-groups", "kv"], ["--holdout", "2"], ["--learn"]):
+        assert main([*argv[:-2], *flag]) == 2
+        assert f"{flag[0]} would change it" in capsys.readouterr().err
     bad = tmp_path / "bad.toml"
     bad.write_text('recipe = 1\n[options]\npreset = "w8a8"\nwindow = 4\n')
     assert main(["quantize", str(tiny_model), "-o", str(tmp_path / "o"), "--recipe", str(bad)]) == 2

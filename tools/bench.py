@@ -5,8 +5,9 @@ and the same evaluation windows (WikiText-2 test, first 40 of 512 tokens). Each 
 in its own process so that its wall time and peak RSS are its own. Results go to
 ``tools/results/bench.json`` and the table in ``BENCHMARKS.md``.
 
-    python tools/bench.py                      # everything (about 30 minutes on 2 cores)
+    python tools/bench.py                      # every row (many hours on 2 cores)
     python tools/bench.py --rows fp32,onnxq-w8a16 --eval-windows 8   # a quick look
+    python tools/bench.py --rows onnxq-w8a8-defaults --reuse --tasks piqa,hellaswag   # zero-shot, same model
 """
 
 from __future__ import annotations
@@ -298,7 +299,8 @@ def step_zeroshot(model: Path, tasks: str, limit: int, check: int, source: Path)
 def step_validate(model: Path, windows_file: Path, context: Path) -> dict:
     code = (
         "import json, numpy as np; from pathlib import Path; from onnxq.device.validation import validate; "
-        f"r = validate({str(model)!r}, np.load({str(windows_file)!r})[:2], context_dir=Path({str(context)!r})); "
+        f"r = validate({str(model)!r}, np.load({str(windows_file)!r})[:2], "
+        f"context_dir=Path({str(context)!r}), overwrite=True); "
         "print(json.dumps({k: v for k, v in r.__dict__.items() if k != 'extra'}))"
     )
     return _run([sys.executable, "-c", code])
@@ -370,19 +372,26 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     if unknown:
         raise SystemExit(f"bench: unknown rows {unknown}; known: {', '.join(ROWS)}")
     compiled, on_htp = args.compile.split(","), args.htp_eval.split(",")
-    if args.device_only:
+    if args.reuse and not args.rows:
         wanted = [n for n in ROWS if n in compiled or n in on_htp]
+
+    def zeroshot(name: str, target: Path) -> dict:
+        check = args.pack_check_items if name in args.pack_check.split(",") else 0
+        return step_zeroshot(target, args.tasks, args.task_limit, check, model)
+
     for name in wanted:
         tool, preset, extra = ROWS[name]
         print(f"[bench] {name} ...", file=sys.stderr, flush=True)
-        if args.device_only:  # the row's model as the last run left it
+        if args.reuse:  # the row's model as the last run left it
             if name not in results["rows"]:
-                raise SystemExit(f"bench: --device-only {name}: run the row first")
-            target = work / name / "model.qdq.onnx"
+                raise SystemExit(f"bench: --reuse {name}: run the row first")
+            target = model if tool == "float" else work / name / "model.qdq.onnx"
             if name in compiled:
                 results["rows"][name]["compile"] = step_compile(target, work / name / "ctx")
             if name in on_htp:
                 results["rows"][name]["htp"] = step_htp(target, work, args.htp_windows)
+            if args.tasks:
+                results["rows"][name]["zeroshot"] = zeroshot(name, target)
             _save(results, inputs, args)
             continue
         row: dict[str, Any] = {"tool": tool, "preset": preset, "options": extra, "date": time.strftime("%Y-%m-%d")}
@@ -428,8 +437,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             if key not in row and key in earlier:
                 row[key] = {**earlier[key], "date": earlier[key].get("date", earlier["date"])}
         if args.tasks:
-            check = args.pack_check_items if name in args.pack_check.split(",") else 0
-            row["zeroshot"] = step_zeroshot(target, args.tasks, args.task_limit, check, model)
+            row["zeroshot"] = zeroshot(name, target)
         results["rows"][name] = row
         print(f"[bench] {name}: ppl {row['eval']['ppl']:.3f}", file=sys.stderr, flush=True)
         _save(results, inputs, args)
@@ -808,7 +816,8 @@ def write(results: dict[str, Any]) -> None:
     text = f"""# Benchmarks
 
 {results["model"]}, static shapes [1, {results["seq_len"]}].
-Calibration: {results["calibration"]["data"]}, first {results["calibration"]["windows"]} windows.
+Calibration: {results["calibration"]["data"]}, first {results["calibration"]["windows"]} windows of
+{results["seq_len"]} tokens (a row whose recipe names more windows, as the GPTQ defaults do, takes its first N).
 Evaluation: WikiText-2 test, first {results["evaluation"]["windows"]} windows of {results["seq_len"]} tokens,
 ONNX Runtime CPU. Every row comes from `python tools/bench.py` on the same exported graph and the same token
 windows ({results["machine"]["cpus"]} CPUs, last run {results["date"]}; each row's date and raw numbers in
@@ -894,7 +903,9 @@ def main() -> None:
     parser.add_argument("--htp-eval", default="", help="rows also scored on the HTP backend (--htp-windows windows)")
     parser.add_argument("--htp-windows", type=int, default=4)
     parser.add_argument(
-        "--device-only", action="store_true", help="only the --compile and --htp-eval steps, on the last run's models"
+        "--reuse",
+        action="store_true",
+        help="only the --compile, --htp-eval and --tasks steps on the last run's models (--rows, or the rows named)",
     )
     parser.add_argument("--tasks", default="", help="zero-shot tasks for every row run, e.g. piqa,hellaswag")
     parser.add_argument("--task-limit", type=int, default=500, help="first N items of each task (default 500)")

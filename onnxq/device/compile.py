@@ -33,6 +33,7 @@ from onnxq.core.errors import OnnxqError
 from onnxq.core.files import CARRIED, atomic_dir, check_new_output
 from onnxq.core.ir import EXTERNAL_DATA_BYTES
 from onnxq.device.parts import DEFAULT_MAX_PART_MB, Part, layer_bytes, plan_parts, split_graph
+from onnxq.device.qnn import graph_stem
 from onnxq.stages import aimet
 
 TOOLCHAINS = ("ort", "qairt")
@@ -132,7 +133,9 @@ def compile_model(
             result = parts_done[0]
             if len(parts_done) > 1:  # prefill + decode: one context binary (or one set of parts) each
                 result.seconds = {
-                    f"{_stem(g)} {k}": v for g, r in zip(graphs, parts_done, strict=True) for k, v in r.seconds.items()
+                    f"{graph_stem(g)} {k}": v
+                    for g, r in zip(graphs, parts_done, strict=True)
+                    for k, v in r.seconds.items()
                 }
                 errors = [r.rerun_max_abs_error for r in parts_done if r.rerun_max_abs_error is not None]
                 result.rerun_max_abs_error = max(errors) if errors else None
@@ -155,10 +158,6 @@ def _graphs(model: Path) -> list[Path]:
         f"{model} is neither a QDQ model nor a folder with prefill.qdq.onnx and decode.qdq.onnx",
         "pass what `onnxq quantize` wrote",
     )
-
-
-def _stem(model: Path) -> str:
-    return model.name.removesuffix(".onnx").removesuffix(".qdq")
 
 
 def part_plan(graph: Path, max_bytes: int, parts: int | None) -> list[Part]:
@@ -192,13 +191,13 @@ def _compile_parts(
     for index, part in enumerate(plan):
         sub = protos.pop(0)  # held no longer than its own compile
         load_external_data_for_model(sub, str(graph.parent))
-        path = tmp / f"{_stem(graph)}.part{index}.qdq.onnx"
+        path = tmp / f"{graph_stem(graph)}.part{index}.qdq.onnx"
         onnx.save(sub, str(path), save_as_external_data=sub.ByteSize() > EXTERNAL_DATA_BYTES)
         del sub
         done = _compile_ort(path, tmp, arch, soc_model, verify, step)
         for leftover in tmp.glob(f"{path.name}*"):  # the part's QDQ graph (and data) is not shipped
             leftover.unlink()
-        binaries = list(tmp.glob(f"{_stem(path)}_ctx*.bin"))
+        binaries = list(tmp.glob(f"{graph_stem(path)}_ctx*.bin"))
         size = sum(p.stat().st_size for p in binaries)
         if size > max_part_mb * 2**20:
             raise OnnxqError(
@@ -206,11 +205,11 @@ def _compile_parts(
                 f"{size / 2**20:.0f} MB, over --max-part-mb {max_part_mb}",
                 f"compile in more parts (--parts {len(plan) + 1})",
             )
-        files.append(f"{_stem(path)}_ctx.onnx")
+        files.append(f"{graph_stem(path)}_ctx.onnx")
         seconds.update({f"part {index} {k}": v for k, v in done.seconds.items()})
         if done.rerun_max_abs_error is not None:
             errors.append(done.rerun_max_abs_error)
-    write_parts(tmp / f"{_stem(graph)}{PARTS_SUFFIX}", files, step)
+    write_parts(tmp / f"{graph_stem(graph)}{PARTS_SUFFIX}", files, step)
     return CompileResult(tmp, "ort", {}, seconds, rerun_max_abs_error=max(errors) if errors else None)
 
 
@@ -244,7 +243,7 @@ def _compile_ort(
 ) -> CompileResult:
     from onnxq.device.qnn import session
 
-    context = tmp / f"{_stem(model)}_ctx.onnx"
+    context = tmp / f"{graph_stem(model)}_ctx.onnx"
     t = time.perf_counter()
     compiled = session(model, htp_arch=arch, soc_model=soc_model, context_file=context)
     t_compile = time.perf_counter() - t

@@ -37,6 +37,11 @@ def _register() -> Any:
     return devices
 
 
+def graph_stem(model: Path) -> str:
+    """A graph's name less ``.qdq.onnx``: its context model is ``<stem>_ctx.onnx``, its binary ``<stem>_ctx*.bin``."""
+    return model.name.removesuffix(".onnx").removesuffix(".qdq")
+
+
 def htp_options(htp_arch: str | None = DEFAULT_HTP_ARCH, soc_model: str | None = None, **extra: str) -> dict[str, str]:
     import onnxruntime_qnn as oq
 

@@ -10,8 +10,9 @@ from typing import Any
 import numpy as np
 
 from onnxq.core.errors import OnnxqError
+from onnxq.core.files import atomic_dir, check_new_output
 from onnxq.device.generate import Stepper, graphs
-from onnxq.device.qnn import DEFAULT_HTP_ARCH, assigned_nodes, cpu_session, session
+from onnxq.device.qnn import DEFAULT_HTP_ARCH, assigned_nodes, cpu_session, graph_stem, session
 
 
 @dataclass
@@ -57,16 +58,26 @@ def validate(
     *,
     htp_arch: str | None = DEFAULT_HTP_ARCH,
     soc_model: str | None = None,
-    context_dir: Path | None = None,
+    context_dir: str | Path | None = None,
+    overwrite: bool = False,
 ) -> ValidationReport:
-    """Run ``model`` on the HTP and on ORT CPU over ``token_windows`` and compare the logits."""
+    """Run ``model`` on the HTP and on ORT CPU over ``token_windows`` and compare the logits; with
+    ``context_dir`` (a new folder unless ``overwrite``), also write the HTP context model there and rerun it."""
     model = Path(model)
-    context_file = None
-    if context_dir is not None:
-        context_dir.mkdir(parents=True, exist_ok=True)
-        context_file = context_dir / f"{model.stem}_ctx.onnx"
-        if context_file.exists():
-            context_file.unlink()
+    if context_dir is None:
+        return _validate(model, token_windows, htp_arch, soc_model, None)
+    context_dir = Path(context_dir)
+    check_new_output(context_dir, overwrite=overwrite, inputs=[model])
+    name = f"{graph_stem(model)}_ctx.onnx"
+    with atomic_dir(context_dir, overwrite=overwrite) as tmp:
+        report = _validate(model, token_windows, htp_arch, soc_model, tmp / name)
+    report.context_model = str(context_dir / name)
+    return report
+
+
+def _validate(
+    model: Path, token_windows: np.ndarray, htp_arch: str | None, soc_model: str | None, context_file: Path | None
+) -> ValidationReport:
     htp = session(model, htp_arch=htp_arch, soc_model=soc_model, context_file=context_file)
     assigned = assigned_nodes(htp)  # nodes of ORT's optimized graph, per EP
     cpu = cpu_session(model)
@@ -86,7 +97,6 @@ def validate(
         reloaded = session(context_file, htp_arch=htp_arch, soc_model=soc_model)
         ids = np.asarray(token_windows[0], dtype=np.int64).reshape(1, -1)
         again = reloaded.run(None, {reloaded.get_inputs()[0].name: ids})[0]
-        report.context_model = str(context_file)
         report.context_reloaded = True
         report.context_max_abs_error = float(np.abs(again - runs[0][0]).max())
     return report

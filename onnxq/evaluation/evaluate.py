@@ -1,8 +1,8 @@
 """Perplexity of an ONNX scoring graph on ONNX Runtime (CPU) or the QNN EP (HTP).
 
 Windows are scored independently: each predicts its tokens 1..S-1 from the ones before it, and
-perplexity is exp of the mean negative log-likelihood over all windows (the convention of
-``shared/data/README.md``), so every configuration is compared on the same tokens.
+perplexity is exp of the mean negative log-likelihood over all windows (the convention of published
+results), so every configuration is compared on the same tokens.
 """
 
 from __future__ import annotations
