@@ -102,6 +102,16 @@ def read_text(source: str | os.PathLike) -> str:
         )
     if path.is_dir():
         raise OnnxqError(f"{path} is a folder", "pass a .txt or .jsonl file")
+    try:
+        text = _read_file(path)
+    except (UnicodeDecodeError, EOFError, OSError) as exc:  # binary, or a truncated archive
+        raise OnnxqError(f"cannot read {path} as text ({type(exc).__name__})", "pass a UTF-8 .txt or .jsonl") from None
+    if not text.strip():
+        raise OnnxqError(f"{path} holds no text", "pass a file with calibration text")
+    return text
+
+
+def _read_file(path: Path) -> str:
     if _stem(path).suffix == ".jsonl":
         texts = []
         with open_text(path) as fh:
@@ -115,14 +125,10 @@ def read_text(source: str | os.PathLike) -> str:
                 if not isinstance(record, dict) or "text" not in record:
                     raise OnnxqError(f"{path}:{i} has no 'text' field", 'write lines like {"text": "..."}')
                 texts.append(str(record["text"]))
-        text = "\n\n".join(texts)
-    else:
-        with open_text(path) as fh:
-            raw = fh.read()
-        text = wikitext_rows(raw.splitlines()) if path.name.startswith("wiki.") else raw
-    if not text.strip():
-        raise OnnxqError(f"{path} holds no text", "pass a file with calibration text")
-    return text
+        return "\n\n".join(texts)
+    with open_text(path) as fh:
+        raw = fh.read()
+    return wikitext_rows(raw.splitlines()) if path.name.startswith("wiki.") else raw
 
 
 def _hub_text(name: str) -> str:
@@ -164,8 +170,11 @@ def tokenize(tokenizer: Any, text: str) -> np.ndarray:
 
 def windows(tokenizer: Any, source: str | os.PathLike, seq_len: int, count: int | None = None) -> Windows:
     """The first ``count`` (default: all) non-overlapping windows of ``seq_len`` tokens."""
-    text = read_text(source)
-    ids = tokenize(tokenizer, text)
+    return cut(tokenize(tokenizer, read_text(source)), source, seq_len, count)
+
+
+def cut(ids: np.ndarray, source: str | os.PathLike, seq_len: int, count: int | None = None) -> Windows:
+    """:func:`windows` of tokens read before (a length known only later)."""
     available = len(ids) // seq_len
     if available == 0:
         raise OnnxqError(

@@ -387,7 +387,7 @@ def _tokenizer_or_none(model: str, explicit: str | None) -> Any:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    from calib.data import windows
+    from calib.data import read_text, windows
     from onnxq.core.sources import tokenizer_for
     from onnxq.core.steps import PARTS_SUFFIX
     from onnxq.device.generate import graphs
@@ -402,13 +402,19 @@ def cmd_eval(args: argparse.Namespace) -> int:
     compiled = [m for m in pairs if graphs(m)[0].name.endswith(PARTS_SUFFIX)]
     if compiled and args.ep != "qnn":
         raise OnnxqError(f"{compiled[0]} is compiled for the HTP", "run it with --ep qnn")
+    for task in tasks:
+        if task not in zeroshot.TASKS:
+            raise OnnxqError(f"unknown task {task!r}", f"use one of: {', '.join(zeroshot.TASKS)}")
+    for dataset in datasets:
+        read_text(dataset)
+    checked = []  # every model, its length and its tokenizer, before the first is scored
+    for model in args.model:
+        graph = str(graphs(model)[0]) if model in pairs else model  # a pair: its prefill graph names the rest
+        checked.append((model, args.seq_len or _model_seq_len(graph), tokenizer_for(graph, args.tokenizer)))
     progress = _Progress(not (args.quiet or args.json))
     models = []
     try:
-        for model in args.model:
-            graph = str(graphs(model)[0]) if model in pairs else model  # a pair: its prefill graph names the rest
-            seq_len = args.seq_len or _model_seq_len(graph)  # also checks the model exists
-            tok = tokenizer_for(graph, args.tokenizer)
+        for model, seq_len, tok in checked:
             entry: dict[str, Any] = {"model": model, "ep": args.ep, "results": [], "tasks": []}
             for dataset in datasets:
                 w = windows(tok, dataset, seq_len, args.windows)
@@ -458,6 +464,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 
 def _model_seq_len(model: str) -> int:
+    """The window length of a language model's graph, after the checks that its file is one."""
     import onnx
 
     from onnxq.core import ir as oir
@@ -465,16 +472,12 @@ def _model_seq_len(model: str) -> int:
 
     if model.endswith(PARTS_SUFFIX):  # a step graph compiled in parts: windows fill its cache
         return min(read_shape(Path(model))[1].slots, WINDOW)
-    if not Path(model).is_file():
-        oir.load(model)  # raises the documented error
-    try:
-        proto = onnx.load(model, load_external_data=False)
-    except Exception:
-        oir.load(model)  # raises "is not an ONNX model"
-        raise
-    if not proto.graph.input:  # an empty file parses as an empty model
-        oir.load(model)
-        raise OnnxqError(f"{model} has no inputs", "pass the .onnx file written by `onnxq export` or `onnxq quantize`")
+    proto = oir.read_graph(model)
+    if not proto.graph.input or proto.graph.input[0].type.tensor_type.elem_type != onnx.TensorProto.INT64:
+        raise OnnxqError(
+            f"{model} does not take token ids (int64) as its first input",
+            "pass a language model written by `onnxq export` or `onnxq quantize`",
+        )
     dims = [d.dim_value if d.HasField("dim_value") else None for d in proto.graph.input[0].type.tensor_type.shape.dim]
     meta = {p.key: p.value for p in proto.metadata_props}
     if "onnxq.kv_slots" in meta:  # a KV-cache step graph: windows fill its cache
@@ -1167,7 +1170,7 @@ def _configure_logging(verbose: int, quiet: bool) -> None:
 
 
 #: counts that must be at least 1 (``--eval-windows`` may be 0: it means "skip")
-COUNTS = ("windows", "limit", "max_new_tokens", "samples")
+COUNTS = ("windows", "limit", "max_new_tokens", "samples", "seq_len", "chunk", "context", "parts", "max_part_mb")
 
 
 @contextlib.contextmanager
@@ -1221,7 +1224,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             _require_build_extra(args.command)
         for name in COUNTS:
             value = getattr(args, name, None)
-            if value is not None and value < 1:
+            if isinstance(value, int) and value < 1:  # validate's --context is a folder
                 flag = "--" + name.replace("_", "-")
                 raise OnnxqError(f"{flag} {value} is not a positive count", f"pass {flag} 1 or more")
         with _json_stdout(args):

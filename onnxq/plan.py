@@ -552,6 +552,8 @@ def read_precision_map(path: str | Path) -> dict[str, int]:
         raise OnnxqError(f"precision map {path} does not exist", "check the path") from None
     except json.JSONDecodeError as exc:
         raise OnnxqError(f"precision map {path} is not valid JSON (line {exc.lineno})", "fix the file") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise OnnxqError(f"cannot read precision map {path} ({type(exc).__name__})", "pass a JSON file") from None
     if not isinstance(data, dict) or data.get("version") != MAP_VERSION or not isinstance(data.get("points"), dict):
         raise OnnxqError(
             f"{path} is not an onnxq precision map (version {MAP_VERSION} with 'points')",

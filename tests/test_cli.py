@@ -34,6 +34,7 @@ def test_dynamic_shape(tmp_path: Path, tiny_model: Path, capsys: pytest.CaptureF
     model.graph.inputs[0].shape = ir.Shape(["batch", "sequence"])
     dyn = tmp_path / "dynamic.onnx"
     ir.save(model, dyn)
+    (tmp_path / "tokenizer.json").write_bytes((tiny_model.parent / "tokenizer.json").read_bytes())
     line = _error_line(capsys, ["quantize", str(dyn), "-o", str(tmp_path / "out")])
     assert "dynamic shape" in line and "--seq-len" in line
 
@@ -241,3 +242,94 @@ def test_every_command_has_examples_that_parse(capsys: pytest.CaptureFixture[str
         for line in lines:
             args = parser.parse_args(shlex.split(line, comments=True)[1:])
             assert args.command == command, line
+
+
+def test_a_truncated_model_to_each_command_that_reads_one(
+    tmp_path: Path, tiny_w8a8: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    cut = tmp_path / "model.qdq.onnx"
+    cut.write_bytes((tiny_w8a8 / "model.qdq.onnx").read_bytes()[:1000])
+    for argv in (["eval"], ["validate"], ["check"], ["compile", "-o", str(tmp_path / "htp")]):
+        line = _error_line(capsys, [argv[0], str(cut), *argv[1:]])
+        assert "is not an ONNX model" in line, argv
+
+
+def test_weights_file_missing_or_cut(tmp_path: Path, tiny_model: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    import onnx
+
+    model = tmp_path / "m" / "model.onnx"
+    model.parent.mkdir()
+    proto = onnx.load(str(tiny_model))
+    onnx.save(proto, str(model), save_as_external_data=True, location="model.onnx.data", size_threshold=0)
+    data = model.parent / "model.onnx.data"
+    data.write_bytes(data.read_bytes()[:1000])
+    for argv in (["eval"], ["quantize", "-o", str(tmp_path / "q")], ["compile", "-o", str(tmp_path / "htp")]):
+        assert "is truncated" in _error_line(capsys, [argv[0], str(model), *argv[1:]]), argv
+    data.unlink()
+    for argv in (["eval"], ["quantize", "-o", str(tmp_path / "q")], ["check"]):
+        line = _error_line(capsys, [argv[0], str(model), *argv[1:]])
+        assert "keeps its weights in model.onnx.data, which is not beside it" in line, argv
+
+
+def test_a_model_that_does_not_take_token_ids(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    import onnx
+    from onnx import TensorProto, helper
+
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 8])
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 8])
+    graph = helper.make_graph([helper.make_node("Relu", ["x"], ["y"])], "g", [x], [y])
+    path = tmp_path / "relu.onnx"
+    onnx.save(helper.make_model(graph), str(path))
+    for command in ("eval", "validate"):
+        assert "does not take token ids" in _error_line(capsys, [command, str(path), "--tokenizer", str(tmp_path)])
+
+
+def test_unreadable_text_maps_and_tokenizers(
+    tmp_path: Path, tiny_model: Path, tiny_w8a8: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    binary = tmp_path / "bin.txt"
+    binary.write_bytes(bytes(range(128, 256)) * 8)
+    out = str(tmp_path / "o")
+    assert "as text" in _error_line(capsys, ["quantize", str(tiny_model), "-o", out, "--calib", str(binary)])
+    assert "as text" in _error_line(capsys, ["eval", str(tiny_model), "--ppl", str(binary)])
+    line = _error_line(capsys, ["quantize", str(tiny_model), "-o", out, "--precision-map", str(tmp_path)])
+    assert "cannot read precision map" in line
+    qdq = str(tiny_w8a8 / "model.qdq.onnx")
+    assert "cannot read encodings" in _error_line(capsys, ["check", qdq, "--encodings", str(binary)])
+    line = _error_line(capsys, ["eval", str(tiny_model), "--tokenizer", str(tmp_path / "no" / "such")])
+    assert "could not load the tokenizer" in line
+    folder = tmp_path / "bad-config"
+    folder.mkdir()
+    for name in ("model.onnx", "tokenizer.json"):
+        (folder / name).write_bytes((tiny_model.parent / name).read_bytes())
+    (folder / "tokenizer_config.json").write_text("{not json")
+    line = _error_line(capsys, ["eval", str(folder / "model.onnx"), "--windows", "1"])
+    assert "tokenizer_config.json is not valid JSON" in line
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        ([str(Path("no") / "such.onnx")], "does not exist"),
+        (["--ppl", "wikitext2-valid", "no-such-text"], "'no-such-text' not found"),
+        (["--tasks", "piqa,nosuch"], "unknown task 'nosuch'"),
+        (["--seq-len", "0"], "--seq-len 0 is not a positive count"),
+    ],
+)
+def test_eval_checks_everything_before_it_scores(
+    extra: list[str], message: str, tiny_model: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """One line, with no progress bar before it: the first model is not scored first."""
+    assert message in _error_line(capsys, ["eval", str(tiny_model), *extra, "--windows", "1"])
+
+
+def test_lengths_and_counts_are_checked_before_any_model_is_loaded(
+    tmp_path: Path, tiny_w8a8: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    kv = str(tmp_path / "kv")
+    line = _error_line(capsys, ["export", "--kv-cache", "-o", kv, "--chunk", "600", "--context", "512"])
+    assert "--chunk 600 must be between 2 and --context 512" in line
+    line = _error_line(capsys, ["export", "--kv-cache", "-o", kv, "--chunk", "0"])
+    assert "--chunk 0 is not a positive count" in line
+    line = _error_line(capsys, ["compile", str(tiny_w8a8 / "model.qdq.onnx"), "-o", kv, "--parts", "0"])
+    assert "--parts 0 is not a positive count" in line

@@ -79,6 +79,17 @@ def test_the_recipe_round_trips_with_learning(tmp_path: Path) -> None:
         ({"budget": 1.5}, "--budget 1.5 is not a share"),
         ({"online_hadamard": ("r5",)}, "--online-hadamard 'r5' is not known"),
         ({"preset": "w3a3"}, "unknown preset"),
+        # a recipe's values of the wrong type, and numbers no run can use
+        ({"preset": 5}, "--preset 5 is not text"),
+        ({"seed": "x", "rotate": "none"}, "--seed 'x' is not a whole number"),
+        ({"windows": True}, "--windows True is not a whole number"),
+        ({"online_hadamard": "r4"}, "online_hadamard 'r4' is not a list"),
+        ({"mask_value": float("nan")}, "--mask-value nan is not a finite number"),
+        ({"split_outliers": float("nan")}, "--split-outliers nan is not a finite number"),
+        ({"seed": -1}, "--seed -1 is negative"),
+        ({"learn": {"lr": float("nan")}}, "--lr nan is not a finite number"),
+        ({"learn": {"e2e_lr": -1.0}}, "--e2e-lr -1.0 is not a positive rate"),
+        ({"learn": {"e2e_groups": "kv"}}, "e2e_groups 'kv' is not a list"),
     ],
 )
 def test_options_are_validated_once_when_built(changes: dict, message: str) -> None:
@@ -99,7 +110,14 @@ def test_recipe_with_other_options_is_one_line(
         assert main([*argv[:-2], *flag]) == 2
         assert f"{flag[0]} would change it" in capsys.readouterr().err
     bad = tmp_path / "bad.toml"
-    bad.write_text('recipe = 1\n[options]\npreset = "w8a8"\nwindow = 4\n')
-    assert main(["quantize", str(tiny_model), "-o", str(tmp_path / "o"), "--recipe", str(bad)]) == 2
-    err = capsys.readouterr().err.strip()
-    assert len(err.splitlines()) == 1 and "unknown options window" in err
+    for body, message in [
+        ('[options]\npreset = "w8a8"\nwindow = 4\n', "unknown options window"),
+        ('inputs = 5\n[options]\npreset = "w8a8"\n', "[inputs] and [versions] are tables"),
+        ("[options]\npreset = 5\n", "--preset 5 is not text"),
+    ]:
+        bad.write_text("recipe = 1\n" + body)
+        assert main(["quantize", str(tiny_model), "-o", str(tmp_path / "o"), "--recipe", str(bad)]) == 2
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1 and message in err, err
+    assert main(["quantize", str(tiny_model), "-o", str(tmp_path / "o"), "--recipe", str(tmp_path)]) == 2
+    assert "is a folder" in capsys.readouterr().err

@@ -29,6 +29,37 @@ EXTERNAL_DATA_BYTES = 1_800_000_000
 
 def load(path: str | os.PathLike) -> ir.Model:
     """Load an ONNX model, turning the usual mistakes into one-line errors."""
+    path = _model_file(path)
+    try:
+        model = ir.load(path)
+    except (DecodeError, onnx.onnx_cpp2py_export.checker.ValidationError, ValueError, RuntimeError) as exc:
+        raise _not_onnx(path, exc) from None
+    if len(model.graph) == 0:
+        raise OnnxqError(f"{path} is not an ONNX model (no nodes)", "pass the exported .onnx file")
+    external = [v.const_value for v in model.graph.initializers.values()]
+    _check_external(path, [(t.location, t.offset, t.length) for t in external if isinstance(t, ir.ExternalTensor)])
+    _own_tensors(model)
+    return model
+
+
+def read_graph(path: str | os.PathLike) -> onnx.ModelProto:
+    """The graph of an ONNX model without its weights, after the checks :func:`load` makes: for a
+    command that hands the file to ONNX Runtime, so that a user's mistake is one line, not its error."""
+    from onnx.external_data_helper import ExternalDataInfo, uses_external_data
+
+    path = _model_file(path)
+    try:
+        proto = onnx.load(str(path), load_external_data=False)
+    except (DecodeError, ValueError, RuntimeError) as exc:
+        raise _not_onnx(path, exc) from None
+    if not proto.graph.node:
+        raise OnnxqError(f"{path} is not an ONNX model (no nodes)", "pass the exported .onnx file")
+    infos = [ExternalDataInfo(t) for t in proto.graph.initializer if uses_external_data(t)]
+    _check_external(path, [(i.location, i.offset or 0, i.length or None) for i in infos])
+    return proto
+
+
+def _model_file(path: str | os.PathLike) -> Path:
     path = Path(path)
     if not path.exists():
         raise OnnxqError(f"{path} does not exist", "check the path")
@@ -36,17 +67,34 @@ def load(path: str | os.PathLike) -> ir.Model:
         candidates = sorted(path.glob("*.onnx"))
         hint = f"pass one of: {', '.join(c.name for c in candidates[:4])}" if candidates else "pass an .onnx file"
         raise OnnxqError(f"{path} is a folder, not an ONNX model", hint)
-    try:
-        model = ir.load(path)
-    except (DecodeError, onnx.onnx_cpp2py_export.checker.ValidationError, ValueError, RuntimeError) as exc:
-        raise OnnxqError(
-            f"{path} is not an ONNX model ({type(exc).__name__})",
-            "pass the .onnx file written by `onnxq export`, optimum or torch.onnx.export",
-        ) from None
-    if len(model.graph) == 0:
-        raise OnnxqError(f"{path} is not an ONNX model (no nodes)", "pass the exported .onnx file")
-    _own_tensors(model)
-    return model
+    return path
+
+
+def _not_onnx(path: Path, exc: Exception) -> OnnxqError:
+    return OnnxqError(
+        f"{path} is not an ONNX model ({type(exc).__name__})",
+        "pass the .onnx file written by `onnxq export`, optimum or torch.onnx.export",
+    )
+
+
+def _check_external(path: Path, entries: Iterable[tuple[str, int, int | None]]) -> None:
+    """Refuse a model whose weights file (ONNX external data) is missing or shorter than the model reads."""
+    sizes: dict[str, int] = {}
+    for location, offset, length in entries:
+        file = path.parent / location
+        if location not in sizes:
+            if not file.is_file():
+                raise OnnxqError(
+                    f"{path} keeps its weights in {location}, which is not beside it",
+                    f"copy {location} into {path.parent} with the model",
+                )
+            sizes[location] = file.stat().st_size
+        end = offset + (length or 0)
+        if sizes[location] < end:
+            raise OnnxqError(
+                f"{file} is truncated: {sizes[location]:,} bytes, and the model reads up to byte {end:,}",
+                f"copy {location} again, whole",
+            )
 
 
 def _own_tensors(model: ir.Model) -> None:

@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
+import os
 import re
 import tomllib
 from dataclasses import asdict, dataclass, field, fields
@@ -68,10 +70,17 @@ class LearnConfig:
     device: str = "cpu"
 
     def __post_init__(self) -> None:
+        if isinstance(self.e2e_groups, str):
+            raise OnnxqError(f"e2e_groups {self.e2e_groups!r} is not a list", 'write e.g. e2e_groups = ["scales"]')
         object.__setattr__(self, "e2e_groups", tuple(self.e2e_groups))
+        _check_types(self)
+        for name in ("lr", "rotation_lr", "e2e_lr"):
+            if getattr(self, name) <= 0:
+                flag = name.replace("_", "-")
+                raise OnnxqError(f"--{flag} {getattr(self, name)} is not a positive rate", f"pass e.g. --{flag} 2e-3")
         if self.samples is not None and self.samples < 1:
             raise OnnxqError(f"learn samples {self.samples} is not a positive count", "pass --samples 1 or more")
-        for name in ("steps", "e2e_steps", "holdout"):
+        for name in ("steps", "e2e_steps", "holdout", "warmup", "seed"):
             if getattr(self, name) < 0:
                 flag = name.replace("_", "-")
                 raise OnnxqError(f"--{flag} {getattr(self, name)} is negative", f"pass --{flag} 0 or more")
@@ -86,6 +95,31 @@ class LearnConfig:
 
     def digest(self) -> str:
         return hashlib.sha256(json.dumps(asdict(self), sort_keys=True).encode()).hexdigest()[:12]
+
+
+#: what each annotation of an options field admits, and its name in a message (a bool is no count; a
+#: rate or ratio must be finite)
+_TYPES: dict[str, tuple[Any, str]] = {
+    "int": (lambda v: isinstance(v, int) and not isinstance(v, bool), "a whole number"),
+    "float": (lambda v: isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v), "a finite number"),
+    "str": (lambda v: isinstance(v, str), "text"),
+    "bool": (lambda v: isinstance(v, bool), "true or false"),
+    "tuple[str, ...]": (lambda v: isinstance(v, tuple) and all(isinstance(x, str) for x in v), "a list of names"),
+    "LearnConfig": (lambda v: isinstance(v, LearnConfig), "a learning config"),
+    "None": (lambda v: v is None, ""),
+}
+
+
+def _check_types(options: Any) -> None:
+    """A value of the wrong type (a recipe's, or the Python API's) is refused in one line here, not met later."""
+    for f in fields(options):
+        value = getattr(options, f.name)
+        kinds = str(f.type).split(" | ")
+        if not any(_TYPES[k][0](value) for k in kinds):
+            flag = "--" + f.name.replace("_", "-")
+            wanted = " or ".join(_TYPES[k][1] for k in kinds if k != "None")
+            fix = f"give {flag} {wanted}" + (", or leave it out" if "None" in kinds else "")
+            raise OnnxqError(f"{flag} {value!r} is not {wanted}", fix)
 
 
 def _one_of(flag: str, value: str, allowed: tuple[str, ...]) -> None:
@@ -122,15 +156,22 @@ class QuantizeOptions:
     encodings_version: str = "1.0.0"
 
     def __post_init__(self) -> None:
-        presets.get(self.preset)  # raises the one-line "unknown preset"
+        if isinstance(self.online_hadamard, str):
+            raise OnnxqError(
+                f"online_hadamard {self.online_hadamard!r} is not a list", 'write e.g. online_hadamard = ["r4"]'
+            )
         if self.online_hadamard is not None:
             object.__setattr__(self, "online_hadamard", tuple(self.online_hadamard))
         for name in ("calib", "precision_map", "tokenizer"):  # paths are recorded as text
             value = getattr(self, name)
-            if value is not None:
+            if isinstance(value, os.PathLike):
                 object.__setattr__(self, name, str(value))
         if isinstance(self.learn, dict):
             object.__setattr__(self, "learn", LearnConfig(**self.learn))
+        _check_types(self)
+        presets.get(self.preset)  # raises the one-line "unknown preset"
+        if self.seed < 0:
+            raise OnnxqError(f"--seed {self.seed} is negative", "pass --seed 0 or more")
         _one_of("--rotate", self.rotate, ROTATIONS)
         _one_of("--method", self.method, METHODS)
         _one_of("--weight-method", self.weight_method, WEIGHT_METHODS)
@@ -231,7 +272,8 @@ def read_recipe(path: str | Path) -> Recipe:
     """Read a ``recipe.toml`` written by ``onnxq quantize``; one-line errors for anything else."""
     path = Path(path)
     if not path.is_file():
-        raise OnnxqError(f"recipe {path} does not exist", "pass the recipe.toml that `onnxq quantize` wrote")
+        what = "is a folder" if path.is_dir() else "does not exist"
+        raise OnnxqError(f"recipe {path} {what}", "pass the recipe.toml that `onnxq quantize` wrote")
     try:
         data = tomllib.loads(path.read_text(encoding="utf-8"))
     except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
@@ -256,8 +298,11 @@ def read_recipe(path: str | Path) -> Recipe:
         raise OnnxqError(
             f"recipe {path}: [options.learn] is not a learning config", f"use only: {', '.join(sorted(learn_fields))}"
         )
+    inputs, versions = data.get("inputs", {}), data.get("versions", {})
     try:
+        if not isinstance(inputs, dict) or not isinstance(versions, dict):
+            raise TypeError("[inputs] and [versions] are tables")
         options = QuantizeOptions(**opts, learn=LearnConfig(**learn) if learn is not None else None)
-    except TypeError as exc:
+    except (TypeError, ValueError, AttributeError) as exc:  # a value of the wrong type
         raise OnnxqError(f"recipe {path}: {exc}", "pass the recipe.toml that `onnxq quantize` wrote") from None
-    return Recipe(options, dict(data.get("inputs", {})), dict(data.get("versions", {})))
+    return Recipe(options, dict(inputs), dict(versions))

@@ -117,7 +117,13 @@ def load_tokenizer(source: Source) -> Any:
     from transformers import AutoTokenizer
 
     ref, kwargs = source.from_pretrained_args()
-    return AutoTokenizer.from_pretrained(ref, **kwargs)
+    try:
+        return AutoTokenizer.from_pretrained(ref, **kwargs)
+    except (OSError, ValueError, KeyError) as exc:  # no such id or folder offline, a file it cannot read
+        raise OnnxqError(
+            f"could not load the tokenizer of {source.label or ref} ({type(exc).__name__})",
+            "pass --tokenizer with a model folder, a .gguf file, or the folder of an exported model",
+        ) from None
 
 
 def tokenizer_for(model_path: str | Path, explicit: str | None = None) -> Any:

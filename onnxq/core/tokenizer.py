@@ -34,7 +34,14 @@ class FileTokenizer:
                 "export the model again with `onnxq export`, or pass --tokenizer MODEL",
             ) from None
         config_path = folder / "tokenizer_config.json"
-        config = json.loads(config_path.read_text(encoding="utf-8")) if config_path.exists() else {}
+        try:
+            config = json.loads(config_path.read_text(encoding="utf-8")) if config_path.exists() else {}
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            raise OnnxqError(
+                f"{config_path} is not valid JSON", "export the model again with `onnxq export`, or delete the file"
+            ) from None
+        if not isinstance(config, dict):
+            raise OnnxqError(f"{config_path} is not a tokenizer config", "export the model again with `onnxq export`")
         self.bos_token_id = self._token_id(config.get("bos_token"))
         self.eos_token_id = self._token_id(config.get("eos_token"))
         self._cleanup = bool(config.get("clean_up_tokenization_spaces", False))

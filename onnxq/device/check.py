@@ -423,7 +423,7 @@ def check_encodings(graph: ir.Graph, path: Path) -> Iterator[Finding]:
     """An encodings file must cover the graph's quantized tensors and name no others."""
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError) as exc:
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise OnnxqError(f"cannot read encodings {path} ({type(exc).__name__})", "pass a JSON encodings file") from None
     quantized = quantized_names(graph)
     # a convert's second encoding is named "<tensor>.cvt" in AIMET files (see onnxq.stages.split)

@@ -106,6 +106,8 @@ def compile_model(
         raise OnnxqError(f"unknown toolchain {toolchain!r}", f"use one of: {', '.join(TOOLCHAINS)}")
     if max_part_mb < 1:
         raise OnnxqError(f"--max-part-mb {max_part_mb} is not a size", f"pass e.g. --max-part-mb {DEFAULT_MAX_PART_MB}")
+    if parts is not None and parts < 1:
+        raise OnnxqError(f"--parts {parts} is not a count of parts", "pass --parts 2 or more, or leave it out")
     graphs = _graphs(model)
     if len(graphs) > 1 and toolchain != "ort":
         raise OnnxqError("--toolchain qairt takes one graph", "compile prefill.qdq.onnx and decode.qdq.onnx one by one")
@@ -162,7 +164,7 @@ def _graphs(model: Path) -> list[Path]:
 
 def part_plan(graph: Path, max_bytes: int, parts: int | None) -> list[Part]:
     """How ``graph`` is cut: one part if its weights fit ``max_bytes`` (and ``parts`` is not given)."""
-    proto = onnx.load(str(graph), load_external_data=False)
+    proto = oir.read_graph(graph)
     per_layer, head, tail = layer_bytes(proto)
     total = sum(per_layer) + head + tail
     if parts in (None, 1) and total <= max_bytes:

@@ -178,8 +178,7 @@ def export_kv_model(
     """Write ``prefill.onnx`` (chunk N) and ``decode.onnx`` (1 token) with ``context`` cache slots into
     ``folder``, and the scoring graph ``model.onnx`` (``seq_len`` tokens) they are quantized as."""
 
-    if not 1 < chunk <= context:
-        raise OnnxqError(f"--chunk {chunk} must be between 2 and --context {context}", "pass e.g. --chunk 64")
+    _check_lengths(chunk, context)
     start = time.perf_counter()
     folder.mkdir(parents=True, exist_ok=True)
     previous = hf_model.config._attn_implementation
@@ -210,6 +209,11 @@ def export_kv_model(
     return KVExportResult(folder, files, chunk, context, diff, time.perf_counter() - start)
 
 
+def _check_lengths(chunk: int, context: int) -> None:
+    if not 1 < chunk <= context:
+        raise OnnxqError(f"--chunk {chunk} must be between 2 and --context {context}", "pass e.g. --chunk 64")
+
+
 def export_kv(
     model: str | None,
     folder: str | Path,
@@ -230,6 +234,9 @@ def export_kv(
     if folder.suffix == ".onnx":
         raise OnnxqError(f"with --kv-cache, -o {folder} names a folder", f"use e.g. -o {folder.with_suffix('')}/")
     check_new_output(folder, overwrite=overwrite)
+    _check_lengths(chunk, context)
+    if seq_len < 1:
+        raise OnnxqError(f"--seq-len {seq_len} is not a positive length", "pass e.g. --seq-len 512")
     source = resolve(model)
     step("loading the model")
     hf_model = load_model(source)

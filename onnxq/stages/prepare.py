@@ -42,29 +42,27 @@ DEFAULT_OUTLIER_LIMIT = 8
 OUTLIER_WINDOWS = 4
 
 
-def _windows_of(model: ir.Model, tokenizer: Callable[[], Any], calib: str, count: int) -> Any:
-    """``count`` calibration windows at the model's own (static) sequence length."""
+def _windows_of(model: ir.Model, tokens: np.ndarray, calib: str, count: int) -> np.ndarray:
+    """``count`` windows of the calibration ``tokens`` at the model's own (static) sequence length."""
     from calib import data
 
     ids = next(v for v in model.graph.inputs if v.name == "input_ids")
     assert ids.shape is not None
-    return data.windows(tokenizer(), calib, int(ids.shape[1]), count).ids
+    return data.cut(tokens, calib, int(ids.shape[1]), count).ids
 
 
 def outlier_chooser(
-    tokenizer: Callable[[], Any],
+    tokens: np.ndarray,
     calib: str,
     ratio: float,
     limit: int = DEFAULT_OUTLIER_LIMIT,
 ) -> OutlierChooser:
-    """Pick each layer's outlier channels from peaks over a few calibration windows of the float model.
-
-    ``tokenizer`` is loaded only when the chooser runs, after the model's own checks.
-    """
+    """Pick each layer's outlier channels from peaks over a few calibration windows of the float model
+    (``tokens``: the calibration text ``calib``, tokenized)."""
     from calib.peaks import channel_peaks
 
     def choose(model: ir.Model, structure: Structure) -> dict[int, list[int]]:
-        windows = _windows_of(model, tokenizer, calib, OUTLIER_WINDOWS)
+        windows = _windows_of(model, tokens, calib, OUTLIER_WINDOWS)
         inputs = {layer.index: layer.mlp.down.input for layer in structure.layers}
         peaks = channel_peaks(model, list(inputs.values()), windows)
         return {i: choose_channels(peaks[name], ratio, limit) for i, name in inputs.items()}
@@ -72,12 +70,12 @@ def outlier_chooser(
     return choose
 
 
-def r1_refiner(tokenizer: Callable[[], Any], calib: str, widths: Widths, seed: int) -> R1Refiner:
+def r1_refiner(tokens: np.ndarray, calib: str, widths: Widths, seed: int) -> R1Refiner:
     """Learn R1 on top of the Hadamard one (:mod:`calib.residual`) from a few calibration windows."""
     from calib.residual import learn_r1
 
     def refine(model: ir.Model, structure: Structure) -> tuple[np.ndarray, str]:
-        windows = _windows_of(model, tokenizer, calib, R1_WINDOWS)
+        windows = _windows_of(model, tokens, calib, R1_WINDOWS)
         result = learn_r1(model, structure, windows, widths, seed=seed)
         verdict = "kept" if result.kept else "not kept (no lower)"
         note = f"R1 learned on top: stream linears' error {result.before:.4g} -> {result.after:.4g}, {verdict}"

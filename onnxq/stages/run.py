@@ -87,6 +87,8 @@ def run_stages(
     use_gptq = weight_method == "gptq"
     windows = o.windows or (GPTQ_WINDOWS if use_gptq else DEFAULT_WINDOWS)  # GPTQ's Hessians want more data
     learn = resolve_learning(o.learn, windows)
+    # the tokenizer and the text are read before the long work
+    calib_tokens = data.tokenize(tokenizer_for(model_path, o.tokenizer), data.read_text(o.calib))
     prepared = prepare(
         float_model,
         seq_len=o.seq_len,
@@ -95,10 +97,8 @@ def run_stages(
         online=online,
         seed=o.seed,
         where=str(model_path),
-        outliers=outlier_chooser(lambda: tokenizer_for(model_path, o.tokenizer), o.calib, split_outliers)
-        if splitting
-        else None,
-        refine_r1=r1_refiner(lambda: tokenizer_for(model_path, o.tokenizer), o.calib, r1_widths(chosen, recipe), o.seed)
+        outliers=outlier_chooser(calib_tokens, o.calib, split_outliers) if splitting else None,
+        refine_r1=r1_refiner(calib_tokens, o.calib, r1_widths(chosen, recipe), o.seed)
         if o.rotate == "learned"
         else None,
     )
@@ -123,9 +123,8 @@ def run_stages(
     model = prepared.model
     plan = build_plan(model, chosen, recipe, prepared.roles, prepared.structure, overrides, reasons)
     check_encodings_version(o.encodings_version, blocked=plan.has_blocked_weights())
-    tok = tokenizer_for(model_path, o.tokenizer)
     assert resolved.windows is not None
-    calib_windows = data.windows(tok, o.calib, prepared.seq_len, resolved.windows)
+    calib_windows = data.cut(calib_tokens, o.calib, prepared.seq_len, resolved.windows)
     tick = progress("calibrating", len(calib_windows)) if progress else None
     t_cal = time.perf_counter()
     rotated = o.rotate != "none"
