@@ -10,6 +10,7 @@ import argparse
 import contextlib
 import json
 import logging
+import math
 import os
 import sys
 import time
@@ -572,13 +573,13 @@ def _vocab_size(model: str) -> int:
 
 
 def cmd_diff(args: argparse.Namespace) -> int:
-    import math
-
     import numpy as np
 
     from calib.data import windows
+    from onnxq.core import ir as oir
     from onnxq.evaluation.diff import diff
 
+    oir.read_graph(args.float_model)
     seq_len = _model_seq_len(args.qdq)
     tok = _tokenizer_or_none(args.qdq, args.tokenizer)
     if tok is not None:
@@ -737,6 +738,10 @@ def cmd_generate(args: argparse.Namespace) -> int:
     from onnxq.device import genai
     from onnxq.device.generate import generate
 
+    if not math.isfinite(args.temperature) or args.temperature < 0:
+        raise OnnxqError(f"--temperature {args.temperature} is not 0 or more", "pass 0 (greedy) or e.g. 0.7")
+    if args.top_k < 0 or args.seed < 0:
+        raise OnnxqError("--top-k and --seed are counts, 0 or more", "pass e.g. --top-k 40 --seed 0")
     run = genai.generate if (Path(args.folder) / genai.CONFIG).exists() else generate  # packaged: genai's loop
     stream = not (args.json or args.quiet)
     shown = []

@@ -331,5 +331,12 @@ def test_lengths_and_counts_are_checked_before_any_model_is_loaded(
     assert "--chunk 600 must be between 2 and --context 512" in line
     line = _error_line(capsys, ["export", "--kv-cache", "-o", kv, "--chunk", "0"])
     assert "--chunk 0 is not a positive count" in line
+    for argv in (["export", "-o", kv + ".onnx"], ["export", "--kv-cache", "-o", kv]):
+        assert "is not a finite negative number" in _error_line(capsys, [*argv, "--mask-value", "nan"])
     line = _error_line(capsys, ["compile", str(tiny_w8a8 / "model.qdq.onnx"), "-o", kv, "--parts", "0"])
     assert "--parts 0 is not a positive count" in line
+
+
+def test_diff_with_its_models_swapped(tiny_model: Path, tiny_w8a8: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    line = _error_line(capsys, ["diff", str(tiny_w8a8 / "model.qdq.onnx"), str(tiny_model)])
+    assert "is not a QDQ model" in line and "onnxq diff FLOAT QDQ" in line

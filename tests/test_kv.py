@@ -76,6 +76,10 @@ def test_generate_cli_json_and_a_lone_step_graph_refused(
     proc = subprocess.run([sys.executable, "-m", "onnxq", *argv], capture_output=True, text=True, check=True)
     data = json.loads(proc.stdout)
     assert data["tokens"] == 4 and data["decode_tokens_per_s"] > 0
+    for flag, value in (("--temperature", "nan"), ("--temperature", "-1"), ("--top-k", "-1")):
+        assert main([*argv[:-1], flag, value]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and flag in err[0]
     out = tmp_path / "q"
     assert main(["quantize", str(kv_folder / "prefill.onnx"), "-o", str(out)]) == 2
     err = capsys.readouterr().err.strip().splitlines()

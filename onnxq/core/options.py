@@ -172,6 +172,8 @@ class QuantizeOptions:
         presets.get(self.preset)  # raises the one-line "unknown preset"
         if self.seed < 0:
             raise OnnxqError(f"--seed {self.seed} is negative", "pass --seed 0 or more")
+        if self.mask_value is not None and self.mask_value >= 0:
+            raise OnnxqError(f"--mask-value {self.mask_value} is not negative", "pass e.g. --mask-value -100")
         _one_of("--rotate", self.rotate, ROTATIONS)
         _one_of("--method", self.method, METHODS)
         _one_of("--weight-method", self.weight_method, WEIGHT_METHODS)

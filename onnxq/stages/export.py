@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import ast
 import logging
+import math
 import shutil
 import time
 from collections.abc import Callable
@@ -53,6 +54,12 @@ class ExportResult:
     seconds: float
     nodes: int
     op_counts: dict[str, int] = field(default_factory=dict)
+
+
+def check_mask_value(value: float) -> None:
+    """The mask is added to the attention scores: it must be a finite number below zero."""
+    if not (math.isfinite(value) and value < 0):
+        raise OnnxqError(f"--mask-value {value} is not a finite negative number", "pass e.g. --mask-value -100")
 
 
 def _register_attention(mask_value: float) -> str:
@@ -279,6 +286,7 @@ def export(
         raise OnnxqError(f"output {output} should end in .onnx", f"use e.g. {output}/model.onnx")
     if seq_len < 1:
         raise OnnxqError(f"--seq-len {seq_len} is not a positive length", "pass e.g. --seq-len 512")
+    check_mask_value(mask_value)
     source: Source = resolve(model)
     check_new_output(output, overwrite=overwrite)
     log.info("loading %s", source.label or source.ref)

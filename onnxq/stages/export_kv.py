@@ -34,6 +34,7 @@ from onnxq.stages.export import (
     DEFAULT_SEQ_LEN,
     EXACTNESS_TOL,
     _register_attention,
+    check_mask_value,
     export_model,
     save_side_files,
     trace,
@@ -235,6 +236,7 @@ def export_kv(
         raise OnnxqError(f"with --kv-cache, -o {folder} names a folder", f"use e.g. -o {folder.with_suffix('')}/")
     check_new_output(folder, overwrite=overwrite)
     _check_lengths(chunk, context)
+    check_mask_value(mask_value)
     if seq_len < 1:
         raise OnnxqError(f"--seq-len {seq_len} is not a positive length", "pass e.g. --seq-len 512")
     source = resolve(model)
