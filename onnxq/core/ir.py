@@ -37,7 +37,7 @@ def load(path: str | os.PathLike) -> ir.Model:
     if len(model.graph) == 0:
         raise OnnxqError(f"{path} is not an ONNX model (no nodes)", "pass the exported .onnx file")
     external = [v.const_value for v in model.graph.initializers.values()]
-    _check_external(path, [(t.location, t.offset, t.length) for t in external if isinstance(t, ir.ExternalTensor)])
+    _check_external(path, [(t.location, t.offset or 0, t.length) for t in external if isinstance(t, ir.ExternalTensor)])
     _own_tensors(model)
     return model
 
