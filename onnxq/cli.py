@@ -411,7 +411,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     checked = []  # every model, its length and its tokenizer, before the first is scored
     for model in args.model:
         graph = str(graphs(model)[0]) if model in pairs else model  # a pair: its prefill graph names the rest
-        checked.append((model, args.seq_len or _model_seq_len(graph), tokenizer_for(graph, args.tokenizer)))
+        checked.append((model, _model_seq_len(graph, args.seq_len), tokenizer_for(graph, args.tokenizer)))
     progress = _Progress(not (args.quiet or args.json))
     models = []
     try:
@@ -464,21 +464,24 @@ def cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
-def _model_seq_len(model: str) -> int:
-    """The window length of a language model's graph, after the checks that its file is one."""
+def _model_seq_len(model: str, given: int | None = None) -> int:
+    """The window length of a language model's graph (``given``, else its own), after the checks that
+    its file is one."""
     import onnx
 
     from onnxq.core import ir as oir
     from onnxq.core.steps import PARTS_SUFFIX, WINDOW, read_shape
 
     if model.endswith(PARTS_SUFFIX):  # a step graph compiled in parts: windows fill its cache
-        return min(read_shape(Path(model))[1].slots, WINDOW)
+        return given or min(read_shape(Path(model))[1].slots, WINDOW)
     proto = oir.read_graph(model)
     if not proto.graph.input or proto.graph.input[0].type.tensor_type.elem_type != onnx.TensorProto.INT64:
         raise OnnxqError(
             f"{model} does not take token ids (int64) as its first input",
             "pass a language model written by `onnxq export` or `onnxq quantize`",
         )
+    if given:
+        return given
     dims = [d.dim_value if d.HasField("dim_value") else None for d in proto.graph.input[0].type.tensor_type.shape.dim]
     meta = {p.key: p.value for p in proto.metadata_props}
     if "onnxq.kv_slots" in meta:  # a KV-cache step graph: windows fill its cache
@@ -495,6 +498,8 @@ def cmd_validate(args: argparse.Namespace) -> int:
     from onnxq.device.validation import validate, validate_pair
 
     model = args.model
+    if args.overwrite and not args.context:
+        raise OnnxqError("--overwrite replaces a --context folder, and none is given", "drop --overwrite")
     pair = Path(model).is_dir()
     if pair:  # a KV-cache folder: two chunks of prefill per window, the last tokens through decode
         from onnxq.core.steps import PARTS_SUFFIX, read_shape
@@ -563,9 +568,9 @@ def cmd_validate(args: argparse.Namespace) -> int:
 
 
 def _vocab_size(model: str) -> int:
-    import onnx
+    from onnxq.core import ir as oir
 
-    proto = onnx.load(model, load_external_data=False)
+    proto = oir.read_graph(model)
     for dim in reversed(proto.graph.output[0].type.tensor_type.shape.dim):
         if dim.HasField("dim_value"):
             return int(dim.dim_value)
@@ -740,8 +745,9 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
     if not math.isfinite(args.temperature) or args.temperature < 0:
         raise OnnxqError(f"--temperature {args.temperature} is not 0 or more", "pass 0 (greedy) or e.g. 0.7")
-    if args.top_k < 0 or args.seed < 0:
-        raise OnnxqError("--top-k and --seed are counts, 0 or more", "pass e.g. --top-k 40 --seed 0")
+    for flag, value in (("--top-k", args.top_k), ("--seed", args.seed)):
+        if value < 0:
+            raise OnnxqError(f"{flag} {value} is negative", f"pass {flag} 0 or more")
     run = genai.generate if (Path(args.folder) / genai.CONFIG).exists() else generate  # packaged: genai's loop
     stream = not (args.json or args.quiet)
     shown = []

@@ -227,6 +227,8 @@ def test_validate_refuses_an_existing_context_folder(
     assert [p.name for p in ctx.iterdir()] == ["kept.txt"]
     assert main(["validate", str(tiny_w8a8 / "model.qdq.onnx"), "--context", str(tiny_w8a8), "--overwrite"]) == 2
     assert "would overwrite the input" in capsys.readouterr().err
+    line = _error_line(capsys, ["validate", str(tiny_w8a8 / "model.qdq.onnx"), "--overwrite"])
+    assert "--overwrite replaces a --context folder, and none is given" in line
 
 
 def test_every_command_has_examples_that_parse(capsys: pytest.CaptureFixture[str]) -> None:

@@ -1,4 +1,4 @@
-"""Token windows follow the WikiText-2 convention of shared/data/README.md; the data ships with onnxq."""
+"""Token windows follow the WikiText-2 convention of published results; the data ships with onnxq."""
 
 from __future__ import annotations
 

@@ -114,7 +114,8 @@ def test_recipe_with_other_options_is_one_line(
     for body, message in [
         ('[options]\npreset = "w8a8"\nwindow = 4\n', "unknown options window"),
         ('inputs = 5\n[options]\npreset = "w8a8"\n', "[inputs] and [versions] are tables"),
-        ("[options]\npreset = 5\n", "--preset 5 is not text"),
+        ("[options]\npreset = 5\n", "preset 5 is not text: edit that value in the recipe"),
+        ("[options]\nseed = -1\n", "seed -1 is negative: edit that value in the recipe"),
     ]:
         bad.write_text("recipe = 1\n" + body)
         assert main(["quantize", str(tiny_model), "-o", str(tmp_path / "o"), "--recipe", str(bad)]) == 2

@@ -238,7 +238,7 @@ def step_quantize_onnxq(
         extra.setdefault("weight_method", "mse" if preset == "w8a8" else "auto")
     learn = extra.pop("learn", None)
     if pinned and learn is not None:
-        learn = {"e2e_steps": 0, **learn}  # measured before end-to-end learning was part of --learn
+        learn = {"steps": 30, "e2e_steps": 0, **learn}  # measured when --learn was the layer-wise stage alone
     windows = extra.pop("windows", windows if pinned else None)  # a row may calibrate on more windows
     code = (
         "import json, sys; from onnxq.stages.pipeline import quantize; from onnxq.core.options import LearnConfig; "
@@ -374,6 +374,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     compiled, on_htp = args.compile.split(","), args.htp_eval.split(",")
     if args.reuse and not args.rows:
         wanted = [n for n in ROWS if n in compiled or n in on_htp]
+        if args.tasks and not wanted:
+            raise SystemExit("bench: --reuse --tasks: name the rows with --rows")
 
     def zeroshot(name: str, target: Path) -> dict:
         check = args.pack_check_items if name in args.pack_check.split(",") else 0

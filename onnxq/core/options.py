@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import numbers
 import os
 import re
 import tomllib
@@ -100,8 +101,11 @@ class LearnConfig:
 #: what each annotation of an options field admits, and its name in a message (a bool is no count; a
 #: rate or ratio must be finite)
 _TYPES: dict[str, tuple[Any, str]] = {
-    "int": (lambda v: isinstance(v, int) and not isinstance(v, bool), "a whole number"),
-    "float": (lambda v: isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v), "a finite number"),
+    "int": (lambda v: isinstance(v, numbers.Integral) and not isinstance(v, bool), "a whole number"),
+    "float": (
+        lambda v: isinstance(v, numbers.Real) and not isinstance(v, bool) and math.isfinite(v),
+        "a finite number",
+    ),
     "str": (lambda v: isinstance(v, str), "text"),
     "bool": (lambda v: isinstance(v, bool), "true or false"),
     "tuple[str, ...]": (lambda v: isinstance(v, tuple) and all(isinstance(x, str) for x in v), "a list of names"),
@@ -120,6 +124,8 @@ def _check_types(options: Any) -> None:
             wanted = " or ".join(_TYPES[k][1] for k in kinds if k != "None")
             fix = f"give {flag} {wanted}" + (", or leave it out" if "None" in kinds else "")
             raise OnnxqError(f"{flag} {value!r} is not {wanted}", fix)
+        if isinstance(value, numbers.Real) and type(value) not in (bool, int, float):  # numpy's: Python's in the recipe
+            object.__setattr__(options, f.name, int(value) if "int" in kinds else float(value))
 
 
 def _one_of(flag: str, value: str, allowed: tuple[str, ...]) -> None:
@@ -301,10 +307,11 @@ def read_recipe(path: str | Path) -> Recipe:
             f"recipe {path}: [options.learn] is not a learning config", f"use only: {', '.join(sorted(learn_fields))}"
         )
     inputs, versions = data.get("inputs", {}), data.get("versions", {})
+    if not isinstance(inputs, dict) or not isinstance(versions, dict):
+        raise OnnxqError(f"recipe {path}: [inputs] and [versions] are tables", "pass the recipe `onnxq quantize` wrote")
     try:
-        if not isinstance(inputs, dict) or not isinstance(versions, dict):
-            raise TypeError("[inputs] and [versions] are tables")
         options = QuantizeOptions(**opts, learn=LearnConfig(**learn) if learn is not None else None)
-    except (TypeError, ValueError, AttributeError) as exc:  # a value of the wrong type
-        raise OnnxqError(f"recipe {path}: {exc}", "pass the recipe.toml that `onnxq quantize` wrote") from None
+    except OnnxqError as exc:  # a value no run can use: the recipe names it by its key, not by a flag
+        problem = re.sub(r"--([a-z0-9-]+)", lambda m: m[1].replace("-", "_"), exc.problem)
+        raise OnnxqError(f"recipe {path}: {problem}", "edit that value in the recipe") from None
     return Recipe(options, dict(inputs), dict(versions))

@@ -81,14 +81,14 @@ def write_cache(cache: dict[str, np.ndarray], results: dict[str, np.ndarray], po
 def read_shape(model_path: Path) -> tuple[int, CacheShape, float]:
     """(chunk, cache shape, mask value) of an exported step graph, from its inputs and metadata, or
     of a step graph compiled in parts, from its manifest."""
-    import onnx
+    from onnxq.core import ir as oir
 
     if model_path.name.endswith(PARTS_SUFFIX):
         step = json.loads(model_path.read_text(encoding="utf-8")).get("step")
         if not step:
             raise OnnxqError(f"{model_path} is not a KV-cache step graph", "export one with `onnxq export --kv-cache`")
         return int(step["chunk"]), CacheShape(**step["cache"]), float(step["mask_value"])
-    return shape_of(onnx.load(str(model_path), load_external_data=False), model_path)
+    return shape_of(oir.read_graph(model_path), model_path)
 
 
 def write_parts(path: Path, files: list[str], step: tuple[int, CacheShape, float] | None) -> None:

@@ -107,7 +107,7 @@ def compile_model(
     if max_part_mb < 1:
         raise OnnxqError(f"--max-part-mb {max_part_mb} is not a size", f"pass e.g. --max-part-mb {DEFAULT_MAX_PART_MB}")
     if parts is not None and parts < 1:
-        raise OnnxqError(f"--parts {parts} is not a count of parts", "pass --parts 2 or more, or leave it out")
+        raise OnnxqError(f"--parts {parts} is not a count of parts", "pass --parts 1 or more, or leave it out")
     graphs = _graphs(model)
     if len(graphs) > 1 and toolchain != "ort":
         raise OnnxqError("--toolchain qairt takes one graph", "compile prefill.qdq.onnx and decode.qdq.onnx one by one")

@@ -54,7 +54,6 @@ class Pair:
 
 def find_pair(folder: Path) -> Pair:
     """The pair to package: compiled (``*_ctx.onnx``), quantized (``*.qdq.onnx``) or float, in that order."""
-    import onnx
 
     folder = Path(folder)
     if folder.is_file():
@@ -83,7 +82,7 @@ def find_pair(folder: Path) -> Pair:
             "export with `onnxq export --kv-cache -o FOLDER`, quantize that folder, then package it",
         )
     # a compiled graph keeps the QDQ graph's inputs and metadata, so both read the same way
-    proto = onnx.load(str(folder / prefill), load_external_data=False)
+    proto = oir.read_graph(folder / prefill)
     chunk, shape, mask_value = shape_of(proto, folder / prefill)
     vocab = int(next(p.value for p in proto.metadata_props if p.key == "onnxq.vocab_size"))
     del proto

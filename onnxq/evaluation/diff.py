@@ -166,9 +166,9 @@ def _diff(float_path: str | Path, qdq_path: str | Path, windows: np.ndarray, ep:
     if ep not in ("cpu", "qnn"):
         raise OnnxqError(f"unknown execution provider {ep!r}", "use --ep cpu or --ep qnn")
     qdq = oir.load(qdq_path)
-    if not any(n.op_type == "QuantizeLinear" for n in qdq.graph.all_nodes()):
+    if not any(n.op_type == "DequantizeLinear" for n in qdq.graph.all_nodes()):
         raise OnnxqError(
-            f"{qdq_path} is not a QDQ model (no QuantizeLinear)", "pass the float model first: onnxq diff FLOAT QDQ"
+            f"{qdq_path} is not a QDQ model (no DequantizeLinear)", "pass the float model first: onnxq diff FLOAT QDQ"
         )
     meta = qdq.metadata_props
     rotate = meta.get("onnxq.rotate", "none")
