@@ -34,7 +34,6 @@ def test_dynamic_shape(tmp_path: Path, tiny_model: Path, capsys: pytest.CaptureF
     model.graph.inputs[0].shape = ir.Shape(["batch", "sequence"])
     dyn = tmp_path / "dynamic.onnx"
     ir.save(model, dyn)
-    (tmp_path / "tokenizer.json").write_bytes((tiny_model.parent / "tokenizer.json").read_bytes())
     line = _error_line(capsys, ["quantize", str(dyn), "-o", str(tmp_path / "out")])
     assert "dynamic shape" in line and "--seq-len" in line
 

@@ -84,6 +84,23 @@ def r1_refiner(tokens: np.ndarray, calib: str, widths: Widths, seed: int) -> R1R
     return refine
 
 
+def check_input(model: ir.Model, seq_len: int | None, where: str) -> tuple[ir.Model, int]:
+    """The model at a supported opset and the length it is quantized at: what a model fails at once,
+    before any data is read."""
+    model = oir.require_opset(model, where)
+    ids = next((v for v in model.graph.inputs if v.name == "input_ids"), None)
+    if ids is None:
+        raise OnnxqError(f"{where} has no 'input_ids' input", "pass a decoder LM exported with onnxq export or optimum")
+    dims = list(ids.shape) if ids.shape is not None else []
+    static_len = dims[1] if len(dims) == 2 and isinstance(dims[1], int) else None
+    if seq_len is None:
+        seq_len = static_len
+    if seq_len is None:
+        oir.require_static(model, where)  # raises the documented dynamic-shape error
+        raise AssertionError("unreachable")
+    return model, seq_len
+
+
 @dataclass
 class Prepared:
     """A float model brought to canonical form, with what the rewrites found."""
@@ -116,17 +133,7 @@ def prepare(
     ``online``: run-time rotations to insert (``r3``, ``r4``); ``outliers``: picks the down_proj
     input channels to split off (:mod:`rewrites.outliers`) from the rotated float model.
     """
-    model = oir.require_opset(model, where)
-    ids = next((v for v in model.graph.inputs if v.name == "input_ids"), None)
-    if ids is None:
-        raise OnnxqError(f"{where} has no 'input_ids' input", "pass a decoder LM exported with onnxq export or optimum")
-    dims = list(ids.shape) if ids.shape is not None else []
-    static_len = dims[1] if len(dims) == 2 and isinstance(dims[1], int) else None
-    if seq_len is None:
-        seq_len = static_len
-    if seq_len is None:
-        oir.require_static(model, where)  # raises the documented dynamic-shape error
-        raise AssertionError("unreachable")
+    model, seq_len = check_input(model, seq_len, where)
     model_type = model.metadata_props.get("onnxq.model_type")
     recipe = recipes.for_model_type(model_type)
     if mask_value is None:

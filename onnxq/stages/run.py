@@ -29,7 +29,7 @@ from onnxq.core.qtypes import Encoding
 from onnxq.plan import CACHE_WHY, QuantPlan, build_plan, read_precision_map
 from onnxq.stages.mixed import choose_precision
 from onnxq.stages.outputs import write_quantized
-from onnxq.stages.prepare import Prepared, Progress, outlier_chooser, prepare, r1_refiner
+from onnxq.stages.prepare import Prepared, Progress, check_input, outlier_chooser, prepare, r1_refiner
 from onnxq.stages.resolve import check_encodings_version, r1_widths, resolve_online, resolve_weight_method, with_block
 from onnxq.stages.results import QuantizeResult, recipe_text
 from onnxq.stages.weights import round_by_layer
@@ -87,6 +87,7 @@ def run_stages(
     use_gptq = weight_method == "gptq"
     windows = o.windows or (GPTQ_WINDOWS if use_gptq else DEFAULT_WINDOWS)  # GPTQ's Hessians want more data
     learn = resolve_learning(o.learn, windows)
+    check_input(float_model, o.seq_len, str(model_path))  # the model's own mistakes first, then the data's
     # the tokenizer and the text are read before the long work
     calib_tokens = data.tokenize(tokenizer_for(model_path, o.tokenizer), data.read_text(o.calib))
     prepared = prepare(
