@@ -388,7 +388,7 @@ def _tokenizer_or_none(model: str, explicit: str | None) -> Any:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    from calib.data import read_text, windows
+    from calib.data import cut, read_text, tokenize
     from onnxq.core.sources import tokenizer_for
     from onnxq.core.steps import PARTS_SUFFIX
     from onnxq.device.generate import graphs
@@ -406,8 +406,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     for task in tasks:
         if task not in zeroshot.TASKS:
             raise OnnxqError(f"unknown task {task!r}", f"use one of: {', '.join(zeroshot.TASKS)}")
-    for dataset in datasets:
-        read_text(dataset)
+    texts = {dataset: read_text(dataset) for dataset in datasets}  # read once, tokenized per model
     checked = []  # every model, its length and its tokenizer, before the first is scored
     for model in args.model:
         graph = str(graphs(model)[0]) if model in pairs else model  # a pair: its prefill graph names the rest
@@ -418,7 +417,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
         for model, seq_len, tok in checked:
             entry: dict[str, Any] = {"model": model, "ep": args.ep, "results": [], "tasks": []}
             for dataset in datasets:
-                w = windows(tok, dataset, seq_len, args.windows)
+                w = cut(tokenize(tok, texts[dataset]), dataset, seq_len, args.windows)
                 tick = progress(f"{dataset} ({args.ep})", len(w))
                 score = pair_perplexity if model in pairs else perplexity
                 r = score(model, w.ids, ep=args.ep, dataset=dataset, progress=tick)

@@ -87,7 +87,7 @@ def test_the_recipe_round_trips_with_learning(tmp_path: Path) -> None:
         ({"mask_value": float("nan")}, "--mask-value nan is not a finite number"),
         ({"split_outliers": float("nan")}, "--split-outliers nan is not a finite number"),
         ({"seed": -1}, "--seed -1 is negative"),
-        ({"mask_value": 5.0}, "--mask-value 5.0 is not negative"),
+        ({"mask_value": 5.0}, "--mask-value 5.0 is not a finite negative number"),
         ({"learn": {"lr": float("nan")}}, "--lr nan is not a finite number"),
         ({"learn": {"e2e_lr": -1.0}}, "--e2e-lr -1.0 is not a positive rate"),
         ({"learn": {"e2e_groups": "kv"}}, "e2e_groups 'kv' is not a list"),

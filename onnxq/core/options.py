@@ -128,6 +128,12 @@ def _check_types(options: Any) -> None:
             object.__setattr__(options, f.name, int(value) if "int" in kinds else float(value))
 
 
+def check_mask_value(value: float) -> None:
+    """The mask is added to the attention scores: it must be a finite number below zero."""
+    if not (math.isfinite(value) and value < 0):
+        raise OnnxqError(f"--mask-value {value} is not a finite negative number", "pass e.g. --mask-value -100")
+
+
 def _one_of(flag: str, value: str, allowed: tuple[str, ...]) -> None:
     if value not in allowed:
         raise OnnxqError(f"{flag} {value!r} is not known", f"use one of: {', '.join(allowed)}")
@@ -178,8 +184,8 @@ class QuantizeOptions:
         presets.get(self.preset)  # raises the one-line "unknown preset"
         if self.seed < 0:
             raise OnnxqError(f"--seed {self.seed} is negative", "pass --seed 0 or more")
-        if self.mask_value is not None and self.mask_value >= 0:
-            raise OnnxqError(f"--mask-value {self.mask_value} is not negative", "pass e.g. --mask-value -100")
+        if self.mask_value is not None:
+            check_mask_value(self.mask_value)
         _one_of("--rotate", self.rotate, ROTATIONS)
         _one_of("--method", self.method, METHODS)
         _one_of("--weight-method", self.weight_method, WEIGHT_METHODS)

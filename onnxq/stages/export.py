@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import ast
 import logging
-import math
 import shutil
 import time
 from collections.abc import Callable
@@ -25,6 +24,7 @@ from onnxq.core import ir as oir
 from onnxq.core import memory
 from onnxq.core.errors import OnnxqError
 from onnxq.core.files import atomic_file, check_new_output
+from onnxq.core.options import check_mask_value
 from onnxq.core.sources import Source, load_model, load_tokenizer, resolve
 
 log = logging.getLogger(__name__)
@@ -54,12 +54,6 @@ class ExportResult:
     seconds: float
     nodes: int
     op_counts: dict[str, int] = field(default_factory=dict)
-
-
-def check_mask_value(value: float) -> None:
-    """The mask is added to the attention scores: it must be a finite number below zero."""
-    if not (math.isfinite(value) and value < 0):
-        raise OnnxqError(f"--mask-value {value} is not a finite negative number", "pass e.g. --mask-value -100")
 
 
 def _register_attention(mask_value: float) -> str:

@@ -28,13 +28,13 @@ import numpy as np
 
 from onnxq.core import ir as oir
 from onnxq.core.errors import OnnxqError
+from onnxq.core.options import check_mask_value
 from onnxq.core.steps import DEFAULT_CHUNK, DEFAULT_CONTEXT, CacheShape, StepRunner, step_inputs
 from onnxq.stages.export import (
     CHECK_TEXT,
     DEFAULT_SEQ_LEN,
     EXACTNESS_TOL,
     _register_attention,
-    check_mask_value,
     export_model,
     save_side_files,
     trace,

@@ -87,7 +87,7 @@ def run_stages(
     use_gptq = weight_method == "gptq"
     windows = o.windows or (GPTQ_WINDOWS if use_gptq else DEFAULT_WINDOWS)  # GPTQ's Hessians want more data
     learn = resolve_learning(o.learn, windows)
-    check_input(float_model, o.seq_len, str(model_path))  # the model's own mistakes first, then the data's
+    float_model, _ = check_input(float_model, o.seq_len, str(model_path))  # the model's mistakes first, then the data's
     # the tokenizer and the text are read before the long work
     calib_tokens = data.tokenize(tokenizer_for(model_path, o.tokenizer), data.read_text(o.calib))
     prepared = prepare(
