@@ -19,6 +19,8 @@ from onnxq.core.ir import add_initializer, const_array, is_const, unique_name
 from rewrites.base import RewriteResult
 
 MASK_FLOOR = -1e30
+#: ops the optimizer keeps by default, which folding without its size rules must keep too
+KEPT = ("ConstantOfShape", "QuantizeLinear", "DequantizeLinear", "DynamicQuantizeLinear")
 
 
 def specialize_inputs(model: ir.Model, seq_len: int) -> RewriteResult:
@@ -49,14 +51,30 @@ def specialize_inputs(model: ir.Model, seq_len: int) -> RewriteResult:
 
 
 def fold_constants(model: ir.Model) -> RewriteResult:
-    """Fold subgraphs whose inputs are all constant (up to 2M-element tensors; weights untouched)."""
+    """Fold subgraphs whose inputs are all constant, whatever their size, except where a node reads a
+    weight above 2M elements (untying or transposing weights is the quantizer's decision).
+
+    A size limit alone would leave the causal mask, which grows as S², computed at run time once S
+    passes about 1400; every decoder layer would then read it from outside itself and no pass could
+    run one layer at a time.
+    """
     import onnxscript.optimizer
     from onnx_ir.passes.common import RemoveUnusedNodesPass, ShapeInferencePass
 
     before = len(model.graph)
     ShapeInferencePass()(model)
     limit = 1 << 21
-    onnxscript.optimizer.fold_constants(model, input_size_limit=limit, output_size_limit=limit)
+    initializers = model.graph.initializers.values()
+    weights = {id(v) for v in initializers if v.const_value is not None and v.const_value.size > limit}
+
+    def should_fold(node: ir.Node) -> bool | None:  # None: the optimizer's own rules (it keeps Q/DQ)
+        if node.op_type in KEPT or any(id(v) in weights for v in node.inputs if v is not None):
+            return None
+        return True
+
+    onnxscript.optimizer.fold_constants(
+        model, input_size_limit=limit, output_size_limit=1 << 40, should_fold=should_fold
+    )
     RemoveUnusedNodesPass()(model)
     return RewriteResult(model, "fold constants", {"nodes removed": before - len(model.graph)})
 

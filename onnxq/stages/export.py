@@ -26,6 +26,7 @@ from onnxq.core.errors import OnnxqError
 from onnxq.core.files import atomic_file, check_new_output
 from onnxq.core.options import check_mask_value
 from onnxq.core.sources import Source, load_model, load_tokenizer, resolve
+from rewrites import canonical
 
 log = logging.getLogger(__name__)
 
@@ -88,22 +89,6 @@ def _logits_module(model: Any) -> Any:
             return self.inner(input_ids=input_ids, use_cache=False).logits
 
     return Logits(model)
-
-
-def _fold_constants(model: ir.Model) -> None:
-    """Fold what the exporter left computable from constants (causal mask, RoPE tables).
-
-    The exporter's optimizer skips tensors above 8k elements; a static scoring graph should carry
-    the [S, S] mask and the [S, head_dim] cos/sin tables as constants, which the quantizer then
-    sees as such. Weights (the tied lm_head's Transpose) stay untouched: untying is the quantizer's
-    decision, not the exporter's.
-    """
-    import onnxscript.optimizer
-    from onnx_ir.passes.common import RemoveUnusedNodesPass
-
-    limit = 1 << 21
-    onnxscript.optimizer.fold_constants(model, input_size_limit=limit, output_size_limit=limit)
-    RemoveUnusedNodesPass()(model)
 
 
 def _tidy(model: ir.Model) -> None:
@@ -174,7 +159,7 @@ def trace(module: Any, args: tuple[Any, ...], inputs: list[str], outputs: list[s
         verbose=False,
     )
     model = program.model
-    _fold_constants(model)
+    canonical.fold_constants(model)
     _tidy(model)
     model.producer_name = "onnxq"
     return model

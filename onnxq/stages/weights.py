@@ -145,6 +145,9 @@ def round_by_layer(
             if target is None:
                 stop = max((produced_in.get(n, first - 1) for n in hessians), default=first - 1)
             for i, x in enumerate(stream):
+                if first == 0 and target is None:  # the whole graph: each value freed after its last use
+                    mirror.run({source: x}, tap=tap, stop_at=stop)
+                    continue
                 values = {source: x}
                 mirror.run_range(first, stop + 1, values, tap)
                 if target is not None:
