@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import logging
+
 from calib.mirror import Mirror
 from onnxq.core.errors import OnnxqError
 from rewrites.structure import Structure
+
+log = logging.getLogger(__name__)
 
 
 def layer_ranges(mirror: Mirror, structure: Structure) -> list[tuple[int, int, str, str]]:
@@ -43,7 +47,8 @@ def standing_layers(mirror: Mirror, structure: Structure | None) -> list[tuple[i
         return None
     try:
         return layer_ranges(mirror, structure)
-    except OnnxqError:
+    except OnnxqError as e:
+        log.warning("the decoder layers do not stand alone (%s): whole-graph passes, more memory", e.problem)
         return None
 
 

@@ -124,3 +124,23 @@ def test_folding_leaves_a_large_weight_to_the_quantizer() -> None:
     assert ops == ["Transpose", "MatMul", "Gather", "ReduceSum", "Add", "Add"], ops
     total = model.graph.node(5).inputs[1].const_value.numpy()
     assert float(total) == -100.0 * (seq * (seq - 1) // 2)  # the mask's strictly upper half
+
+
+def test_layers_that_read_a_shared_value_are_reported(tiny_model: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """Where the mask is computed at run time (here: passed through an Identity), every layer reads
+    it from outside itself; the by-layer passes fall back to the whole graph, and say why."""
+    from calib.layers import standing_layers
+    from calib.mirror import Mirror
+    from onnxq.stages.prepare import prepare
+
+    prepared = prepare(ir.load(tiny_model))
+    graph = prepared.model.graph
+    assert standing_layers(Mirror(prepared.model), prepared.structure) is not None
+    mask = next(v for v in graph.initializers.values() if v.name.endswith(".gqa"))
+    computed = ir.Value(name="mask.computed", type=mask.type, shape=mask.shape)
+    for use in list(mask.uses()):
+        use.node.replace_input_with(use.idx, computed)
+    graph.insert_before(next(iter(graph)), ir.node("Identity", [mask], outputs=[computed]))
+    with caplog.at_level("WARNING", logger="calib.layers"):
+        assert standing_layers(Mirror(prepared.model), prepared.structure) is None
+    assert "layer 0 reads ['mask.computed'] from outside itself" in caplog.text
