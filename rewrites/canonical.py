@@ -54,9 +54,9 @@ def fold_constants(model: ir.Model) -> RewriteResult:
     """Fold subgraphs whose inputs are all constant, whatever their size, except where a node reads a
     weight above 2M elements (untying or transposing weights is the quantizer's decision).
 
-    A size limit alone would leave the causal mask, which grows as S², computed at run time once S
-    passes about 1400; every decoder layer would then read it from outside itself and no pass could
-    run one layer at a time.
+    A size limit alone would leave the [S, S] causal mask computed at run time past 1448 tokens;
+    every decoder layer would then read it from outside itself, and no pass could run one layer at
+    a time.
     """
     import onnxscript.optimizer
     from onnx_ir.passes.common import RemoveUnusedNodesPass, ShapeInferencePass
