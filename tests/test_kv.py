@@ -262,8 +262,12 @@ def test_the_pair_computes_what_the_scoring_qdq_graph_computes(
     summary = json.loads((out / "summary.json").read_text())
     assert summary["mixed_precision"]["promoted"] and any("side path" in n for n in summary["notes"])
     assert (summary["learning"] is not None) == learned
-    if learned:  # both stages ran; the guard kept the end-to-end stage (held-out NLL 6.2637 -> 6.2619, measured)
-        assert len(summary["learning"]["layers"]) == 2 and summary["learning"]["end_to_end"]["kept"]
+    if learned:  # both stages ran, and the guard kept the end-to-end stage exactly where it lowered the
+        # held-out NLL: it does on one x86-64 CPU (6.2637 -> 6.2619) and not on an AVX-512 AMD EPYC
+        # (6.25671 -> 6.257406), a 0.03 % difference either way
+        e2e = summary["learning"]["end_to_end"]
+        assert len(summary["learning"]["layers"]) == 2 and min(e2e["trained"].values()) > 0
+        assert e2e["kept"] == (e2e["heldout_nll_after"] < e2e["heldout_nll_before"])
     points = json.loads((out / "precision_map.json").read_text())["points"]
     cache = {n for n, p in points.items() if p["why"] == "kv cache"}
     assert len(cache) == 4 and all(points[n]["bits"] == 8 for n in cache)  # the budget leaves the cache alone

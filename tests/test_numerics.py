@@ -264,18 +264,23 @@ def test_gptq_records_where_each_target_lay_from_its_code(sweeps: int) -> None:
     assert np.abs(place).mean() > 0.1  # spread over the step, not all zero: measured 0.26 (0 sweeps), 0.17 (2)
 
 
-def test_gptq_inverse_factor_in_place_is_the_out_of_place_one_bit_for_bit() -> None:
+def test_gptq_inverse_factor_in_place_is_the_out_of_place_one() -> None:
     """The upper Cholesky factor of H⁻¹ is made in H's own storage (H is the largest object at an 8k
-    intermediate width); it holds the same bits as the chain of out-of-place calls, over several tiles."""
+    intermediate width), over several tiles: the same bits on every run, and the factor the chain of
+    out-of-place calls gives. Equal to that chain only to rounding, as MKL may sum in another order for
+    the other layout: bit for bit on one x86-64 CPU, at most 4.4e-16 of the largest entry on an AVX-512
+    AMD EPYC (5 seeds); the bound is 20x that."""
     from calib.gptq import _inverse_factor_
 
     x = torch.randn(3000, 1100, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
     h = x.T @ x
+    again = h.clone()
     expected = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(h)), upper=True)
     storage = h.data_ptr()
-    assert _inverse_factor_(h)
+    assert _inverse_factor_(h) and _inverse_factor_(again)
     assert h.data_ptr() == storage and h.is_contiguous()
-    assert torch.equal(h, expected)
+    assert torch.equal(h, again)
+    assert (h - expected).abs().max() <= 1e-14 * expected.abs().max()
     assert not _inverse_factor_(-torch.eye(4, dtype=torch.float64))
 
 
