@@ -51,8 +51,9 @@ def specialize_inputs(model: ir.Model, seq_len: int) -> RewriteResult:
 
 
 def fold_constants(model: ir.Model) -> RewriteResult:
-    """Fold subgraphs whose inputs are all constant, whatever their size, except where a node reads a
-    weight above 2M elements (untying or transposing weights is the quantizer's decision).
+    """Fold subgraphs whose inputs are all constant, whatever their size. A node that reads a weight
+    above 2M elements goes by the optimizer's own size rules instead, which keep a tied lm_head's
+    Transpose (untying is the quantizer's decision).
 
     A size limit alone would leave the [S, S] causal mask computed at run time past 1448 tokens;
     every decoder layer would then read it from outside itself, and no pass could run one layer at
