@@ -247,7 +247,9 @@ def fulltest(results: dict[str, Any]) -> list[str]:
         return []
     fp = rows["fp32"]["eval"]["ppl"]
     losses = [f"{p.upper()} {100 * (rows[p]['eval']['ppl'] / fp - 1):+.1f} %" for p in PRESETS if p in rows]
-    which = f"every {results['every']}th of its {results['test_windows']} windows" if results["every"] > 1 else "all"
+    which = f"every {results['every']}th of its {results['test_windows']} windows"
+    if results["every"] == 1:
+        which = f"all {results['windows']} of them"
     return [
         f"On the protocol of published results (the whole WikiText-2 test in {results['seq_len']}-token windows; "
         f"here {which}), the defaults lose against float: " + ", ".join(losses) + ". Samsung TICO's published "
